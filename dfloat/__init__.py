@@ -1,0 +1,43 @@
+"""dfloat: lossless BF16 weight compression (Huffman-coded exponents) with bit-identical decoding.
+
+Only torch, numpy and safetensors are imported here; numba, Triton, CuPy and transformers load when first used.
+"""
+
+from __future__ import annotations
+
+from dfloat.codec import compress_tensor, compress_tensors, decompress_tensor, store_raw
+from dfloat.errors import (
+    BackendUnavailableError,
+    ChecksumError,
+    CorruptStreamError,
+    DFloatError,
+    FormatVersionError,
+    ModelSourceError,
+    OutputExistsError,
+    ShapeMismatchError,
+    UnsupportedDtypeError,
+)
+from dfloat.format import FORMAT_VERSION, CompressedTensor, Member, load_compressed_tensors, save_compressed_tensors
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FORMAT_VERSION",
+    "BackendUnavailableError",
+    "ChecksumError",
+    "CompressedTensor",
+    "CorruptStreamError",
+    "DFloatError",
+    "FormatVersionError",
+    "Member",
+    "ModelSourceError",
+    "OutputExistsError",
+    "ShapeMismatchError",
+    "UnsupportedDtypeError",
+    "compress_tensor",
+    "compress_tensors",
+    "decompress_tensor",
+    "load_compressed_tensors",
+    "save_compressed_tensors",
+    "store_raw",
+]

@@ -1,0 +1,378 @@
+"""The in-memory compression unit and its safetensors form (the spec is docs/FORMAT.md).
+
+A unit is one code shared by one or more BF16 tensors ("members") flattened and concatenated in order. Coded units
+follow the official DFloat11 stream semantics with the window size and windows per block as parameters; units that
+are not worth coding are kept raw with their dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dfloat.errors import ChecksumError, CorruptStreamError, FormatVersionError, ShapeMismatchError
+
+FORMAT_NAME = "dfloat"
+FORMAT_VERSION = "1.0"  # major.minor: a reader accepts any minor of its major; a newer major is refused
+
+MODE_HUFFMAN = "huffman"
+MODE_RAW = "raw"
+CODE_CANONICAL = "canonical"  # 256 code lengths (ours)
+CODE_DF11_LUT = "df11-lut"  # the official release's lookup tables (non-canonical code)
+
+DEFAULT_BYTES_PER_WINDOW = 32
+DEFAULT_WINDOWS_PER_BLOCK = 256
+DEFAULT_MAX_CODE_LENGTH = 24
+GAP_BITS = 5
+
+_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+# Arrays of a coded unit, in file order, with their stored dtype.
+_HUFFMAN_ARRAYS = {
+    "encoded_exponent": torch.uint8,
+    "sign_mantissa": torch.uint8,
+    "gaps": torch.uint8,
+    "output_positions": torch.int64,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        raise ShapeMismatchError(f"dtype {dtype} cannot be stored") from None
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise CorruptStreamError(f"unknown stored dtype {name!r}") from None
+
+
+def crc32_of(t: torch.Tensor) -> int:
+    """Checksum of a tensor's bytes in memory order (little-endian), what `verify` compares against."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.numel() == 0:
+        return 0
+    return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy()) & 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class Member:
+    """One original tensor inside a unit: where its elements start in the concatenation, and its checksum."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    crc32: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True, eq=False)
+class CompressedTensor:
+    """One compression unit. Construct with `dfloat.compress_tensor` / `compress_tensors`, not by hand.
+
+    Huffman units hold the exponent stream, one raw sign|mantissa byte per weight, one 5-bit start offset per
+    window (packed MSB-first), the first output index of each block of windows (plus the total), and the code
+    (256 canonical code lengths, or the official LUT rows). Raw units hold the flat tensor in its own dtype.
+    """
+
+    mode: str
+    members: tuple[Member, ...]
+    numel: int
+    dtype: torch.dtype = torch.bfloat16
+    encoded_exponent: torch.Tensor | None = None
+    sign_mantissa: torch.Tensor | None = None
+    gaps: torch.Tensor | None = None
+    output_positions: torch.Tensor | None = None
+    code: torch.Tensor | None = None
+    code_kind: str = CODE_CANONICAL
+    bytes_per_window: int = DEFAULT_BYTES_PER_WINDOW
+    windows_per_block: int = DEFAULT_WINDOWS_PER_BLOCK
+    max_code_length: int = DEFAULT_MAX_CODE_LENGTH
+    raw: torch.Tensor | None = None
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    # ---- derived sizes -------------------------------------------------------------------------------------
+    @property
+    def is_coded(self) -> bool:
+        return self.mode == MODE_HUFFMAN
+
+    @property
+    def n_blocks(self) -> int:
+        return 0 if self.output_positions is None else self.output_positions.numel() - 1
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The member's shape for a one-member unit; the flat length otherwise."""
+        return self.members[0].shape if len(self.members) == 1 else (self.numel,)
+
+    @property
+    def device(self) -> torch.device:
+        t = self.raw if self.raw is not None else self.sign_mantissa
+        return t.device if t is not None else torch.device("cpu")
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        if not self.is_coded:
+            return {"raw": self.raw}
+        out = {k: getattr(self, k) for k in _HUFFMAN_ARRAYS}
+        out["code_lengths" if self.code_kind == CODE_CANONICAL else "luts"] = self.code
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Every stored byte: codes, offsets, positions, the code itself, raw parts."""
+        return sum(t.numel() * t.element_size() for t in self.stored_tensors().values())
+
+    @property
+    def original_nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / self.numel if self.numel else 0.0
+
+    # ---- behaviour -----------------------------------------------------------------------------------------
+    def _map_arrays(self, fn) -> CompressedTensor:
+        names = (*_HUFFMAN_ARRAYS, "code", "raw")
+        moved = {k: fn(getattr(self, k)) for k in names if getattr(self, k) is not None}
+        return replace(self, **moved, _cache={})
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> CompressedTensor:
+        """A copy whose arrays live on ``device`` (decode tables are rebuilt lazily per device)."""
+        return self._map_arrays(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> CompressedTensor:
+        """A copy in page-locked host memory, for asynchronous copies to a GPU."""
+        return self._map_arrays(lambda t: t.pin_memory())
+
+    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of each member inside a decoded flat buffer."""
+        if flat.numel() < self.numel:
+            raise ShapeMismatchError(f"buffer of {flat.numel()} elements is smaller than the unit ({self.numel})")
+        return {m.name: flat[m.offset : m.offset + m.numel].view(m.shape) for m in self.members}
+
+    def verify(self, flat: torch.Tensor) -> None:
+        """Raise ChecksumError naming the first member whose decoded bytes differ from the original's."""
+        for m in self.members:
+            if m.crc32 < 0:  # no checksum stored (official DFloat11 units)
+                continue
+            got = crc32_of(flat[m.offset : m.offset + m.numel])
+            if got != m.crc32:
+                raise ChecksumError(
+                    f"member {m.name!r} (elements {m.offset}..{m.offset + m.numel}): checksum {got:08x} "
+                    f"!= stored {m.crc32:08x}; the compressed data is corrupt"
+                )
+
+    def __repr__(self) -> str:
+        names = ", ".join(m.name for m in self.members[:3]) + (", ..." if len(self.members) > 3 else "")
+        return (f"CompressedTensor(mode={self.mode}, members=[{names}], numel={self.numel}, "
+                f"nbytes={self.nbytes}, bits_per_weight={self.bits_per_weight:.3f}, device={self.device})")
+
+    # ---- metadata ------------------------------------------------------------------------------------------
+    def metadata(self) -> dict:
+        meta = {
+            "mode": self.mode,
+            "numel": self.numel,
+            "dtype": dtype_name(self.dtype),
+            "members": [{"name": m.name, "shape": list(m.shape), "offset": m.offset, "crc32": m.crc32}
+                        for m in self.members],
+        }
+        if self.is_coded:
+            meta.update(code_kind=self.code_kind, bytes_per_window=self.bytes_per_window,
+                        windows_per_block=self.windows_per_block, max_code_length=self.max_code_length)
+        return meta
+
+    @classmethod
+    def from_parts(cls, meta: Mapping, arrays: Mapping[str, torch.Tensor], where: str = "unit") -> CompressedTensor:
+        """Rebuild a unit from its metadata and stored arrays, checking everything a decoder relies on."""
+        try:
+            members = tuple(Member(str(m["name"]), tuple(int(s) for s in m["shape"]), int(m["offset"]),
+                                   int(m["crc32"])) for m in meta["members"])
+            numel = int(meta["numel"])
+            mode = meta["mode"]
+            dtype = dtype_from_name(meta["dtype"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptStreamError(f"{where}: metadata is incomplete or malformed ({e!r})") from None
+        end = 0
+        for m in members:
+            if m.offset != end or any(s < 0 for s in m.shape):
+                raise ShapeMismatchError(f"{where}: member {m.name!r} has offset {m.offset}, expected {end}")
+            end += m.numel
+        if end != numel:
+            raise ShapeMismatchError(f"{where}: members hold {end} elements but the unit says {numel}")
+        if mode == MODE_RAW:
+            raw = _need(arrays, "raw", where)
+            if raw.dtype != dtype or raw.numel() != numel:
+                raise ShapeMismatchError(f"{where}: raw data is {raw.dtype}[{raw.numel()}], expected {dtype}[{numel}]")
+            return cls(mode=MODE_RAW, members=members, numel=numel, dtype=dtype, raw=raw.reshape(-1))
+        if mode != MODE_HUFFMAN:
+            raise CorruptStreamError(f"{where}: unknown unit mode {mode!r}")
+        kind = meta.get("code_kind", CODE_CANONICAL)
+        parts = {k: _need(arrays, k, where) for k in _HUFFMAN_ARRAYS}
+        code = _need(arrays, "code_lengths" if kind == CODE_CANONICAL else "luts", where)
+        ct = cls(mode=MODE_HUFFMAN, members=members, numel=numel, dtype=torch.bfloat16, code=code,
+                 code_kind=kind, bytes_per_window=int(meta["bytes_per_window"]),
+                 windows_per_block=int(meta["windows_per_block"]), max_code_length=int(meta["max_code_length"]),
+                 **{k: v.reshape(-1) for k, v in parts.items()})
+        check_structure(ct, where)
+        return ct
+
+
+def _need(arrays: Mapping[str, torch.Tensor], key: str, where: str) -> torch.Tensor:
+    if key not in arrays:
+        raise CorruptStreamError(f"{where}: stored array {key!r} is missing")
+    return arrays[key]
+
+
+def check_structure(ct: CompressedTensor, where: str = "unit") -> None:
+    """Reject any unit whose sizes or offsets a decoder could not trust (runs on load, costs O(blocks))."""
+    for k, dt in _HUFFMAN_ARRAYS.items():
+        t = getattr(ct, k)
+        if t.dtype != dt:
+            raise CorruptStreamError(f"{where}: {k} has dtype {t.dtype}, expected {dt}")
+    if ct.code_kind not in (CODE_CANONICAL, CODE_DF11_LUT):
+        raise CorruptStreamError(f"{where}: unknown code kind {ct.code_kind!r}")
+    if ct.code.dtype != torch.uint8 or (ct.code_kind == CODE_CANONICAL and ct.code.numel() != 256):
+        raise CorruptStreamError(f"{where}: the code must be uint8 (256 lengths or official LUT rows)")
+    if ct.bytes_per_window < 4 or ct.windows_per_block < 1 or not 1 <= ct.max_code_length <= 32:
+        raise CorruptStreamError(f"{where}: bad parameters window={ct.bytes_per_window} "
+                                 f"block={ct.windows_per_block} max_code_length={ct.max_code_length}")
+    if ct.sign_mantissa.numel() != ct.numel:
+        raise CorruptStreamError(f"{where}: {ct.sign_mantissa.numel()} sign/mantissa bytes for {ct.numel} weights")
+    n_windows = -(-ct.encoded_exponent.numel() // ct.bytes_per_window)
+    n_blocks = -(-n_windows // ct.windows_per_block)
+    if ct.output_positions.numel() != n_blocks + 1:
+        raise CorruptStreamError(f"{where}: {ct.output_positions.numel()} output positions for {n_blocks} blocks "
+                                 f"(stream of {ct.encoded_exponent.numel()} bytes): truncated or mismatched")
+    if ct.gaps.numel() * 8 < n_windows * GAP_BITS:
+        raise CorruptStreamError(f"{where}: {ct.gaps.numel()} gap bytes cannot hold {n_windows} window offsets")
+    pos = ct.output_positions.cpu()
+    if pos.numel() and (int(pos[0]) != 0 or int(pos[-1]) != ct.numel or bool((pos[1:] < pos[:-1]).any())):
+        raise CorruptStreamError(f"{where}: output positions are not a non-decreasing run from 0 to {ct.numel}")
+
+
+# ---- files ---------------------------------------------------------------------------------------------------
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Write through ``write(tmp_path)`` then rename, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def unit_tensors(name: str, ct: CompressedTensor) -> dict[str, torch.Tensor]:
+    """The safetensors entries of one unit: ``{name}.{array}``."""
+    return {f"{name}.{k}": t.detach().cpu().contiguous() for k, t in ct.stored_tensors().items()}
+
+
+def format_metadata(units: Mapping[str, CompressedTensor], extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+            "units": json.dumps({n: ct.metadata() for n, ct in units.items()}, separators=(",", ":"))}
+    meta.update(extra or {})
+    return meta
+
+
+def save_compressed_tensors(units: Mapping[str, CompressedTensor] | CompressedTensor, path: str | os.PathLike,
+                            extra_tensors: Mapping[str, torch.Tensor] | None = None,
+                            metadata: Mapping[str, str] | None = None) -> None:
+    """Write units (and optional plain tensors) to one safetensors file, atomically.
+
+    Args:
+        units: ``{unit_name: CompressedTensor}``, or one CompressedTensor (stored as unit "tensor").
+        path: the ``.safetensors`` file to write.
+        extra_tensors: uncompressed tensors stored under their own names beside the units.
+        metadata: extra string metadata for the file header.
+    """
+    from safetensors.torch import save_file
+
+    if isinstance(units, CompressedTensor):
+        units = {"tensor": units}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, ct in units.items():
+        tensors.update(unit_tensors(name, ct))
+    for name, t in (extra_tensors or {}).items():
+        if name in tensors:
+            raise ShapeMismatchError(f"tensor name {name!r} collides with a unit array")
+        tensors[name] = t.detach().cpu().contiguous()
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=format_metadata(units, metadata)))
+
+
+def check_version(meta: Mapping[str, str] | None, where: str) -> dict:
+    if not meta or meta.get("format") != FORMAT_NAME:
+        raise FormatVersionError(f"{where}: not a dfloat file (no 'format: dfloat' in its header)")
+    version = str(meta.get("format_version", ""))
+    major = version.split(".")[0]
+    if major != FORMAT_VERSION.split(".")[0]:
+        raise FormatVersionError(f"{where}: written with dfloat format {version}, this dfloat reads "
+                                 f"{FORMAT_VERSION.split('.')[0]}.x; upgrade dfloat to read it")
+    try:
+        return json.loads(meta["units"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise CorruptStreamError(f"{where}: unit metadata is unreadable ({e})") from None
+
+
+def load_compressed_tensors(path: str | os.PathLike, device: str | torch.device = "cpu"
+                            ) -> tuple[dict[str, CompressedTensor], dict[str, torch.Tensor]]:
+    """Read a file written by `save_compressed_tensors`.
+
+    Returns:
+        ``(units, extra_tensors)``.
+    Raises:
+        FormatVersionError: not a dfloat file, or a newer incompatible format version.
+        CorruptStreamError / ShapeMismatchError: arrays missing or inconsistent with the metadata.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    where = str(path)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{where}: no such file")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            units_meta = check_version(f.metadata(), where)
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise CorruptStreamError(f"{where}: not a readable safetensors file ({e})") from None
+    units = {}
+    for name, meta in units_meta.items():
+        prefix = f"{name}."
+        parts = {k[len(prefix):]: arrays.pop(k) for k in list(arrays) if k.startswith(prefix)}
+        units[name] = CompressedTensor.from_parts(meta, parts, where=f"{where}: unit {name!r}")
+    return units, arrays
+
+
+def n_windows_for(encoded_bytes: int, bytes_per_window: int) -> int:
+    return -(-encoded_bytes // bytes_per_window)
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()

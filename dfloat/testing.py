@@ -1,0 +1,47 @@
+"""Inputs that exercise every corner of the codec, shared by the tests of all backends."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The int16 view used for exact comparison (NaN payloads and -0 compare as bits)."""
+    return t.contiguous().reshape(-1).view(torch.int16)
+
+
+def all_bf16_patterns() -> torch.Tensor:
+    """All 65,536 BF16 bit patterns: NaN payloads, +-0, +-inf, subnormals."""
+    return torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+def weights_like(n: int, seed: int = 0, std: float = 0.02) -> torch.Tensor:
+    """Normal weights in BF16: the exponent histogram of a trained layer, roughly."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, generator=g) * std).to(torch.bfloat16)
+
+
+def random_bits(n: int, seed: int = 0) -> torch.Tensor:
+    """Uniform 16-bit patterns: all 256 exponents, about 8 bits of exponent entropy."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-32768, 32768, (n,), generator=g, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+def with_exponent_counts(counts: dict[int, int], seed: int = 0) -> torch.Tensor:
+    """A shuffled BF16 tensor whose exponent histogram is exactly ``counts`` (random signs and mantissas)."""
+    rng = np.random.default_rng(seed)
+    exps = np.concatenate([np.full(c, e, np.uint16) for e, c in counts.items()])
+    rng.shuffle(exps)
+    sm = rng.integers(0, 256, exps.size).astype(np.uint16)
+    words = ((sm & 0x80) << 8) | (exps << 7) | (sm & 0x7F)
+    return torch.from_numpy(words.view(np.int16).copy()).view(torch.bfloat16)
+
+
+def fibonacci_exponents(n_symbols: int) -> dict[int, int]:
+    """Counts whose unlimited Huffman code is as deep as possible: n_symbols - 1 bits for the rarest two."""
+    a, b, counts = 1, 1, {}
+    for i in range(n_symbols):
+        counts[100 + i] = a
+        a, b = b, a + b
+    return counts

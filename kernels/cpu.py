@@ -1,0 +1,102 @@
+"""CPU decoder: numba, one independent block of windows per task, both cores.
+
+A block starts at its first window's start offset and holds ``output_positions[b+1] - output_positions[b]``
+codes, so the CPU needs no counting phase. Reads past the stream see zero bits and writes stay inside the
+block's output range, so a corrupt stream cannot touch memory it does not own; it is reported, not crashed on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dfloat.errors import CorruptStreamError
+
+from dfloat._numba import njit, prange  # isort: skip
+
+STATUS_OK = 0
+STATUS_BAD_POSITIONS = 1
+STATUS_BAD_CODE = 2
+STATUS_OVERRUN = 3
+
+
+@njit(inline="always", cache=True)
+def _load32(enc, byte, n_enc):  # pragma: no cover - compiled
+    """Four stream bytes big-endian; bytes past the end read as zero."""
+    if byte + 4 <= n_enc:
+        return ((np.int64(enc[byte]) << 24) | (np.int64(enc[byte + 1]) << 16)
+                | (np.int64(enc[byte + 2]) << 8) | np.int64(enc[byte + 3]))
+    v = np.int64(0)
+    for k in range(4):
+        v = (v << 8) | (np.int64(enc[byte + k]) if 0 <= byte + k < n_enc else np.int64(0))
+    return v
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def decode_blocks(enc, sm, gaps, positions, tables, window_bytes, windows_per_block, out, status):  # pragma: no cover
+    n = sm.size
+    n_enc = enc.size
+    n_gap = gaps.size
+    n_blocks = positions.size - 1
+    for b in prange(n_blocks):
+        start = positions[b]
+        end = positions[b + 1]
+        if start < 0 or end < start or end > n:
+            status[b] = 1
+            continue
+        if start == end:
+            continue
+        w = b * windows_per_block
+        gbit = 5 * w
+        gbyte = gbit >> 3
+        hi = np.int64(gaps[gbyte]) if gbyte < n_gap else np.int64(0)
+        lo = np.int64(gaps[gbyte + 1]) if gbyte + 1 < n_gap else np.int64(0)
+        gap = (((hi << 8) | lo) >> (11 - (gbit & 7))) & 31
+        bit = np.int64(w) * window_bytes * 8 + gap
+        byte = bit >> 3
+        buf = _load32(enc, byte, n_enc) << (32 + (bit & 7))  # the stream left-aligned in a 64-bit buffer
+        nbits = np.int64(32 - (bit & 7))
+        byte += 4
+        for i in range(start, end):
+            if nbits < 32:  # codes are at most 32 bits long
+                buf |= _load32(enc, byte, n_enc) << (32 - nbits)
+                byte += 4
+                nbits += 32
+            e = tables[(buf >> 56) & 0xFF]
+            depth = 1
+            while e < 0 and depth < 4:
+                e = tables[(-e) * 256 + ((buf >> (56 - 8 * depth)) & 0xFF)]
+                depth += 1
+            if e <= 0:
+                status[b] = 2
+                break
+            ln = e >> 8
+            s = np.int32(sm[i])
+            out[i] = np.int16(((s & 0x80) << 8) | ((e & 0xFF) << 7) | (s & 0x7F))
+            buf <<= ln
+            nbits -= ln
+        if byte * 8 - nbits > n_enc * 8:
+            status[b] = 3
+
+
+def decode(ct, out: torch.Tensor) -> None:
+    from dfloat.codec import decode_tables
+
+    tables = ct._cache.get("cpu_tables")
+    if tables is None:
+        tables = np.ascontiguousarray(decode_tables(ct).reshape(-1), dtype=np.int32)
+        ct._cache["cpu_tables"] = tables
+    if ct.numel == 0:
+        return
+    status = np.zeros(max(ct.n_blocks, 1), np.int8)
+    decode_blocks(
+        ct.encoded_exponent.numpy(), ct.sign_mantissa.numpy(), ct.gaps.numpy(), ct.output_positions.numpy(),
+        tables, ct.bytes_per_window, ct.windows_per_block, out.view(torch.int16).numpy(), status,
+    )
+    bad = np.flatnonzero(status)
+    if bad.size:
+        b = int(bad[0])
+        why = {1: "its output positions are out of order or out of range",
+               2: "it holds a bit pattern that is no code", 3: "its codes run past the end of the stream"}
+        raise CorruptStreamError(f"unit {ct.members[0].name if ct.members else '?'}: block {b} of {ct.n_blocks} "
+                                 f"is corrupt: {why.get(int(status[b]), 'unknown error')}")

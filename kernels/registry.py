@@ -1,0 +1,83 @@
+"""The one place that chooses a decoder: by name, or the fastest one that can run on the output's device."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from enum import Enum
+
+import torch
+
+from dfloat.errors import BackendUnavailableError
+
+
+class Backend(str, Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    TRITON = "triton"
+    CUDA = "cuda"
+
+
+_MODULES = {Backend.CPU: "dfloat.kernels.cpu", Backend.TRITON: "dfloat.kernels.triton_decode",
+            Backend.CUDA: "dfloat.kernels.cuda_decode"}
+
+
+def _triton_can_run(device: torch.device) -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if device.type == "cpu":
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type in ("cuda", "xpu")
+
+
+def _cuda_can_run(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.version.hip is None and importlib.util.find_spec("cupy") is not None
+
+
+def _why_not(backend: Backend, device: torch.device) -> str:
+    if backend is Backend.CPU:
+        return f"the cpu backend decodes into CPU tensors only, not {device}"
+    if backend is Backend.TRITON:
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed: pip install 'dfloat[triton]'"
+        if device.type == "cpu":
+            return "triton runs on CPU tensors only under TRITON_INTERPRET=1 (slow; for tests)"
+        return f"triton cannot decode on {device}"
+    if device.type != "cuda":
+        return f"the cuda backend needs a CUDA device, got {device}"
+    return "CuPy is not installed: pip install 'dfloat[cuda13]' (CUDA 13) or 'dfloat[cuda12]' (CUDA 12)"
+
+
+def available_backends(device: torch.device | str) -> list[Backend]:
+    """Backends that can decode on ``device``, fastest first."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        order = [(Backend.CPU, True), (Backend.TRITON, _triton_can_run(device))]
+    else:
+        order = [(Backend.CUDA, _cuda_can_run(device)), (Backend.TRITON, _triton_can_run(device))]
+    return [b for b, ok in order if ok]
+
+
+def resolve(backend: str | Backend | None, device: torch.device | str) -> Backend:
+    device = torch.device(device)
+    try:
+        backend = Backend(backend or Backend.AUTO)
+    except ValueError:
+        raise BackendUnavailableError(f"unknown backend {backend!r}; choose one of cpu, triton, cuda") from None
+    usable = available_backends(device)
+    if backend is Backend.AUTO:
+        if not usable:
+            raise BackendUnavailableError(
+                f"no decoder can run on {device}: pip install 'dfloat[cuda13]' (or [cuda12]) for CUDA, "
+                "or 'dfloat[triton]'")
+        return usable[0]
+    if backend not in usable:
+        raise BackendUnavailableError(f"backend {backend.value!r} is unavailable: {_why_not(backend, device)}")
+    return backend
+
+
+def decode_into(ct, out: torch.Tensor, backend: str | Backend | None = None) -> None:
+    """Decode coded unit ``ct`` into ``out`` (flat BF16, ``ct.numel`` elements, on ct's device)."""
+    chosen = resolve(backend, out.device)
+    importlib.import_module(_MODULES[chosen]).decode(ct, out)
