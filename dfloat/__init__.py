@@ -41,3 +41,20 @@ __all__ = [
     "save_compressed_tensors",
     "store_raw",
 ]
+
+_RUNTIME = {
+    "compress_model": "dfloat.runtime.compress",
+    "decompress_model": "dfloat.runtime.compress",
+    "verify_checkpoint": "dfloat.runtime.compress",
+    "load_compressed": "dfloat.runtime.loader",
+}
+__all__ += list(_RUNTIME)
+
+
+def __getattr__(name: str):
+    """Whole-model functions load on first use, keeping `import dfloat` light."""
+    if name in _RUNTIME:
+        import importlib
+
+        return getattr(importlib.import_module(_RUNTIME[name]), name)
+    raise AttributeError(f"module 'dfloat' has no attribute {name!r}")

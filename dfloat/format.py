@@ -48,6 +48,7 @@ _HUFFMAN_ARRAYS = {
     "gaps": torch.uint8,
     "output_positions": torch.int64,
 }
+_STORED_ARRAYS = (*_HUFFMAN_ARRAYS, "code_lengths", "luts", "raw")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -364,8 +365,7 @@ def load_compressed_tensors(path: str | os.PathLike, device: str | torch.device 
         raise CorruptStreamError(f"{where}: not a readable safetensors file ({e})") from None
     units = {}
     for name, meta in units_meta.items():
-        prefix = f"{name}."
-        parts = {k[len(prefix):]: arrays.pop(k) for k in list(arrays) if k.startswith(prefix)}
+        parts = {k: arrays.pop(f"{name}.{k}") for k in _STORED_ARRAYS if f"{name}.{k}" in arrays}
         units[name] = CompressedTensor.from_parts(meta, parts, where=f"{where}: unit {name!r}")
     return units, arrays
 

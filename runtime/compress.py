@@ -1,0 +1,383 @@
+"""compress_model / decompress_model: whole checkpoints, streamed unit by unit, written atomically and verified."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from dfloat.codec import compress_tensors
+from dfloat.errors import ChecksumError, ModelSourceError, OutputExistsError, UnsupportedDtypeError
+from dfloat.format import (
+    DEFAULT_BYTES_PER_WINDOW,
+    DEFAULT_MAX_CODE_LENGTH,
+    DEFAULT_WINDOWS_PER_BLOCK,
+    FORMAT_VERSION,
+)
+from dfloat.runtime import source as src
+from dfloat.runtime.checkpoint import (
+    CONFIG_KEY,
+    DEFAULT_MAX_SHARD_BYTES,
+    CompressedCheckpoint,
+    ShardWriter,
+)
+from dfloat.runtime.grouping import Grouping, grouping_from, plan_units
+
+log = logging.getLogger(__name__)
+
+_FLOAT_DTYPES = {"F16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
+
+
+@dataclass
+class CompressionReport:
+    out_dir: str
+    units: int
+    coded_units: int
+    weights: int
+    original_bytes: int
+    stored_bytes: int
+    seconds: float
+
+    @property
+    def ratio(self) -> float:
+        return self.stored_bytes / self.original_bytes if self.original_bytes else 1.0
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 16 * self.ratio
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "ratio": self.ratio, "bits_per_weight": self.bits_per_weight}
+
+
+ProgressFn = Callable[[str, int, int, int], None]  # (unit, done, total, weights in the unit)
+
+
+@dataclass
+class _Tensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    file: Path
+
+
+def _scan(files: list[Path]) -> list[_Tensor]:
+    from safetensors import SafetensorError, safe_open
+
+    out = []
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for k in f.keys():
+                    s = f.get_slice(k)
+                    out.append(_Tensor(k, tuple(s.get_shape()), s.get_dtype(), path))
+        except (SafetensorError, OSError) as e:
+            raise ModelSourceError(f"{path}: not a readable safetensors file ({e})") from None
+    return out
+
+
+def _check_lossless(config: dict, tensors: list[_Tensor], folder: Path) -> None:
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "quantized")
+        raise UnsupportedDtypeError(
+            f"{folder}: the model is {method}-quantized; its weights are not BF16, and coding them as BF16 would "
+            "not reproduce them. dfloat compresses BF16 checkpoints only.")
+    bad = [t for t in tensors if t.dtype in _FLOAT_DTYPES and len(t.shape) >= 2]
+    if bad:
+        dtypes = sorted({t.dtype for t in bad})
+        raise UnsupportedDtypeError(
+            f"{folder}: weights are {'/'.join(dtypes)} (e.g. {bad[0].name}), not BF16. dfloat is lossless only for "
+            "BF16: casting them to BF16 would round away bits, so nothing is cast silently. Load the model with "
+            "dtype=torch.bfloat16 and save_pretrained it first if BF16 is what you want to serve.")
+
+
+def _model_card(report: CompressionReport, origin: dict, config: dict) -> str:
+    arch = ", ".join(config.get("architectures") or [config.get("model_type", "model")])
+    return f"""---
+tags: [dfloat, lossless, bf16]
+---
+# {Path(origin['source']).name} (dfloat, lossless)
+
+Losslessly compressed copy of `{origin['source']}`{f" (revision `{origin['revision']}`)" if origin.get('revision') else ""}
+({arch}) made with [dfloat](https://github.com/dfloat) {FORMAT_VERSION}: BF16 exponents Huffman-coded, sign and
+mantissa kept, so every weight decodes bit-identical to the original.
+
+| | bytes |
+|---|---|
+| original weights | {report.original_bytes:,} |
+| stored | {report.stored_bytes:,} ({100 * report.ratio:.2f}% of BF16, {report.bits_per_weight:.2f} bits/weight) |
+
+```python
+import dfloat
+model = dfloat.load_compressed("{report.out_dir}")
+```
+"""
+
+
+def _resolve_source(source, revision, token, stack: list[tempfile.TemporaryDirectory]) -> tuple[Path, dict]:
+    if isinstance(source, torch.nn.Module):
+        if not hasattr(source, "save_pretrained"):
+            raise ModelSourceError("an in-memory source must be a transformers PreTrainedModel")
+        dtypes = {p.dtype for p in source.parameters() if p.ndim >= 2 and p.is_floating_point()}
+        if dtypes - {torch.bfloat16}:
+            raise UnsupportedDtypeError(
+                f"the in-memory model has {sorted(map(str, dtypes))} weights, not BF16; casting would not be "
+                "lossless. Load it with dtype=torch.bfloat16 first.")
+        tmp = tempfile.TemporaryDirectory(prefix="dfloat-src-")
+        stack.append(tmp)
+        source.save_pretrained(tmp.name, safe_serialization=True)
+        name = getattr(source.config, "_name_or_path", "") or type(source).__name__
+        return Path(tmp.name), {"source": str(name), "revision": None}
+    return src.resolve_folder(source, revision=revision, token=token)
+
+
+def compress_model(
+    source,
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    verify: bool = True,
+    grouping: Grouping | Mapping[str, str] | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    workers: int | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    bytes_per_window: int = DEFAULT_BYTES_PER_WINDOW,
+    windows_per_block: int = DEFAULT_WINDOWS_PER_BLOCK,
+    max_code_length: int = DEFAULT_MAX_CODE_LENGTH,
+    progress: ProgressFn | None = None,
+) -> CompressionReport:
+    """Compress a BF16 checkpoint losslessly into ``out_dir``.
+
+    Args:
+        source: a Hub id ("owner/name"), a local folder of safetensors, or an in-memory transformers model.
+        out_dir: the folder to create. Written to a temporary folder beside it and renamed when complete and
+            verified; an existing folder is refused unless ``overwrite``.
+        verify: decode every unit after writing and check it against the checksums of the original bytes.
+        grouping: override which tensors share a code (see `dfloat.runtime.grouping.grouping_from`).
+        revision, token: for Hub ids.
+        workers: threads for the codec (default: all cores).
+        max_shard_bytes: size of output shards.
+        progress: called after each unit as ``progress(unit, done, total, weights)``.
+    Returns:
+        A CompressionReport with sizes and timing.
+    Raises:
+        ModelSourceError, UnsupportedDtypeError (not BF16), OutputExistsError, ChecksumError.
+    """
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir).expanduser().resolve()
+    if out_dir.exists() and not overwrite:
+        raise OutputExistsError(f"{out_dir}: already exists (pass overwrite=True / --overwrite to replace it)")
+    if workers:
+        import numba
+
+        numba.set_num_threads(max(1, min(workers, numba.config.NUMBA_NUM_THREADS)))
+    stack: list[tempfile.TemporaryDirectory] = []
+    try:
+        folder, origin = _resolve_source(source, revision, token, stack)
+        config = src.read_config(folder)
+        if CONFIG_KEY in config or "dfloat11_config" in config:
+            raise ModelSourceError(f"{folder}: is already compressed")
+        tensors = _scan(src.weight_files(folder))
+        _check_lossless(config, tensors, folder)
+        unit_of = grouping_from(grouping)
+        plan = plan_units(((t.name, t.shape, t.dtype) for t in tensors), unit_of)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+        try:
+            report = _write(folder, tensors, plan, tmp, out_dir, origin, config, max_shard_bytes, progress,
+                            dict(bytes_per_window=bytes_per_window, windows_per_block=windows_per_block,
+                                 max_code_length=max_code_length), t0)
+            if verify:
+                verify_checkpoint(tmp)
+            _replace_dir(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        for t in stack:
+            t.cleanup()
+    report.seconds = time.perf_counter() - t0
+    log.info("compressed %s -> %s: %.2f%% of BF16 in %.1fs", origin["source"], out_dir, 100 * report.ratio,
+             report.seconds)
+    return report
+
+
+def _write(folder, tensors, plan, tmp, out_dir, origin, config, max_shard_bytes, progress, options, t0):
+    from safetensors import safe_open
+
+    by_name = {t.name: t for t in tensors}
+    in_unit = {n for names in plan.values() for n in names}
+    # Work shard by shard: a unit is coded once the last shard holding one of its tensors is reached.
+    file_order = {p: i for i, p in enumerate(dict.fromkeys(t.file for t in tensors))}
+    order = sorted(plan, key=lambda u: max(file_order[by_name[n].file] for n in plan[u]))
+    writer = ShardWriter(tmp, max_shard_bytes)
+    handles: dict[Path, object] = {}
+    last_use = {}
+    for i, unit in enumerate(order):
+        for n in plan[unit]:
+            last_use[by_name[n].file] = i
+
+    def read(name: str) -> torch.Tensor:
+        t = by_name[name]
+        if t.file not in handles:
+            handles[t.file] = safe_open(str(t.file), framework="pt")
+        return handles[t.file].get_tensor(name)
+
+    for t in tensors:  # plain tensors first: small
+        if t.name not in in_unit:
+            writer.add_plain(t.name, read(t.name))
+    report = CompressionReport(str(out_dir), len(plan), 0, 0, 0, 0, 0.0)
+    for i, unit in enumerate(order):
+        members = {n: read(n) for n in plan[unit]}
+        ct = compress_tensors(members, **options)
+        del members
+        writer.add_unit(unit, ct)
+        report.coded_units += ct.is_coded
+        report.weights += ct.numel
+        report.original_bytes += ct.original_nbytes
+        report.stored_bytes += ct.nbytes
+        for f in [f for f, last in last_use.items() if last == i and f in handles]:
+            del handles[f]  # unmap the source shard once nothing more is read from it
+        if progress:
+            progress(unit, i + 1, len(order), ct.numel)
+    handles.clear()
+    index = writer.close({"format_version": FORMAT_VERSION, "weights": report.weights,
+                          "original_bytes": report.original_bytes, "stored_bytes": report.stored_bytes})
+    report.seconds = time.perf_counter() - t0
+    for f in src.side_files(folder):
+        shutil.copy2(f, tmp / f.name)
+    config = dict(config)
+    config[CONFIG_KEY] = {
+        "format_version": FORMAT_VERSION, **options, "source": origin["source"], "revision": origin.get("revision"),
+        "units": report.units, "weights": report.weights, "original_bytes": report.original_bytes,
+        "stored_bytes": report.stored_bytes, "shards": len(set(index["weight_map"].values())),
+    }
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (tmp / "README.md").write_text(_model_card(report, origin, config))
+    return report
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move the finished folder into place; an old folder is only removed once the new one is there."""
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def verify_checkpoint(folder: str | os.PathLike, against: str | os.PathLike | None = None,
+                      backend: str | None = None) -> list[str]:
+    """Decode every unit and compare with the stored checksums (and, with ``against``, with the original
+    checkpoint's tensors byte for byte). Returns the problems found; raises ChecksumError if any."""
+    from dfloat.codec import decompress_tensor
+    from dfloat.format import crc32_of
+
+    ckpt = CompressedCheckpoint.open(folder)
+    original = None
+    if against is not None:
+        afolder, _ = src.resolve_folder(against)
+        original = {t.name: t for t in _scan(src.weight_files(afolder))}
+    problems: list[str] = []
+    seen: set[str] = set()
+
+    def compare(name: str, got: torch.Tensor) -> None:
+        seen.add(name)
+        if original is None:
+            return
+        if name not in original:
+            problems.append(f"{name}: not in the original checkpoint")
+            return
+        from safetensors import safe_open
+
+        with safe_open(str(original[name].file), framework="pt") as f:
+            want = f.get_tensor(name)
+        if want.dtype != got.dtype or want.shape != got.shape or crc32_of(want) != crc32_of(got):
+            problems.append(f"{name}: differs from the original ({want.dtype}{list(want.shape)} vs "
+                            f"{got.dtype}{list(got.shape)})")
+
+    for path, units, plain in ckpt.iter_shards():
+        for uname, ct in units.items():
+            try:
+                flat = decompress_tensor(ct, device="cpu", backend=backend).reshape(-1)
+                for m in ct.members:
+                    view = flat[m.offset : m.offset + m.numel]
+                    if m.crc32 >= 0 and crc32_of(view) != m.crc32:
+                        problems.append(f"{path.name}: unit {uname}: tensor {m.name} fails its checksum")
+                    compare(m.name, view.view(m.shape))
+            except Exception as e:  # noqa: BLE001 - a corrupt unit is reported, the rest still checked
+                problems.append(f"{path.name}: unit {uname}: {e}")
+        for name, t in plain.items():
+            compare(name, t)
+    if original is not None:
+        problems += [f"{n}: missing from the compressed checkpoint" for n in original if n not in seen]
+    if problems:
+        raise ChecksumError(f"{folder}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    return problems
+
+
+def decompress_model(source: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False,
+                     max_shard_bytes: int = 5 * 1024**3) -> Path:
+    """Write the original BF16 checkpoint back (tensors byte-identical to the source's), atomically."""
+    from safetensors.torch import save_file
+
+    from dfloat.codec import decompress_tensor
+
+    folder, _ = src.resolve_folder(source)
+    ckpt = CompressedCheckpoint.open(folder)
+    out_dir = Path(out_dir).expanduser().resolve()
+    if out_dir.exists() and not overwrite:
+        raise OutputExistsError(f"{out_dir}: already exists (pass overwrite=True to replace it)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        written: list[tuple[Path, list[str], int]] = []
+        pending: dict[str, torch.Tensor] = {}
+
+        def flush() -> None:
+            if pending:
+                path = tmp / f".part-{len(written) + 1:05d}.safetensors"
+                save_file(pending, str(path), metadata={"format": "pt"})
+                written.append((path, list(pending), sum(t.numel() * t.element_size() for t in pending.values())))
+                pending.clear()
+
+        for _, units, plain in ckpt.iter_shards():
+            tensors = dict(plain)
+            for ct in units.values():
+                ct.verify(flat := decompress_tensor(ct, device="cpu").reshape(-1))
+                tensors.update({k: v.clone() for k, v in ct.split(flat).items()})
+            for name, t in tensors.items():
+                if pending and sum(x.numel() * x.element_size() for x in pending.values()) + \
+                        t.numel() * t.element_size() > max_shard_bytes:
+                    flush()
+                pending[name] = t
+        flush()
+        n = len(written)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        for (path, _, _), name in zip(written, names):
+            os.replace(path, tmp / name)
+        if n > 1:
+            weight_map = {k: name for (_, keys, _), name in zip(written, names) for k in keys}
+            (tmp / src.WEIGHT_INDEX).write_text(json.dumps(
+                {"metadata": {"total_size": sum(w[2] for w in written)}, "weight_map": weight_map}, indent=2) + "\n")
+        for f in src.side_files(folder):
+            if f.name != "dfloat.index.json":
+                shutil.copy2(f, tmp / f.name)
+        config = {k: v for k, v in ckpt.config.items() if k != CONFIG_KEY}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,325 @@
+"""load_compressed: a normal transformers model whose coded weights are decoded just before they are used.
+
+The model is built without allocating its BF16 weights (parameters on the meta device, buffers computed as
+usual). Plain tensors are loaded as they are. Each coded unit keeps only its compressed arrays; forward pre-hooks
+on the modules that own its weights decode it into one reusable buffer per device and point those weights at
+views of it. The math is the original model's, so outputs are bit-identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dfloat.codec import decompress_tensor
+from dfloat.errors import ModelSourceError, ShapeMismatchError
+from dfloat.format import CompressedTensor
+from dfloat.runtime import source as src
+from dfloat.runtime.checkpoint import CONFIG_KEY, CompressedCheckpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Slot:
+    """Where one member lives in the model: every (module, attribute) that shares the tensor (tied weights)."""
+
+    places: list[tuple[torch.nn.Module, str]]
+    offset: int
+    shape: tuple[int, ...]
+
+
+@dataclass
+class _Unit:
+    name: str
+    ct: CompressedTensor  # on the execution device, or pinned on the host with cpu_offload
+    device: torch.device
+    slots: list[_Slot]
+
+
+@dataclass
+class DecodeBuffer:
+    """One BF16 buffer per device, sized to the largest unit on it; remembers which unit it holds."""
+
+    device: torch.device
+    numel: int
+    backend: str | None = None
+    tensor: torch.Tensor | None = None
+    current: str | None = None
+    decodes: int = 0
+    _staged: dict = field(default_factory=dict)
+
+    def ensure(self, unit: _Unit) -> None:
+        if self.current == unit.name:
+            return
+        if self.tensor is None:
+            self.tensor = torch.empty(self.numel, dtype=torch.bfloat16, device=self.device)
+        ct = unit.ct
+        if ct.device != self.device:  # cpu_offload: copy the compressed arrays in, then decode
+            ct = ct.to(self.device, non_blocking=True)
+        flat = decompress_tensor(ct, device=self.device, backend=self.backend, out=self.tensor)
+        for slot in unit.slots:
+            view = flat[slot.offset : slot.offset + _numel(slot.shape)].view(slot.shape)
+            for module, attr in slot.places:
+                module._parameters[attr] = torch.nn.Parameter(view, requires_grad=False)
+        self.current = unit.name
+        self.decodes += 1
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _model_class(config, model_class):
+    import transformers
+
+    if model_class is not None:
+        return model_class
+    with contextlib.suppress(ImportError):
+        import dfloat.models  # noqa: F401 - registers the research architectures with the Auto classes
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    from transformers.models.auto import modeling_auto
+
+    for mapping in (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING, modeling_auto.MODEL_MAPPING):
+        with contextlib.suppress(KeyError):
+            return mapping[type(config)]
+    raise ModelSourceError(f"no transformers class for model type {config.model_type!r} "
+                           f"(architectures {getattr(config, 'architectures', None)}); pass model_class=")
+
+
+def _build_empty(folder: Path, model_class, kwargs: dict):
+    """The model with parameters on the meta device and buffers computed as `from_pretrained` would."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    with contextlib.suppress(ImportError):
+        import dfloat.models  # noqa: F401
+    trust = kwargs.pop("trust_remote_code", False)
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust)
+    except Exception as e:  # noqa: BLE001 - an unreadable config is a source problem
+        raise ModelSourceError(f"{folder}: cannot build a config ({type(e).__name__}: {e})") from None
+    cls = _model_class(config, model_class)
+    with init_empty_weights(include_buffers=False):
+        model = cls._from_config(config, dtype=torch.bfloat16, **kwargs)
+    model.eval()
+    with contextlib.suppress(Exception):
+        from transformers import GenerationConfig
+
+        if (folder / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model
+
+
+def _aliases(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Parameter name -> every name sharing that parameter (tied embeddings)."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return {n: names for names in by_id.values() for n in names}
+
+
+def _place(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    module_name, _, attr = name.rpartition(".")
+    return model.get_submodule(module_name) if module_name else model, attr
+
+
+def _set_plain(model, name: str, tensor: torch.Tensor, aliases, device) -> None:
+    module, attr = _place(model, name)
+    tensor = tensor.to(device)
+    if attr in module._parameters:
+        for alias in aliases.get(name, [name]):
+            m, a = _place(model, alias)
+            m._parameters[a] = torch.nn.Parameter(tensor, requires_grad=False)
+    elif attr in module._buffers:
+        module._buffers[attr] = tensor
+    else:
+        raise ShapeMismatchError(f"checkpoint tensor {name!r} has no place in the model: the config does not "
+                                 "match the tensors")
+
+
+def attach(model: torch.nn.Module, units: Mapping[str, CompressedTensor], plain: Mapping[str, torch.Tensor],
+           device: torch.device | str, backend: str | None = None, cpu_offload: bool = False,
+           device_map: Mapping[str, str | torch.device] | None = None) -> dict[torch.device, DecodeBuffer]:
+    """Load plain tensors into ``model`` and hook every coded unit so it is decoded right before use."""
+    device = torch.device(device)
+    aliases = _aliases(model)
+    expected = dict(model.named_parameters(remove_duplicate=False))
+    filled: set[str] = set()
+
+    def check_shape(name, shape):
+        if name not in expected:
+            raise ShapeMismatchError(f"checkpoint tensor {name!r} has no place in the model: the config does not "
+                                     "match the tensors")
+        if tuple(expected[name].shape) != tuple(shape):
+            raise ShapeMismatchError(f"tensor {name!r} is {list(shape)} in the checkpoint but "
+                                     f"{list(expected[name].shape)} in the model built from config.json")
+
+    for name, t in plain.items():
+        if name in expected:
+            check_shape(name, t.shape)
+        _set_plain(model, name, t, aliases, _device_for(name, device, device_map))
+        filled.update(aliases.get(name, [name]))
+
+    buffers: dict[torch.device, DecodeBuffer] = {}
+    hooked: dict[int, list[_Unit]] = {}
+    for uname, ct in units.items():
+        udev = _device_for(uname, device, device_map)
+        if not ct.is_coded:  # raw units are plain tensors in disguise
+            for m, view in ct.split(ct.raw).items():
+                check_shape(m, view.shape)
+                _set_plain(model, m, view, aliases, udev)
+                filled.update(aliases.get(m, [m]))
+            continue
+        for m in ct.members:
+            check_shape(m.name, m.shape)
+        slots = [_Slot([_place(model, a) for a in aliases.get(m.name, [m.name])], m.offset, m.shape)
+                 for m in ct.members]
+        stored = ct.pin_memory() if (cpu_offload and udev.type == "cuda") else ct.to(udev)
+        unit = _Unit(uname, stored, udev, slots)
+        buf = buffers.setdefault(udev, DecodeBuffer(udev, 0, backend))
+        buf.numel = max(buf.numel, ct.numel)
+        for slot in slots:
+            for module, attr in slot.places:
+                module._parameters[attr] = torch.nn.Parameter(
+                    torch.empty(1, dtype=torch.bfloat16, device=udev).expand(slot.shape), requires_grad=False)
+                hooked.setdefault(id(module), [module, []])[1].append(unit)
+        for m in ct.members:
+            filled.update(aliases.get(m.name, [m.name]))
+        owner = _owner(model, [m.name for m in ct.members])
+        if owner is not None:
+            hooked.setdefault(id(owner), [owner, []])[1].append(unit)
+
+    missing = [n for n in expected if n not in filled]
+    if missing:
+        raise ShapeMismatchError(f"the checkpoint lacks {len(missing)} weight(s) the model needs, e.g. "
+                                 f"{', '.join(missing[:3])}: the config does not match the tensors")
+    for module, unit_list in hooked.values():
+        module.register_forward_pre_hook(_make_hook(unit_list, buffers))
+    model._dfloat_buffers = buffers
+    return buffers
+
+
+def _owner(model, names: list[str]) -> torch.nn.Module | None:
+    """The deepest module holding all of a unit's members, when it is a module that runs (not a ModuleList)."""
+    parts = [n.split(".")[:-1] for n in names]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    if not common:
+        return None
+    module = model.get_submodule(".".join(common))
+    return None if isinstance(module, (torch.nn.ModuleList, torch.nn.ModuleDict)) else module
+
+
+def _make_hook(unit_list: list[_Unit], buffers: dict[torch.device, DecodeBuffer]):
+    unique = list({u.name: u for u in unit_list}.values())
+
+    def hook(module, args):
+        for unit in unique:
+            buffers[unit.device].ensure(unit)
+
+    return hook
+
+
+def _device_for(name: str, device: torch.device, device_map) -> torch.device:
+    if not device_map:
+        return device
+    best, dev = -1, device
+    for prefix, d in device_map.items():
+        if (prefix == "" or name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
+            best, dev = len(prefix), torch.device(d)
+    return dev
+
+
+def _auto_device_map(units: Mapping[str, CompressedTensor]) -> dict[str, str]:
+    """Whole units across the visible GPUs, balanced by compressed size, in model order."""
+    n = torch.cuda.device_count()
+    if n == 0:
+        return {"": "cpu"}
+    total = sum(ct.nbytes for ct in units.values()) or 1
+    out, acc = {"": "cuda:0"}, 0
+    for name, ct in units.items():
+        out[name] = f"cuda:{min(n - 1, int(n * acc / total))}"
+        acc += ct.nbytes
+    return out
+
+
+def load_compressed(
+    source: str | os.PathLike,
+    device: str | torch.device | None = None,
+    device_map: str | Mapping[str, str | torch.device] | None = None,
+    cpu_offload: bool = False,
+    backend: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    model_class=None,
+    **kw,
+):
+    """Load a dfloat (or official DFloat11) checkpoint as a transformers model with bit-identical outputs.
+
+    Args:
+        source: a compressed folder or Hub id.
+        device: "cpu" or "cuda[:i]" (default: cuda if available, else cpu).
+        device_map: "auto" places whole units across the visible GPUs; or ``{module prefix: device}``.
+        cpu_offload: keep compressed units in pinned host memory and copy each to the GPU before decoding it.
+        backend: decoder ("cpu", "triton", "cuda"; default: the fastest for the device).
+        model_class: the transformers class to build (default: from config.json).
+        **kw: passed to the model's construction (e.g. ``attn_implementation="sdpa"``).
+    Returns:
+        The model in eval mode; ``generate()`` works as usual.
+    Example:
+        >>> model = dfloat.load_compressed("./llama-dfloat", device="cuda")
+    """
+    folder, _ = src.resolve_folder(source, revision=revision, token=token)
+    config = src.read_config(folder)
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
+                                                                          else "cpu")
+    if CONFIG_KEY not in config and "dfloat11_config" not in config:
+        raise ModelSourceError(f"{folder}: not a compressed model (config.json has no 'dfloat' or "
+                               "'dfloat11_config' section); load it with transformers directly")
+    model = _build_empty(folder, model_class, kw)
+    if CONFIG_KEY in config:
+        ckpt = CompressedCheckpoint.open(folder)
+        units, plain = {}, {}
+        for _, u, p in ckpt.iter_shards():
+            units.update(u)
+            plain.update(p)
+    else:
+        from dfloat.runtime.official import read_official
+
+        units, plain = read_official(folder, config, model)
+    if device_map == "auto":
+        device_map = _auto_device_map(units)
+    buffers = attach(model, units, plain, device, backend=backend, cpu_offload=cpu_offload, device_map=device_map)
+    log.info("loaded %s: %d coded units, decode buffer(s) %s", folder, sum(u.is_coded for u in units.values()),
+             {str(d): b.numel for d, b in buffers.items()})
+    return model
+
+
+def describe_unit_layout(folder: str | os.PathLike) -> dict:
+    """{unit: [member names]} of a compressed folder, read from its shard headers."""
+    out = {}
+    for path in CompressedCheckpoint.open(folder).shard_files:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            units = json.loads(f.metadata()["units"])
+        out.update({u: [m["name"] for m in meta["members"]] for u, meta in units.items()})
+    return out
+
