@@ -220,24 +220,21 @@ def _write(folder, tensors, plan, tmp, out_dir, origin, config, max_shard_bytes,
     file_order = {p: i for i, p in enumerate(dict.fromkeys(t.file for t in tensors))}
     order = sorted(plan, key=lambda u: max(file_order[by_name[n].file] for n in plan[u]))
     writer = ShardWriter(tmp, max_shard_bytes)
-    handles: dict[Path, object] = {}
-    last_use = {}
-    for i, unit in enumerate(order):
-        for n in plan[unit]:
-            last_use[by_name[n].file] = i
 
-    def read(name: str) -> torch.Tensor:
-        t = by_name[name]
-        if t.file not in handles:
-            handles[t.file] = safe_open(str(t.file), framework="pt")
-        return handles[t.file].get_tensor(name)
+    def read(names: list[str]) -> dict[str, torch.Tensor]:
+        """Copies of the named tensors; each source file is mapped only while it is read, so the resident
+        memory holds one unit, not the shards."""
+        out = {}
+        for path in dict.fromkeys(by_name[n].file for n in names):
+            with safe_open(str(path), framework="pt") as f:
+                out.update({n: f.get_tensor(n) for n in names if by_name[n].file == path})
+        return {n: out[n] for n in names}
 
-    for t in tensors:  # plain tensors first: small
-        if t.name not in in_unit:
-            writer.add_plain(t.name, read(t.name))
+    for t, v in read([t.name for t in tensors if t.name not in in_unit]).items():  # plain tensors: small
+        writer.add_plain(t, v)
     report = CompressionReport(str(out_dir), len(plan), 0, 0, 0, 0, 0.0)
     for i, unit in enumerate(order):
-        members = {n: read(n) for n in plan[unit]}
+        members = read(plan[unit])
         ct = compress_tensors(members, **options)
         del members
         writer.add_unit(unit, ct)
@@ -245,11 +242,8 @@ def _write(folder, tensors, plan, tmp, out_dir, origin, config, max_shard_bytes,
         report.weights += ct.numel
         report.original_bytes += ct.original_nbytes
         report.stored_bytes += ct.nbytes
-        for f in [f for f, last in last_use.items() if last == i and f in handles]:
-            del handles[f]  # unmap the source shard once nothing more is read from it
         if progress:
             progress(unit, i + 1, len(order), ct.numel)
-    handles.clear()
     index = writer.close({"format_version": FORMAT_VERSION, "weights": report.weights,
                           "original_bytes": report.original_bytes, "stored_bytes": report.stored_bytes})
     report.seconds = time.perf_counter() - t0

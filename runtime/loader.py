@@ -115,6 +115,8 @@ def _build_empty(folder: Path, model_class, kwargs: dict):
     cls = _model_class(config, model_class)
     with init_empty_weights(include_buffers=False):
         model = cls._from_config(config, dtype=torch.bfloat16, **kwargs)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # tied parameters must be one object before weights are attached
     model.eval()
     with contextlib.suppress(Exception):
         from transformers import GenerationConfig
