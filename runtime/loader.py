@@ -212,6 +212,7 @@ def attach(model: torch.nn.Module, units: Mapping[str, CompressedTensor], plain:
     for module, unit_list in hooked.values():
         module.register_forward_pre_hook(_make_hook(unit_list, buffers))
     model._dfloat_buffers = buffers
+    model._dfloat_units = {u.name: u.ct for _, units_of in hooked.values() for u in units_of}
     return buffers
 
 
@@ -312,6 +313,23 @@ def load_compressed(
     log.info("loaded %s: %d coded units, decode buffer(s) %s", folder, sum(u.is_coded for u in units.values()),
              {str(d): b.numel for d, b in buffers.items()})
     return model
+
+
+def weight_memory(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes held for weights: compressed units, plain (uncoded) tensors, and decode buffers."""
+    units = getattr(model, "_dfloat_units", {})
+    buffers = getattr(model, "_dfloat_buffers", {})
+    coded = sum(ct.nbytes for ct in units.values())
+    buffer_bytes = sum(2 * b.numel for b in buffers.values())
+    views = {b.tensor.data_ptr() for b in buffers.values() if b.tensor is not None}
+    plain, seen = 0, set()
+    for t in [*model.parameters(), *model.buffers()]:
+        if 0 in t.stride() or t.untyped_storage().data_ptr() in views or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        plain += t.numel() * t.element_size()
+    return {"compressed": coded, "plain": plain, "decode_buffers": buffer_bytes,
+            "total": coded + plain + buffer_bytes}
 
 
 def describe_unit_layout(folder: str | os.PathLike) -> dict:

@@ -1,0 +1,1 @@
+"""The `dfloat` command."""

@@ -1,0 +1,82 @@
+"""dfloat compress SOURCE: a checkpoint to a compressed folder, with progress and a summary."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+
+def default_out(source: str) -> Path:
+    return Path.cwd() / f"{Path(str(source).rstrip('/')).name}-dfloat"
+
+
+@click.command("compress")
+@click.argument("source")
+@click.option("-o", "--out", "out", type=click.Path(path_type=Path), help="Output folder [default: ./NAME-dfloat].")
+@click.option("--workers", type=int, default=None, help="Codec threads [default: all cores].")
+@click.option("--no-verify", is_flag=True, help="Skip decoding the result against the stored checksums.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
+@click.option("--push-to-hub", "push_to_hub", metavar="REPO", help="Upload the result to this Hub repo.")
+@click.option("--revision", default=None, help="Hub revision of SOURCE.")
+def command(source, out, workers, no_verify, overwrite, push_to_hub, revision):
+    """Compress a BF16 model (Hub id or local folder) losslessly."""
+    from tqdm.auto import tqdm
+
+    import dfloat
+
+    out = out or default_out(source)
+    bar = None
+
+    def progress(unit, done, total, weights):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="unit", desc="compress", leave=False)
+        bar.set_postfix_str(unit[-32:])
+        bar.update(1)
+
+    t0 = time.perf_counter()
+    try:
+        report = dfloat.compress_model(source, out, overwrite=overwrite, verify=not no_verify, workers=workers,
+                                       revision=revision, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t0
+    click.echo(f"compressed {source} -> {out}")
+    rows = [
+        ("weights", f"{report.weights:,} in {report.units} units ({report.coded_units} coded)"),
+        ("before", _size(report.original_bytes)),
+        ("after", f"{_size(report.stored_bytes)} ({100 * report.ratio:.2f}% of BF16, "
+                  f"{report.bits_per_weight:.2f} bits/weight)"),
+        ("time", f"{seconds:.1f} s ({report.weights / max(seconds, 1e-9) / 1e6:.0f} M weights/s)"),
+        ("verified", "no (--no-verify)" if no_verify else "yes: every unit decoded and matched its checksums"),
+    ]
+    for k, v in rows:
+        click.echo(f"  {k:<9} {v}")
+    if push_to_hub:
+        _push(out, push_to_hub)
+
+
+def _push(folder: Path, repo: str) -> None:
+    from dfloat.errors import ModelSourceError
+
+    try:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(repo, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo)
+    except Exception as e:  # noqa: BLE001 - any Hub failure is one message; the local result stays
+        raise ModelSourceError(f"could not push to {repo} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                               f"the compressed model is complete in {folder}") from None
+    click.echo(f"  pushed    https://huggingface.co/{repo}")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)

@@ -1,0 +1,28 @@
+"""dfloat verify PATH [--against ORIGINAL]: prove a compressed checkpoint is lossless."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("verify")
+@click.argument("path")
+@click.option("--against", metavar="ORIGINAL", default=None, help="Also compare with the original checkpoint.")
+@click.option("--backend", default=None, help="Decoder to check with (cpu, triton, cuda).")
+def command(path, against, backend):
+    """Decode every unit and check it against the stored checksums (exit 1 naming each bad tensor)."""
+    from dfloat.errors import ChecksumError
+    from dfloat.runtime.checkpoint import CompressedCheckpoint
+    from dfloat.runtime.compress import verify_checkpoint
+
+    ckpt = CompressedCheckpoint.open(path)
+    try:
+        verify_checkpoint(path, against=against, backend=backend)
+    except ChecksumError as e:
+        click.echo(f"FAILED {path}", err=True)
+        for line in str(e).splitlines()[1:]:
+            click.echo(f"  {line.strip()}", err=True)
+        raise SystemExit(1) from None
+    n = len(ckpt.index["weight_map"])
+    what = f"checksums and byte-for-byte against {against}" if against else "stored checksums"
+    click.echo(f"OK {path}: {n} units and tensors decoded; {what} match")
