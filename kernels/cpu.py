@@ -33,7 +33,8 @@ def _load32(enc, byte, n_enc):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def decode_blocks(enc, sm, gaps, positions, tables, window_bytes, windows_per_block, out, status):  # pragma: no cover
+def decode_blocks(enc, sm, gaps, positions, tables, window_bytes, windows_per_block, out, status,
+                  sign_mantissa_bits):  # pragma: no cover
     n = sm.size
     n_enc = enc.size
     n_gap = gaps.size
@@ -63,20 +64,33 @@ def decode_blocks(enc, sm, gaps, positions, tables, window_bytes, windows_per_bl
                 byte += 4
                 nbits += 32
             e = tables[(buf >> 56) & 0xFF]
-            depth = 1
-            while e < 0 and depth < 4:
-                e = tables[(-e) * 256 + ((buf >> (56 - 8 * depth)) & 0xFF)]
-                depth += 1
+            if e < 0:  # codes longer than 8 bits: rare
+                depth = 1
+                while e < 0 and depth < 4:
+                    e = tables[(-e) * 256 + ((buf >> (56 - 8 * depth)) & 0xFF)]
+                    depth += 1
             if e <= 0:
                 status[b] = 2
                 break
-            ln = e >> 8
-            s = np.int32(sm[i])
-            out[i] = np.int16(((s & 0x80) << 8) | ((e & 0xFF) << 7) | (s & 0x7F))
+            out[i] = sign_mantissa_bits[sm[i]] | (e & 0x7F80)
+            ln = e >> 16
             buf <<= ln
             nbits -= ln
         if byte * 8 - nbits > n_enc * 8:
             status[b] = 3
+
+
+# sign|mantissa byte -> its bits in place in the BF16 word
+SIGN_MANTISSA_BITS = np.array([((s & 0x80) << 8) | (s & 0x7F) for s in range(256)], np.uint16).view(np.int16)
+
+
+def cpu_tables(tables: np.ndarray) -> np.ndarray:
+    """The shared decode tables with leaves rewritten as ``(length << 16) | (exponent << 7)``: the exponent lands
+    in place in the BF16 word with one OR."""
+    t = tables.astype(np.int64).reshape(-1)
+    leaf = t > 0
+    t[leaf] = ((t[leaf] >> 8) << 16) | ((t[leaf] & 0xFF) << 7)
+    return np.ascontiguousarray(t, dtype=np.int32)
 
 
 def decode(ct, out: torch.Tensor) -> None:
@@ -84,14 +98,13 @@ def decode(ct, out: torch.Tensor) -> None:
 
     tables = ct._cache.get("cpu_tables")
     if tables is None:
-        tables = np.ascontiguousarray(decode_tables(ct).reshape(-1), dtype=np.int32)
-        ct._cache["cpu_tables"] = tables
+        tables = ct._cache["cpu_tables"] = cpu_tables(decode_tables(ct))
     if ct.numel == 0:
         return
     status = np.zeros(max(ct.n_blocks, 1), np.int8)
     decode_blocks(
         ct.encoded_exponent.numpy(), ct.sign_mantissa.numpy(), ct.gaps.numpy(), ct.output_positions.numpy(),
-        tables, ct.bytes_per_window, ct.windows_per_block, out.view(torch.int16).numpy(), status,
+        tables, ct.bytes_per_window, ct.windows_per_block, out.view(torch.int16).numpy(), status, SIGN_MANTISSA_BITS,
     )
     bad = np.flatnonzero(status)
     if bad.size:
