@@ -204,6 +204,8 @@ def attach(model: torch.nn.Module, units: Mapping[str, CompressedTensor], plain:
         owner = _owner(model, [m.name for m in ct.members])
         if owner is not None:
             hooked.setdefault(id(owner), [owner, []])[1].append(unit)
+            if device_map:  # blocks on different devices: bring their inputs along
+                owner.register_forward_pre_hook(_inputs_to(udev), with_kwargs=True)
 
     missing = [n for n in expected if n not in filled]
     if missing:
@@ -236,6 +238,22 @@ def _make_hook(unit_list: list[_Unit], buffers: dict[torch.device, DecodeBuffer]
     def hook(module, args):
         for unit in unique:
             buffers[unit.device].ensure(unit)
+
+    return hook
+
+
+def _inputs_to(device: torch.device):
+    def move(x):
+        if isinstance(x, torch.Tensor):
+            return x.to(device, non_blocking=True)
+        if isinstance(x, (list, tuple)):
+            return type(x)(move(v) for v in x)
+        if isinstance(x, dict):
+            return {k: move(v) for k, v in x.items()}
+        return x
+
+    def hook(module, args, kwargs):
+        return move(args), move(kwargs)
 
     return hook
 

@@ -138,3 +138,20 @@ def test_peak_memory_while_compressing_stays_near_one_unit(tmp_path):
     assert model_bytes > 100 * 2**20
     print(f"peak RSS growth {grew / 2**20:.1f} MiB for a {model_bytes / 2**20:.0f} MiB model")
     assert grew < bound, f"resident memory grew by {grew / 2**20:.0f} MiB (bound {bound / 2**20:.0f} MiB)"
+
+
+def test_device_map_and_offload_options_keep_outputs(tiny_llama, tmp_path):
+    folder, ref = tiny_llama
+    dfloat.compress_model(folder, tmp_path / "out")
+    for kw in ({"device_map": {"": "cpu", "model.layers.1": "cpu"}}, {"device_map": "auto"}, {"cpu_offload": True}):
+        model = dfloat.load_compressed(tmp_path / "out", device="cpu", **kw)
+        with torch.no_grad():
+            assert torch.equal(model(IDS).logits, ref(IDS).logits), kw
+
+
+def test_backend_by_name_errors_clearly(tiny_llama, tmp_path):
+    folder, _ = tiny_llama
+    dfloat.compress_model(folder, tmp_path / "out")
+    model = dfloat.load_compressed(tmp_path / "out", device="cpu", backend="cuda")
+    with pytest.raises(dfloat.BackendUnavailableError, match="needs a CUDA device"):
+        model(IDS)
