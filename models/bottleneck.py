@@ -115,7 +115,9 @@ class ProcessorAttention(nn.Module):
         def heads(t):
             return t.view(b, n, self.num_heads, hd).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)))
+        out = F.scaled_dot_product_attention(
+            heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        )
         return self.o_proj(out.transpose(1, 2).reshape(b, n, w))
 
 
@@ -175,7 +177,9 @@ class _ProcessorState:
 _STATE_ATTR = "_dfloat_cache_processor_state"
 
 
-def _select_earlier(keys: torch.Tensor, step_idx: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
+def _select_earlier(
+    keys: torch.Tensor, step_idx: torch.Tensor, candidates: torch.Tensor, k: int
+) -> torch.Tensor:
     """Top-k candidate slots by softmax attention mass from the step's keys (keys: (kv_heads, T, d))."""
     q = keys[:, step_idx].to(torch.float32)
     kk = keys[:, candidates].to(torch.float32)
@@ -255,7 +259,7 @@ class BottleneckedForCausalLM(DecoderForCausalLM):
             bounds.append(seq)
 
         hiddens, layer_hiddens = [], []
-        for s, e in zip(bounds[:-1], bounds[1:]):
+        for s, e in zip(bounds[:-1], bounds[1:], strict=True):
             out = self.model(
                 input_ids=input_ids[:, s:e],
                 attention_mask=attention_mask[:, : past + e] if attention_mask is not None else None,
@@ -273,7 +277,7 @@ class BottleneckedForCausalLM(DecoderForCausalLM):
         hidden = torch.cat(hiddens, dim=1)
         all_hidden = None
         if output_hidden_states:
-            all_hidden = tuple(torch.cat(parts, dim=1) for parts in zip(*layer_hiddens))
+            all_hidden = tuple(torch.cat(parts, dim=1) for parts in zip(*layer_hiddens, strict=True))
         out_cache = work_cache if use_cache else None
         return self._lm_output(hidden, out_cache, all_hidden, labels, logits_to_keep)
 
@@ -284,7 +288,9 @@ class BottleneckedForCausalLM(DecoderForCausalLM):
         cfg = self.config
         layers = cache.layers
         device = layers[0].keys.device
-        valid = None if padding_mask is None else padding_mask[row, :step_end].to(device=device, dtype=torch.bool)
+        valid = (
+            None if padding_mask is None else padding_mask[row, :step_end].to(device=device, dtype=torch.bool)
+        )
         step_idx = torch.arange(step_start, step_end, device=device)
         candidates = torch.arange(step_start, device=device)
         if valid is not None:
@@ -297,12 +303,17 @@ class BottleneckedForCausalLM(DecoderForCausalLM):
         index_sets, entries = [], []
         for layer in layers:
             keys, values = layer.keys[row], layer.values[row]  # (kv_heads, T, head_dim)
-            idx = step_idx if k == 0 else torch.cat([_select_earlier(keys, step_idx, candidates, k), step_idx])
+            idx = (
+                step_idx if k == 0 else torch.cat([_select_earlier(keys, step_idx, candidates, k), step_idx])
+            )
             index_sets.append(idx)
             n = idx.numel()
             entries.append(
                 torch.cat(
-                    [keys[:, idx].transpose(0, 1).reshape(n, -1), values[:, idx].transpose(0, 1).reshape(n, -1)],
+                    [
+                        keys[:, idx].transpose(0, 1).reshape(n, -1),
+                        values[:, idx].transpose(0, 1).reshape(n, -1),
+                    ],
                     dim=-1,
                 )
             )
@@ -310,12 +321,13 @@ class BottleneckedForCausalLM(DecoderForCausalLM):
         new = self.cache_processor(torch.stack(entries), layer_ids)
         kv_dim = kv_heads * head_dim
         position = step_end - 1
-        for li, (layer, idx) in enumerate(zip(layers, index_sets)):
+        for li, (layer, idx) in enumerate(zip(layers, index_sets, strict=True)):
             n = idx.numel()
             new_k = new[li, :, :kv_dim].reshape(n, kv_heads, head_dim).transpose(0, 1)
             new_v = new[li, :, kv_dim:].reshape(n, kv_heads, head_dim).transpose(0, 1)
             keys, values = layer.keys, layer.values
-            if torch.is_grad_enabled():  # out of place, so autograd keeps the tensors earlier chunks attended to
+            # Under autograd, write into a copy: earlier chunks' attention saved the old tensors for backward.
+            if torch.is_grad_enabled():
                 keys, values = keys.clone(), values.clone()
             keys[row, :, idx] = new_k.to(keys.dtype)
             values[row, :, idx] = new_v.to(values.dtype)

@@ -23,6 +23,7 @@ from .skeleton import (
     DecoderModel,
     causal_allowed,
     combine_padding,
+    full_attention_mask,
 )
 
 SLIDING_ATTENTION = "sliding_attention"
@@ -31,9 +32,7 @@ ATTENTION_SPANS = (FULL_ATTENTION, SLIDING_ATTENTION, BLOCK_ATTENTION)
 SPARSE_TYPES = {"sliding": SLIDING_ATTENTION, "block": BLOCK_ATTENTION}
 
 
-def span_allowed(
-    span: str, q_slots: torch.Tensor, kv_len: int, window: int, block_size: int
-) -> torch.Tensor:
+def span_allowed(span: str, q_slots: torch.Tensor, kv_len: int, window: int, block_size: int) -> torch.Tensor:
     """(q, kv) boolean mask for one attention span (see the module docstring for the rules)."""
     allowed = causal_allowed(q_slots, kv_len)
     k_slots = torch.arange(kv_len, device=q_slots.device)
@@ -71,7 +70,9 @@ class MASFormerConfig(DecoderConfig):
         **kwargs,
     ):
         if sparse_attention_type not in SPARSE_TYPES:
-            raise ValueError(f"sparse_attention_type={sparse_attention_type!r}: expected one of {list(SPARSE_TYPES)}")
+            raise ValueError(
+                f"sparse_attention_type={sparse_attention_type!r}: expected one of {list(SPARSE_TYPES)}"
+            )
         if attention_window < 1 or attention_block_size < 1:
             raise ValueError("attention_window and attention_block_size must be >= 1")
         self.num_full_attention_layers = num_full_attention_layers
@@ -107,8 +108,13 @@ class MASFormerModel(DecoderModel):
         masks = []
         for span in cfg.resolved_attention_spans():
             if span not in by_span:
-                allowed = span_allowed(span, q_slots, kv_len, cfg.attention_window, cfg.attention_block_size)
-                by_span[span] = combine_padding(allowed, padding_mask)
+                if span == FULL_ATTENTION:
+                    by_span[span] = full_attention_mask(q_slots, kv_len, padding_mask)
+                else:
+                    allowed = span_allowed(
+                        span, q_slots, kv_len, cfg.attention_window, cfg.attention_block_size
+                    )
+                    by_span[span] = combine_padding(allowed, padding_mask)
             masks.append(by_span[span])
         return masks
 

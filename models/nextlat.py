@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
-
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .skeleton import DecoderConfig, DecoderForCausalLM, DecoderModel, make_output, output_cache
@@ -181,13 +180,13 @@ class NextLatForCausalLM(DecoderForCausalLM):
 
         ``h_last`` (batch, d) is the latent of the position before ``token`` (batch,). Returns (batch, k).
         """
-        drafts = []
+        drafts = [token.new_empty(token.shape[0], 0)]
         z, tok = h_last, token
         for _ in range(draft_tokens):
             z = self.latent_head(z, self.model.embed_tokens(tok))
             tok = self.lm_head(z).argmax(-1)
-            drafts.append(tok)
-        return torch.stack(drafts, dim=1)
+            drafts.append(tok[:, None])
+        return torch.cat(drafts, dim=1)
 
     @torch.no_grad()
     def generate_speculative(
@@ -229,18 +228,19 @@ class NextLatForCausalLM(DecoderForCausalLM):
         cur = self.lm_head(h_last).argmax(-1)
         new = [int(cur)]
         while len(new) < max_new_tokens and new[-1] not in eos:
-            drafts = self.draft(h_last, cur, draft_tokens)
+            k = min(draft_tokens, max_new_tokens - len(new) - 1)  # no drafts past the last needed token
+            drafts = self.draft(h_last, cur, k)
             block = torch.cat([cur[:, None], drafts], dim=1)
             past = cache.get_seq_length()
             out = self.model(input_ids=block, cache=cache, use_cache=True)
             greedy = self.lm_head(out.last_hidden_state).argmax(-1)[0]
             match = (greedy[:-1] == drafts[0]).to(torch.int64)
             m = int(match.cumprod(0).sum())
-            stats.drafted += draft_tokens
+            stats.drafted += k
             stats.accepted += m
             stats.verify_steps += 1
-            if m < draft_tokens:
-                cache.crop(-(draft_tokens - m))
+            if m < k:
+                cache.crop(-(k - m))
             if cache.get_seq_length() != past + m + 1:
                 raise RuntimeError("cache length after verification does not match the accepted tokens")
             emitted = [int(t) for t in greedy[: m + 1]]
@@ -261,5 +261,7 @@ class NextLatForCausalLM(DecoderForCausalLM):
             stats.drafted,
             100.0 * stats.acceptance_rate,
         )
-        seq = torch.cat([input_ids, torch.tensor([new], dtype=input_ids.dtype, device=input_ids.device)], dim=1)
+        seq = torch.cat(
+            [input_ids, torch.tensor([new], dtype=input_ids.dtype, device=input_ids.device)], dim=1
+        )
         return (seq, stats) if return_stats else seq

@@ -6,7 +6,8 @@ The plug-in points are methods a subclass overrides:
 
 - ``DecoderModel.build_mlp(config, layer_idx)``: the feed-forward block of a layer (PolyCom).
 - ``DecoderModel.build_attention_masks(...)``: which keys each query may see, per layer (MASFormer).
-- ``DecoderForCausalLM.forward`` / extra heads: training losses and generation hooks (NextLat, Bottlenecked).
+- ``DecoderForCausalLM.build_extra_modules(config)``: modules beside the backbone (NextLat's head, the Cache
+  Processor), and overriding ``forward`` for their losses and cache rewrites.
 
 Attention is written here (torch SDPA or plain eager math), not taken from transformers' attention registry, so it
 is deterministic on CPU and behaves the same under every transformers 5.x release. Nothing derived from a weight is
@@ -19,7 +20,6 @@ so ``generate`` works under either.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import fields
 
 import torch
@@ -33,8 +33,6 @@ try:  # transformers >= 5: init functions that skip weights already loaded from 
     from transformers import initialization as _init
 except ImportError:  # pragma: no cover - older transformers
     _init = nn.init
-
-logger = logging.getLogger(__name__)
 
 FULL_ATTENTION = "full_attention"
 ATTENTION_BACKENDS = ("sdpa", "eager")
@@ -170,21 +168,48 @@ def combine_padding(allowed: torch.Tensor, padding_mask: torch.Tensor | None) ->
     return allowed
 
 
-def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, backend: str
-) -> torch.Tensor:
+# A layer's mask is one of: NO_MASK (every cached key is visible: single-token decode with full attention),
+# CAUSAL (plain causal over a sequence with no past, so SDPA can use its is_causal kernels), or an explicit
+# boolean (batch|1, 1, q, kv) tensor. ``prepare_mask`` turns the tensor into what the backend consumes.
+NO_MASK = None
+CAUSAL = "causal"
+
+
+def full_attention_mask(q_slots: torch.Tensor, kv_len: int, padding_mask: torch.Tensor | None):
+    """The mask of a full-attention layer, using the cheap forms when there is no padding."""
+    if padding_mask is None:
+        if q_slots.numel() == kv_len:
+            return CAUSAL
+        if q_slots.numel() == 1:
+            return NO_MASK
+    return combine_padding(causal_allowed(q_slots, kv_len), padding_mask)
+
+
+def prepare_mask(mask, backend: str, dtype: torch.dtype):
+    """Boolean mask -> additive bias for SDPA (the dtype's most negative finite value, not -inf, so a query
+    with no visible key, i.e. left padding, yields a finite average instead of NaN); sentinels pass through."""
+    if not isinstance(mask, torch.Tensor) or backend != "sdpa":
+        return mask
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    return bias.masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, backend: str) -> torch.Tensor:
     """Masked softmax attention over (batch, heads, seq, head_dim); k/v already expanded to all heads.
 
-    Masked scores get the dtype's most negative finite value rather than -inf, so a query with no visible key
-    (left padding) yields a finite average instead of NaN.
+    ``mask`` comes from ``prepare_mask``: NO_MASK, CAUSAL, an additive bias (sdpa) or a boolean tensor (eager).
     """
     scale = q.shape[-1] ** -0.5
     if backend == "sdpa":
-        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
-        bias = bias.masked_fill(~allowed, torch.finfo(q.dtype).min)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        if mask is CAUSAL:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     scores = torch.matmul(q, k.transpose(-1, -2)).to(torch.float32) * scale
-    scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+    if mask is CAUSAL:
+        n = q.shape[-2]
+        mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    if mask is not NO_MASK:
+        scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(probs, v)
 
@@ -206,7 +231,6 @@ class Attention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.rope_theta = config.rope_theta
         self.backend = config.attention_backend
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
@@ -219,7 +243,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        allowed: torch.Tensor,
+        mask,
         cache: DynamicCache | None,
     ) -> torch.Tensor:
         b, n, _ = x.shape
@@ -231,7 +255,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         n_rep = self.num_heads // self.num_kv_heads
-        out = attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), allowed, self.backend)
+        out = attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, self.backend)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
 
 
@@ -259,8 +283,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, allowed, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, allowed, cache)
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -289,6 +313,8 @@ class DecoderPreTrainedModel(PreTrainedModel):
                 _init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             _init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                _init.zeros_(module.weight[module.padding_idx])  # as Llama: the pad row starts at zero
         elif isinstance(module, RMSNorm):
             _init.ones_(module.weight)
         elif isinstance(module, nn.LayerNorm):
@@ -318,10 +344,12 @@ class DecoderModel(DecoderPreTrainedModel):
 
     def build_attention_masks(
         self, q_slots: torch.Tensor, kv_len: int, padding_mask: torch.Tensor | None
-    ) -> list[torch.Tensor]:
-        """One boolean (batch|1, 1, q, kv) mask per layer; the default is causal everywhere."""
-        allowed = combine_padding(causal_allowed(q_slots, kv_len), padding_mask)
-        return [allowed] * len(self.layers)
+    ) -> list:
+        """One mask per layer (NO_MASK, CAUSAL or a boolean (batch|1, 1, q, kv) tensor); default causal everywhere.
+
+        ``padding_mask`` is the 2-D attention mask, or None when it has no padding.
+        """
+        return [full_attention_mask(q_slots, kv_len, padding_mask)] * len(self.layers)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
@@ -356,15 +384,25 @@ class DecoderModel(DecoderPreTrainedModel):
         q_slots = torch.arange(past, past + seq, device=inputs_embeds.device)
         if position_ids is None:
             position_ids = q_slots[None].expand(batch, -1)
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError("attention_mask must be the 2-D (batch, past + seq) padding mask")
-        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
-        masks = self.build_attention_masks(q_slots, past + seq, attention_mask)
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError("attention_mask must be the 2-D (batch, past + seq) padding mask")
+            if bool(attention_mask.all()):  # generate() always passes one; all ones = no padding
+                attention_mask = None
+        cos, sin = rotary_cos_sin(
+            position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype
+        )
+        prepared = {}  # layers sharing a mask object share its conversion
+        masks = []
+        for mask in self.build_attention_masks(q_slots, past + seq, attention_mask):
+            if id(mask) not in prepared:
+                prepared[id(mask)] = prepare_mask(mask, self.config.attention_backend, inputs_embeds.dtype)
+            masks.append(prepared[id(mask)])
 
         h = inputs_embeds
         all_hidden = [h] if output_hidden_states else None
-        for layer, allowed in zip(self.layers, masks):
-            h = layer(h, cos, sin, allowed, cache)
+        for layer, mask in zip(self.layers, masks, strict=True):
+            h = layer(h, cos, sin, mask, cache)
             if all_hidden is not None:
                 all_hidden.append(h)
         h = self.norm(h)
@@ -445,10 +483,18 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
         )
-        return self._lm_output(out.last_hidden_state, output_cache(out), out.hidden_states, labels, logits_to_keep)
+        return self._lm_output(
+            out.last_hidden_state, output_cache(out), out.hidden_states, labels, logits_to_keep
+        )
 
     def _lm_output(
-        self, hidden, cache, all_hidden, labels, logits_to_keep, output_class: type[ModelOutput] = CausalLMOutputWithPast
+        self,
+        hidden,
+        cache,
+        all_hidden,
+        labels,
+        logits_to_keep,
+        output_class: type[ModelOutput] = CausalLMOutputWithPast,
     ) -> ModelOutput:
         """Logits and loss from final hidden states (the shared tail of every forward)."""
         if labels is not None:

@@ -153,6 +153,7 @@ def compress_model(
     bytes_per_window: int = DEFAULT_BYTES_PER_WINDOW,
     windows_per_block: int = DEFAULT_WINDOWS_PER_BLOCK,
     max_code_length: int = DEFAULT_MAX_CODE_LENGTH,
+    allow_raw: bool = True,
     progress: ProgressFn | None = None,
 ) -> CompressionReport:
     """Compress a BF16 checkpoint losslessly into ``out_dir``.
@@ -166,6 +167,8 @@ def compress_model(
         revision, token: for Hub ids.
         workers: threads for the codec (default: all cores).
         max_shard_bytes: size of output shards.
+        bytes_per_window, windows_per_block, max_code_length: stream parameters (docs/FORMAT.md).
+        allow_raw: store units raw when tiny or when coding would not shrink them (False codes every unit).
         progress: called after each unit as ``progress(unit, done, total, weights)``.
     Returns:
         A CompressionReport with sizes and timing.
@@ -195,7 +198,7 @@ def compress_model(
         try:
             report = _write(folder, tensors, plan, tmp, out_dir, origin, config, max_shard_bytes, progress,
                             dict(bytes_per_window=bytes_per_window, windows_per_block=windows_per_block,
-                                 max_code_length=max_code_length), t0)
+                                 max_code_length=max_code_length, allow_raw=allow_raw), t0)
             if verify:
                 verify_checkpoint(tmp)
             _replace_dir(tmp, out_dir)
@@ -251,7 +254,7 @@ def _write(folder, tensors, plan, tmp, out_dir, origin, config, max_shard_bytes,
         shutil.copy2(f, tmp / f.name)
     config = dict(config)
     config[CONFIG_KEY] = {
-        "format_version": FORMAT_VERSION, **options, "source": origin["source"], "revision": origin.get("revision"),
+        "format_version": FORMAT_VERSION, **{k: v for k, v in options.items() if k != "allow_raw"}, "source": origin["source"], "revision": origin.get("revision"),
         "units": report.units, "weights": report.weights, "original_bytes": report.original_bytes,
         "stored_bytes": report.stored_bytes, "shards": len(set(index["weight_map"].values())),
     }
