@@ -179,6 +179,7 @@ def decompress_tensor(
     device: torch.device | str | None = None,
     backend: str | None = None,
     out: torch.Tensor | None = None,
+    check: bool = False,
 ) -> torch.Tensor:
     """Decode a unit to BF16, bit-exact.
 
@@ -187,6 +188,8 @@ def decompress_tensor(
         device: where to decode (default: where the unit's arrays are). Arrays are moved there first.
         backend: "cpu", "triton" or "cuda"; None picks the fastest one available for the device.
         out: a caller's buffer (the unit's dtype, at least ``c.numel`` elements, on ``device``) to decode into.
+        check: on a GPU, wait for the kernel and raise CorruptStreamError on a corrupt stream (off by default so
+            decoding never synchronizes; the CPU decoder always checks).
     Returns:
         The member's tensor for a one-member unit, else the flat concatenation (see `CompressedTensor.split`).
     Raises:
@@ -205,7 +208,7 @@ def decompress_tensor(
                                  f"got {out.dtype}[{out.numel()}] on {out.device}")
     flat = out.reshape(-1)[: c.numel]
     if c.is_coded:
-        registry.decode_into(c, flat, backend)
+        registry.decode_into(c, flat, backend, check=check)
     else:
         flat.copy_(c.raw)
     return flat.view(c.shape) if len(c.members) == 1 else flat

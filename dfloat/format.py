@@ -157,10 +157,11 @@ class CompressedTensor:
     def _map_arrays(self, fn) -> CompressedTensor:
         names = (*_HUFFMAN_ARRAYS, "code", "raw")
         moved = {k: fn(getattr(self, k)) for k in names if getattr(self, k) is not None}
-        return replace(self, **moved, _cache={})
+        # Decode tables are cached under device-qualified keys, so copies on other devices share them.
+        return replace(self, **moved, _cache=self._cache)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> CompressedTensor:
-        """A copy whose arrays live on ``device`` (decode tables are rebuilt lazily per device)."""
+        """A copy whose arrays live on ``device`` (sharing the decode-table cache)."""
         return self._map_arrays(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> CompressedTensor:

@@ -93,7 +93,8 @@ def cpu_tables(tables: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(t, dtype=np.int32)
 
 
-def decode(ct, out: torch.Tensor) -> None:
+def decode(ct, out: torch.Tensor, check: bool = True) -> None:
+    """Decode into ``out``; corrupt blocks are always reported (checking costs nothing on the CPU)."""
     from dfloat.codec import decode_tables
 
     tables = ct._cache.get("cpu_tables")

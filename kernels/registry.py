@@ -77,7 +77,9 @@ def resolve(backend: str | Backend | None, device: torch.device | str) -> Backen
     return backend
 
 
-def decode_into(ct, out: torch.Tensor, backend: str | Backend | None = None) -> None:
-    """Decode coded unit ``ct`` into ``out`` (flat BF16, ``ct.numel`` elements, on ct's device)."""
+def decode_into(ct, out: torch.Tensor, backend: str | Backend | None = None, check: bool = False) -> None:
+    """Decode coded unit ``ct`` into ``out`` (flat BF16, ``ct.numel`` elements, on ct's device).
+
+    ``check`` makes GPU backends wait for the kernel and raise on a corrupt stream (the CPU always checks)."""
     chosen = resolve(backend, out.device)
-    importlib.import_module(_MODULES[chosen]).decode(ct, out)
+    importlib.import_module(_MODULES[chosen]).decode(ct, out, check=check)

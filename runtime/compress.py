@@ -288,6 +288,7 @@ def verify_checkpoint(folder: str | os.PathLike, against: str | os.PathLike | No
         original = {t.name: t for t in _scan(src.weight_files(afolder))}
     problems: list[str] = []
     seen: set[str] = set()
+    dev = "cuda" if backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
 
     def compare(name: str, got: torch.Tensor) -> None:
         seen.add(name)
@@ -307,7 +308,7 @@ def verify_checkpoint(folder: str | os.PathLike, against: str | os.PathLike | No
     for path, units, plain in ckpt.iter_shards():
         for uname, ct in units.items():
             try:
-                flat = decompress_tensor(ct, device="cpu", backend=backend).reshape(-1)
+                flat = decompress_tensor(ct, device=dev, backend=backend, check=True).reshape(-1).cpu()
                 for m in ct.members:
                     view = flat[m.offset : m.offset + m.numel]
                     if m.crc32 >= 0 and crc32_of(view) != m.crc32:

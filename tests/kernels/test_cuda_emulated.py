@@ -1,0 +1,205 @@
+"""The CUDA kernel's own source (kernels/cuda/decode.cu), run on the CPU: one std::thread per CUDA thread.
+
+tests/kernels/cuda_emu.cpp supplies threadIdx, __syncthreads, warp shuffles and shared memory, and the host side
+is the real one (cuda_decode.plan and cuda_decode.host_tables), so these tests check the kernel's logic, its
+launch plan and its bounds without a GPU. They need g++ with C++20 (<barrier>); without it they are skipped.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import dfloat
+from dfloat.kernels import cuda_decode
+from dfloat.reference import reference_decode
+from dfloat.testing import all_bf16_patterns, bits, fibonacci_exponents, weights_like, with_exponent_counts
+
+sys.path.insert(0, str(Path(__file__).parent))
+from kernel_cases import flip_bytes, staircase, with_positions  # noqa: E402
+
+HERE = Path(__file__).parent
+SOURCE = Path(cuda_decode.__file__).parent / "cuda" / "decode.cu"
+GUARD = 40  # elements each side of the output that must stay untouched
+FILL = 0x5A5A
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("g++ is not installed")
+    lib = tmp_path_factory.mktemp("cuda_emu") / "emu.so"
+    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", f'-DDECODE_CU="{SOURCE}"',
+           "-o", str(lib), str(HERE / "cuda_emu.cpp")]
+    if os.environ.get("DFLOAT_EMU_SANITIZE"):  # e.g. "address", with LD_PRELOAD=$(g++ -print-file-name=libasan.so)
+        cmd[1:1] = [f"-fsanitize={os.environ['DFLOAT_EMU_SANITIZE']}", "-g"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        if "barrier" in res.stderr and "No such file" in res.stderr:
+            pytest.skip("g++ without C++20 <barrier>")
+        raise AssertionError(f"building the emulator failed:\n{res.stderr[-4000:]}")
+    dll = ctypes.CDLL(str(lib))
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
+    dll.emu_launch.argtypes = [ctypes.c_char_p, i32, i32, i64, p, i64, p, p, i64, p, i32, p, i32, i32, p, p, p,
+                               i64, i32, i32, i32, i32, i32, p]
+    dll.emu_launch.restype = i32
+    return dll
+
+
+def emu_decode(emu, ct, *, offset: int = GUARD, smem_limit: int = cuda_decode.SMEM_DEFAULT):
+    """Decode with the emulated kernel into the middle of a guarded buffer; returns (words, status).
+
+    The launch plan and the argument list are cuda_decode's own (plan, host_tables, launch_args).
+    """
+    tables, msym, minfo = (torch.from_numpy(a.view(np.int32).reshape(-1)) for a in cuda_decode.host_tables(ct))
+    plan = cuda_decode.plan(ct.bytes_per_window, ct.windows_per_block, ct.n_blocks, tables.numel() // 256,
+                            smem_limit=smem_limit)
+    buf = torch.full((ct.numel + offset + GUARD,), FILL, dtype=torch.int16)
+    out = buf[offset:offset + ct.numel]
+    status = torch.tensor([0, 2**31 - 1], dtype=torch.int32)
+    if ct.numel and ct.n_blocks:
+        arrays = [t.reshape(-1).contiguous() for t in
+                  (ct.encoded_exponent, ct.sign_mantissa, ct.gaps, ct.output_positions)]
+        args = cuda_decode.launch_args(ct, plan, *arrays, tables, msym, minfo, out, status)
+        rc = emu.emu_launch(plan.kernel.encode(), plan.grid, plan.block, plan.smem, *(int(a) for a in args))
+        assert rc == 0
+    assert bool((buf[:offset] == FILL).all()) and bool((buf[offset + ct.numel:] == FILL).all()), \
+        "wrote outside out"
+    return out.clone(), status.numpy()
+
+
+def check_exact(emu, t, ct=None, **kw):
+    ct = ct if ct is not None else dfloat.compress_tensor(t, allow_raw=False, **kw)
+    for offset in (GUARD, GUARD + 3):  # 16-byte aligned output (wide stores) and misaligned (scalar stores)
+        words, status = emu_decode(emu, ct, offset=offset)
+        assert status[0] == 0, cuda_decode.explain(int(status[0]))
+        assert torch.equal(words, bits(t)), f"mismatch at offset {offset}"
+    return ct
+
+
+SMALL = dict(bytes_per_window=4, windows_per_block=4)
+
+
+@pytest.mark.parametrize("opts", [{}, dict(bytes_per_window=8, windows_per_block=512),
+                                  dict(bytes_per_window=4, windows_per_block=64),
+                                  dict(bytes_per_window=32, windows_per_block=40),
+                                  dict(bytes_per_window=5, windows_per_block=64)],
+                         ids=["ours-w32-t256", "official-w8-t512", "generic-w4-t64", "generic-w32-t40",
+                              "generic-odd-window"])
+def test_all_65536_patterns(emu, opts):
+    t = all_bf16_patterns()
+    ct = check_exact(emu, t, **opts)
+    assert torch.equal(bits(reference_decode(ct)), bits(t))
+
+
+@pytest.mark.parametrize("wpb", [2100, 2050])
+def test_more_windows_than_threads(emu, wpb):
+    t = weights_like(40_000, seed=5)
+    ct = check_exact(emu, t, bytes_per_window=4, windows_per_block=wpb)  # 3 windows per thread (the last: 1 or 3)
+    assert cuda_decode.plan(4, wpb, ct.n_blocks, 1).windows_per_thread == 3
+
+
+@pytest.mark.parametrize("limit", [9, 16])
+def test_length_limited_codes(emu, limit):
+    t = with_exponent_counts(fibonacci_exponents(20))  # unlimited depth 19
+    ct = check_exact(emu, t, max_code_length=limit, bytes_per_window=4, windows_per_block=32)
+    assert int(ct.code.max()) == limit
+
+
+@pytest.mark.parametrize("opts", [dict(bytes_per_window=4, windows_per_block=32), {},
+                                  dict(bytes_per_window=8, windows_per_block=512)])
+def test_32_bit_codes(emu, opts):
+    t, ct = staircase(**opts)
+    check_exact(emu, t, ct=ct)
+
+
+def test_deep_tables_from_global_memory(emu, monkeypatch):
+    monkeypatch.setattr(cuda_decode, "MAX_TABLES_IN_SMEM", 1)
+    t, ct = staircase(bytes_per_window=4, windows_per_block=32)
+    assert cuda_decode.host_tables(ct)[0].shape[0] > 1
+    check_exact(emu, t, ct=ct)
+
+
+def test_staging_in_rounds(emu):
+    # one symbol: 1-bit codes, 8 * 32 * 256 codes per block, far more than a 256-byte stage: many rounds
+    t = with_exponent_counts({127: 70_000, 126: 3}, seed=1)
+    ct = dfloat.compress_tensor(t, allow_raw=False)
+    tables = cuda_decode.host_tables(ct)[0]
+    full = cuda_decode.plan(32, 256, ct.n_blocks, tables.shape[0])
+    small = full.smem - full.stage_cap + cuda_decode.MIN_STAGE
+    for offset in (GUARD, GUARD + 5):
+        words, status = emu_decode(emu, ct, offset=offset, smem_limit=small)
+        assert status[0] == 0 and torch.equal(words, bits(t))
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 31, 32, 33, 127, 128, 129, 4095, 4097])
+def test_awkward_sizes(emu, n):
+    check_exact(emu, weights_like(n, seed=n), **SMALL)
+    check_exact(emu, weights_like(n, seed=n), bytes_per_window=8, windows_per_block=512)
+    check_exact(emu, weights_like(n, seed=n))
+
+
+def test_window_and_block_boundaries(emu):
+    # 4-byte windows of 1-bit codes hold 32 weights; 4 windows per block: 128
+    for n in (31, 32, 33, 127, 128, 129, 255, 257):
+        check_exact(emu, with_exponent_counts({120: n // 2, 121: n - n // 2}), **SMALL)
+
+
+def test_multi_member_unit(emu):
+    parts = {"a": weights_like(1000, 1).view(10, 100), "b": weights_like(37, 2), "c": weights_like(5000, 3)}
+    ct = dfloat.compress_tensors(parts, allow_raw=False, **SMALL)
+    flat = torch.cat([p.reshape(-1) for p in parts.values()])
+    check_exact(emu, flat, ct=ct)
+
+
+def test_official_unit(emu):
+    df11 = pytest.importorskip("dfloat.df11")
+    t = weights_like(30_000, seed=9)
+    ct = dfloat.compress_tensor(t, allow_raw=False)
+    arrays = df11.to_official_unit(ct)
+    off = df11.from_official_unit(arrays, [("w", tuple(t.shape))])
+    assert off.bytes_per_window == 8 and off.windows_per_block == 512
+    check_exact(emu, t, ct=off)
+
+
+def test_corrupt_streams_stay_inside_out(emu):
+    t = weights_like(20_000, seed=3)
+    ct = dfloat.compress_tensor(t, allow_raw=False, bytes_per_window=8, windows_per_block=16)
+    flagged = 0
+    for trial in range(12):
+        _, status = emu_decode(emu, flip_bytes(ct, 8, trial), offset=GUARD + trial % 2)  # guard checked inside
+        flagged += int(status[0] != 0)
+    assert flagged > 0
+    from dataclasses import replace
+
+    ones = replace(ct, encoded_exponent=torch.full_like(ct.encoded_exponent, 0xFF), _cache={})
+    emu_decode(emu, ones)
+    t, ct = staircase(bytes_per_window=4, windows_per_block=32)
+    for trial in range(4):
+        emu_decode(emu, flip_bytes(ct, 16, trial))
+
+
+def test_corrupt_positions_are_reported(emu):
+    t = weights_like(20_000, seed=4)
+    ct = dfloat.compress_tensor(t, allow_raw=False, bytes_per_window=8, windows_per_block=16)
+    pos = ct.output_positions.clone()
+    pos[3] += 5
+    _, status = emu_decode(emu, with_positions(ct, pos))
+    assert status[0] & cuda_decode.STATUS_BAD_COUNT and status[1] in (2, 3)
+    pos = ct.output_positions.clone()
+    pos[5] = 10**12
+    _, status = emu_decode(emu, with_positions(ct, pos))
+    assert status[0] & cuda_decode.STATUS_BAD_POSITIONS and status[1] == 4
+    pos = ct.output_positions.clone()
+    pos[2], pos[3] = pos[3].clone(), pos[2].clone()
+    _, status = emu_decode(emu, with_positions(ct, pos))
+    assert status[0] != 0 and status[1] <= 2
