@@ -83,11 +83,19 @@ else
   echo "== compute-sanitizer not found: skipped"
 fi
 
+if [ -z "${SKIP_E2E:-}" ]; then
+  echo "== end to end: BF16 vs dfloat generation (Llama-3.1-8B layer, Llama-3.2-1B shapes)"
+  timeout 300 "$PY" benchmarks/e2e.py --device cuda --tmp "${TMPDIR:-/tmp}" 2>&1 | grep -v "it/s" \
+    | tee "$OUT/e2e.log"
+  RC[e2e]=${PIPESTATUS[0]}
+  cp benchmarks/results/e2e_cuda.json "$OUT/" 2>/dev/null || true
+fi
+
 echo
 echo "== summary ($(( $(date +%s) - t0 )) s)"
 printf '%-12s %s\n' step "exit status"
 fail=0
-for k in tests benchmark memcheck racecheck; do
+for k in tests benchmark memcheck racecheck e2e; do
   [ -n "${RC[$k]+x}" ] || continue
   printf '%-12s %s\n' "$k" "${RC[$k]}"
   [ "${RC[$k]}" = 0 ] || fail=1
