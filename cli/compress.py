@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
@@ -28,19 +29,35 @@ def command(source, out, workers, no_verify, overwrite, push_to_hub, revision):
 
     out = out or default_out(source)
     bar = None
+    # Ctrl-C is honoured between units, so it never lands inside a native reader (which would turn it into
+    # another error); a second Ctrl-C stops at once. Either way nothing half-written is left behind.
+    interrupted: list[bool] = []
+
+    def on_sigint(signum, frame):
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted.append(True)
 
     def progress(unit, done, total, weights):
         nonlocal bar
+        if interrupted:
+            raise KeyboardInterrupt
         if bar is None:
             bar = tqdm(total=total, unit="unit", desc="compress", leave=False)
         bar.set_postfix_str(unit[-32:])
         bar.update(1)
 
     t0 = time.perf_counter()
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         report = dfloat.compress_model(source, out, overwrite=overwrite, verify=not no_verify, workers=workers,
                                        revision=revision, progress=progress)
+    except Exception:
+        if interrupted:
+            raise KeyboardInterrupt from None
+        raise
     finally:
+        signal.signal(signal.SIGINT, previous)
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t0

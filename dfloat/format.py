@@ -277,12 +277,20 @@ def check_structure(ct: CompressedTensor, where: str = "unit") -> None:
 # ---- files ---------------------------------------------------------------------------------------------------
 
 
+def default_mode(directory: bool = False) -> int:
+    """The permissions a plain open()/mkdir() would give under the current umask (temp files start private)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Write through ``write(tmp_path)`` then rename, so a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, default_mode())
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -17,6 +17,7 @@ import torch
 from dfloat.codec import compress_tensors
 from dfloat.errors import ChecksumError, ModelSourceError, OutputExistsError, UnsupportedDtypeError
 from dfloat.format import (
+    default_mode,
     DEFAULT_BYTES_PER_WINDOW,
     DEFAULT_MAX_CODE_LENGTH,
     DEFAULT_WINDOWS_PER_BLOCK,
@@ -195,6 +196,7 @@ def compress_model(
         plan = plan_units(((t.name, t.shape, t.dtype) for t in tensors), unit_of)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+        os.chmod(tmp, default_mode(directory=True))
         try:
             report = _write(folder, tensors, plan, tmp, out_dir, origin, config, max_shard_bytes, progress,
                             dict(bytes_per_window=bytes_per_window, windows_per_block=windows_per_block,
@@ -339,6 +341,7 @@ def decompress_model(source: str | os.PathLike, out_dir: str | os.PathLike, *, o
         raise OutputExistsError(f"{out_dir}: already exists (pass overwrite=True to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    os.chmod(tmp, default_mode(directory=True))
     try:
         written: list[tuple[Path, list[str], int]] = []
         pending: dict[str, torch.Tensor] = {}

@@ -14,7 +14,7 @@ Tokenizer
 
 Model
     A tiny Llama (``transformers.LlamaForCausalLM``), trained from scratch in
-    float32 with AdamW on one CPU thread for a fixed wall-clock budget (or a fixed
+    float32 with AdamW on one CPU thread for a fixed CPU-time budget (or a fixed
     number of steps), then cast to bfloat16 and saved with ``save_pretrained``
     (safetensors) together with the tokenizer and a generation config.
 
@@ -62,7 +62,7 @@ CORPUS_DEB_VERSION = "1.0.0-1"
 # sha256 of r-cran-janeaustenr_1.0.0-1_all.deb in Debian 12 (bookworm); informative only.
 CORPUS_DEB_SHA256 = "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95"
 # sha256 of the cleaned UTF-8 text produced by load_corpus(); this one is checked.
-CORPUS_TEXT_SHA256 = "SET_AFTER_FIRST_RUN"
+CORPUS_TEXT_SHA256 = "7e0d25b85a5e74ce6fbe852645ad7ea52fc8c04a6a5282b1f038e604c7819610"
 DATA_DIR = "usr/lib/R/site-library/janeaustenr/data/"
 # Publication order.
 NOVELS = ["sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion"]
@@ -74,7 +74,7 @@ class _RVec(list):
     attrs: dict = {}
 
     def named(self) -> dict:
-        return dict(zip(self.attrs.get("names", []), self))
+        return dict(zip(self.attrs.get("names", []), self, strict=True))
 
 
 class _RUnserializer:
@@ -89,7 +89,7 @@ class _RUnserializer:
         return v
 
     def _raw(self, n: int) -> bytes:
-        v = self.b[self.p:self.p + n]
+        v = self.b[self.p : self.p + n]
         self.p += n
         return v
 
@@ -129,11 +129,11 @@ class _RUnserializer:
             v = [self._item() for _ in range(self._i32())]
         elif t in (10, 13):  # LGLSXP, INTSXP
             n = self._i32()
-            v = list(struct.unpack_from(">%di" % n, self.b, self.p))
+            v = list(struct.unpack_from(f">{n}i", self.b, self.p))
             self.p += 4 * n
         elif t == 14:  # REALSXP
             n = self._i32()
-            v = list(struct.unpack_from(">%dd" % n, self.b, self.p))
+            v = list(struct.unpack_from(f">{n}d", self.b, self.p))
             self.p += 8 * n
         elif t == 238:  # ALTREP: class info, state, attributes
             self._item()
@@ -155,7 +155,7 @@ def read_r_lazyload_db(rdx: bytes, rdb: bytes) -> dict:
     index = _RUnserializer(rdx).read().named()
     out = {}
     for name, (off, ln) in index["variables"].named().items():
-        blob = rdb[int(off):int(off) + int(ln)]
+        blob = rdb[int(off) : int(off) + int(ln)]
         size = struct.unpack(">I", blob[:4])[0]
         kind = blob[4:5]
         if kind == b"Z":
@@ -178,13 +178,15 @@ def _deb_members(deb: bytes) -> dict:
         raise ValueError("not a .deb (ar) archive")
     p = 8
     while p + 60 <= len(deb):
-        name = deb[p:p + 16].decode().strip().rstrip("/")
-        size = int(deb[p + 48:p + 58].decode().strip())
-        body = deb[p + 60:p + 60 + size]
+        name = deb[p : p + 16].decode().strip().rstrip("/")
+        size = int(deb[p + 48 : p + 58].decode().strip())
+        body = deb[p + 60 : p + 60 + size]
         p += 60 + size + (size & 1)
         if name.startswith("data.tar"):
             with tarfile.open(fileobj=io.BytesIO(body), mode="r:*") as tar:
-                return {m.name.lstrip("./"): tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+                return {
+                    m.name.lstrip("./"): tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()
+                }
     raise ValueError("no data.tar in .deb")
 
 
@@ -270,7 +272,11 @@ def train_tokenizer(novels: list[str], vocab_size: int):
     paragraphs = [p for n in novels for p in n.split("\n")]
     tok.train_from_iterator(paragraphs, trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=PAD, model_max_length=512,
+        tokenizer_object=tok,
+        bos_token=EOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        model_max_length=512,
     )
 
 
@@ -327,10 +333,16 @@ def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> floa
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="/tmp/dfloat_demo_bf16", help="output folder (BF16 checkpoint + tokenizer)")
-    ap.add_argument("--deb", type=Path, help=f"a local {CORPUS_DEB}_{CORPUS_DEB_VERSION}_all.deb (else apt-get download)")
+    ap.add_argument(
+        "--out", default="/tmp/dfloat_demo_bf16", help="output folder (BF16 checkpoint + tokenizer)"
+    )
+    ap.add_argument(
+        "--deb", type=Path, help=f"a local {CORPUS_DEB}_{CORPUS_DEB_VERSION}_all.deb (else apt-get download)"
+    )
     ap.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "dfloat_demo_corpus")
-    ap.add_argument("--allow-corpus-mismatch", action="store_true", help="train even if the text sha256 differs")
+    ap.add_argument(
+        "--allow-corpus-mismatch", action="store_true", help="train even if the text sha256 differs"
+    )
     ap.add_argument("--arch", choices=["llama", "polycom"], default="llama")
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--hidden", type=int, default=256)
@@ -346,9 +358,22 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=40)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--clip", type=float, default=1.0)
-    ap.add_argument("--budget-min", type=float, default=20.0, help="wall-clock budget in minutes (0: use --steps)")
+    ap.add_argument(
+        "--budget-min",
+        type=float,
+        default=20.0,
+        help="training budget in minutes of CPU time of this process (on 1 thread of an idle "
+        "machine that is wall time; CPU time keeps it fair on a shared one); 0: use --steps",
+    )
     ap.add_argument("--steps", type=int, default=0, help="fixed step count (overrides the budget's estimate)")
-    ap.add_argument("--calib-steps", type=int, default=12, help="steps timed to turn the budget into a step count")
+    ap.add_argument(
+        "--calib-steps",
+        type=int,
+        default=12,
+        choices=range(1, 1000),
+        metavar="N",
+        help="steps timed before the budget is first turned into a step count",
+    )
     ap.add_argument("--val-frac", type=float, default=0.02)
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--eval-every", type=int, default=200)
@@ -365,13 +390,15 @@ def main(argv=None) -> int:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    t_start = time.time()
 
     # corpus
     deb_path = args.deb or fetch_deb(args.cache_dir)
     novels, corpus_info = load_corpus(deb_path)
-    print(f"corpus: {corpus_info['package']}  {corpus_info['text_chars']:,} chars  sha256={corpus_info['text_sha256']}", flush=True)
-    if CORPUS_TEXT_SHA256 != "SET_AFTER_FIRST_RUN" and corpus_info["text_sha256"] != CORPUS_TEXT_SHA256:
+    print(
+        f"corpus: {corpus_info['package']}  {corpus_info['text_chars']:,} chars  sha256={corpus_info['text_sha256']}",
+        flush=True,
+    )
+    if corpus_info["text_sha256"] != CORPUS_TEXT_SHA256:
         msg = f"corpus text sha256 {corpus_info['text_sha256']} != expected {CORPUS_TEXT_SHA256}"
         if not args.allow_corpus_mismatch:
             sys.exit(msg + " (pass --allow-corpus-mismatch to go on)")
@@ -382,24 +409,32 @@ def main(argv=None) -> int:
     eos_id, pad_id = tokenizer.convert_tokens_to_ids(EOS), tokenizer.convert_tokens_to_ids(PAD)
     ids = []
     for n in novels:
-        ids.extend(tokenizer(n)["input_ids"])
+        ids.extend(tokenizer.backend_tokenizer.encode(n).ids)
         ids.append(eos_id)
     data = torch.tensor(ids, dtype=torch.long)
     n_val = int(len(data) * args.val_frac)
     train_data, val_data = data[:-n_val], data[-n_val:]
-    print(f"tokenizer: byte-level BPE vocab={len(tokenizer)}  tokens={len(data):,} "
-          f"({corpus_info['text_chars'] / len(data):.2f} chars/token)  train={len(train_data):,} val={len(val_data):,}", flush=True)
+    print(
+        f"tokenizer: byte-level BPE vocab={len(tokenizer)}  tokens={len(data):,} "
+        f"({corpus_info['text_chars'] / len(data):.2f} chars/token)  train={len(train_data):,} val={len(val_data):,}",
+        flush=True,
+    )
 
     # model
     model = build_model(args, len(tokenizer), eos_id, eos_id, pad_id)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {args.arch} {n_params:,} params  hidden={args.hidden} layers={args.layers} "
-          f"heads={args.heads}/{args.kv_heads} ffn={args.ffn}", flush=True)
+    print(
+        f"model: {args.arch} {n_params:,} params  hidden={args.hidden} layers={args.layers} "
+        f"heads={args.heads}/{args.kv_heads} ffn={args.ffn}",
+        flush=True,
+    )
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
     )
     T, B, V = args.ctx, args.batch, len(tokenizer)
     gen = torch.Generator().manual_seed(args.seed)
@@ -409,10 +444,10 @@ def main(argv=None) -> int:
         while True:
             off = int(torch.randint(0, T, (1,), generator=gen))
             n = (len(train_data) - off - 1) // (T + 1)
-            chunks = train_data[off:off + n * (T + 1)].view(n, T + 1)
+            chunks = train_data[off : off + n * (T + 1)].view(n, T + 1)
             perm = torch.randperm(n, generator=gen)
             for i in range(0, n - B + 1, B):
-                yield chunks[perm[i:i + B]]
+                yield chunks[perm[i : i + B]]
 
     val_chunks = val_data[: (len(val_data) // (T + 1)) * (T + 1)].view(-1, T + 1)
 
@@ -421,9 +456,11 @@ def main(argv=None) -> int:
         m.eval()
         tot, cnt = 0.0, 0
         for i in range(0, len(val_chunks), 16):
-            x = val_chunks[i:i + 16]
+            x = val_chunks[i : i + 16]
             logits = m(input_ids=x[:, :-1]).logits.float()
-            tot += torch.nn.functional.cross_entropy(logits.reshape(-1, V), x[:, 1:].reshape(-1), reduction="sum").item()
+            tot += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, V), x[:, 1:].reshape(-1), reduction="sum"
+            ).item()
             cnt += x[:, 1:].numel()
         m.train()
         return tot / cnt
@@ -432,12 +469,16 @@ def main(argv=None) -> int:
     total = args.steps or 10**9
     it = batches()
     model.train()
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     run_loss, run_n, step, log = 0.0, 0, 0, []
-    eval_time = 0.0
     while step < total:
-        lr = lr_at(step, total if total < 10**9 else max(1000, args.warmup * 10), args.warmup, args.lr,
-                   args.lr * args.min_lr_ratio)
+        lr = lr_at(
+            step,
+            total if total < 10**9 else max(1000, args.warmup * 10),
+            args.warmup,
+            args.lr,
+            args.lr * args.min_lr_ratio,
+        )
         for g in opt.param_groups:
             g["lr"] = lr
         x = next(it)
@@ -452,32 +493,54 @@ def main(argv=None) -> int:
         run_loss += loss.item()
         run_n += 1
         elapsed = time.time() - t0
-        if not args.steps and step == 1 + args.calib_steps:
-            # turn the wall budget into a fixed step count (time of steps 2..calib+1, plus 3% for evals)
-            per_step = (elapsed - first_step_s) / args.calib_steps * 1.03
-            total = max(step + 1, int((budget_s - (time.time() - t_start)) / per_step) + step)
-            print(f"budget {args.budget_min:g} min -> {total} steps ({per_step:.2f} s/step)", flush=True)
+        cpu = time.process_time() - c0
         if step == 1:
-            first_step_s = elapsed
+            cpu_first = cpu
+        if (
+            not args.steps
+            and step > args.calib_steps
+            and (step == args.calib_steps + 1 or step % args.log_every == 0)
+        ):
+            # turn the CPU budget into a step count, re-estimated as the run goes (evals included)
+            per_step = (cpu - cpu_first) / (step - 1)
+            new_total = max(step, step + int((budget_s - cpu) / per_step))
+            if total == 10**9:
+                print(
+                    f"budget {args.budget_min:g} CPU min -> ~{new_total} steps ({per_step:.2f} CPU s/step)",
+                    flush=True,
+                )
+            total = new_total
         if step % args.log_every == 0 or step == total:
-            tps = step * B * T / elapsed
-            print(f"step {step:5d}/{total if total < 10**9 else '?'}  loss {run_loss / run_n:.4f}  lr {lr:.2e}  "
-                  f"{tps:.0f} tok/s  {elapsed / 60:.1f} min", flush=True)
-            log.append({"step": step, "loss": round(run_loss / run_n, 4), "lr": lr, "min": round(elapsed / 60, 2)})
+            print(
+                f"step {step:5d}/{total if total < 10**9 else '?'}  loss {run_loss / run_n:.4f}  lr {lr:.2e}  "
+                f"{step * B * T / cpu:.0f} tok/CPU-s  {cpu / 60:.1f} CPU min  {elapsed / 60:.1f} wall min",
+                flush=True,
+            )
+            log.append(
+                {
+                    "step": step,
+                    "loss": round(run_loss / run_n, 4),
+                    "lr": lr,
+                    "cpu_min": round(cpu / 60, 2),
+                    "wall_min": round(elapsed / 60, 2),
+                }
+            )
             run_loss, run_n = 0.0, 0
         if step % args.eval_every == 0 and step < total:
-            te = time.time()
             vl = evaluate(model)
-            eval_time += time.time() - te
             print(f"  val loss {vl:.4f}  (ppl {math.exp(vl):.1f})", flush=True)
             log.append({"step": step, "val_loss": round(vl, 4)})
-        if not args.steps and time.time() - t_start > budget_s * 1.10:
-            print(f"stopping at step {step}: over the wall budget", flush=True)
+        if not args.steps and cpu > budget_s * 1.05:
+            print(f"stopping at step {step}: over the CPU budget", flush=True)
             break
     train_min = (time.time() - t0) / 60
+    train_cpu_min = (time.process_time() - c0) / 60
     val_fp32 = evaluate(model)
     final_train = next((e["loss"] for e in reversed(log) if "loss" in e), float("nan"))
-    print(f"done: {step} steps in {train_min:.1f} min  train loss {final_train:.4f}  val loss fp32 {val_fp32:.4f}", flush=True)
+    print(
+        f"done: {step} steps in {train_cpu_min:.1f} CPU min ({train_min:.1f} wall min)  train loss {final_train:.4f}  val loss fp32 {val_fp32:.4f}",
+        flush=True,
+    )
 
     # save in BF16
     model = model.to(torch.bfloat16)
@@ -486,8 +549,15 @@ def main(argv=None) -> int:
     from transformers import GenerationConfig
 
     model.generation_config = GenerationConfig(
-        do_sample=True, temperature=0.8, top_p=0.9, top_k=50, repetition_penalty=1.1,
-        max_new_tokens=60, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+        do_sample=True,
+        temperature=0.8,
+        top_p=0.9,
+        top_k=50,
+        repetition_penalty=1.1,
+        max_new_tokens=60,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -496,22 +566,31 @@ def main(argv=None) -> int:
     weights = out / "model.safetensors"
     info = {
         "corpus": corpus_info,
-        "tokenizer": {"type": "byte-level BPE (tokenizers)", "vocab_size": len(tokenizer), "tokens": len(data),
-                      "train_tokens": len(train_data), "val_tokens": len(val_data)},
+        "tokenizer": {
+            "type": "byte-level BPE (tokenizers)",
+            "vocab_size": len(tokenizer),
+            "tokens": len(data),
+            "train_tokens": len(train_data),
+            "val_tokens": len(val_data),
+        },
         "arch": args.arch,
         "params": n_params,
         "bf16_weights_bytes": weights.stat().st_size if weights.exists() else None,
         "steps": step,
         "tokens_seen": step * B * T,
-        "train_minutes": round(train_min, 2),
+        "train_cpu_minutes": round(train_cpu_min, 2),
+        "train_wall_minutes": round(train_min, 2),
         "final_train_loss": final_train,
         "val_loss_fp32": round(val_fp32, 4),
         "val_loss_bf16": round(val_bf16, 4),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "exact_retrain": f"python scripts/train_demo_model.py --out {args.out} --steps {step} --budget-min 0",
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": __import__("transformers").__version__,
-                     "tokenizers": __import__("tokenizers").__version__},
+        "fixed_step_retrain": f"python scripts/train_demo_model.py --out {args.out} --steps {step} --budget-min 0",
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "tokenizers": __import__("tokenizers").__version__,
+        },
         "log": log,
     }
     (out / "training_info.json").write_text(json.dumps(info, indent=1) + "\n")
@@ -523,12 +602,19 @@ def main(argv=None) -> int:
         torch.manual_seed(args.seed)
         ts = time.time()
         with torch.no_grad():
-            gen_ids = model.generate(**enc, do_sample=do_sample, max_new_tokens=60,
-                                     **({} if do_sample else {"temperature": None, "top_p": None, "top_k": None}))
+            gen_ids = model.generate(
+                **enc,
+                do_sample=do_sample,
+                max_new_tokens=60,
+                **({} if do_sample else {"temperature": None, "top_p": None, "top_k": None}),
+            )
         dt = time.time() - ts
         n_new = gen_ids.shape[1] - enc["input_ids"].shape[1]
-        print(f"--- {'sampled' if do_sample else 'greedy'} ({n_new} tokens, {dt:.2f} s):\n"
-              f"{tokenizer.decode(gen_ids[0], skip_special_tokens=True)}\n", flush=True)
+        print(
+            f"--- {'sampled' if do_sample else 'greedy'} ({n_new} tokens, {dt:.2f} s):\n"
+            f"{tokenizer.decode(gen_ids[0], skip_special_tokens=True)}\n",
+            flush=True,
+        )
     print(f"saved to {out}: {sorted(p.name for p in out.iterdir())}", flush=True)
     return 0
 

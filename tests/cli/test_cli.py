@@ -167,7 +167,7 @@ def test_ctrl_c_during_compress_leaves_nothing_and_a_rerun_works(tmp_path):
     _, err = proc.communicate(timeout=120)
     if proc.returncode == 0:
         pytest.skip("compression finished before the interrupt arrived")
-    assert proc.returncode == 130 and "interrupted" in err
+    assert proc.returncode == 130 and "interrupted" in err, err
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
     assert dfloat_cmd("compress", src, "-o", out).returncode == 0 and (out / "config.json").is_file()
 
