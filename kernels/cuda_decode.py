@@ -20,7 +20,8 @@ from importlib import resources
 import numpy as np
 import torch
 
-from dfloat.errors import BackendUnavailableError, CorruptStreamError
+from dfloat.errors import BackendUnavailableError
+from dfloat.kernels.gpu_common import launch_arrays, new_status, raise_if_flagged, wants_check
 
 SOURCE = "cuda/decode.cu"
 NVRTC_OPTIONS = ("-std=c++17",)  # CuPy adds -arch for the current device
@@ -32,7 +33,6 @@ MIN_STAGE = 256
 SPECIALISED = {(32, 256): "dfloat_decode_w32_t256", (8, 512): "dfloat_decode_w8_t512"}
 GENERIC = "dfloat_decode_any"
 STATUS_BAD_POSITIONS, STATUS_BAD_CODE, STATUS_BAD_COUNT = 1, 2, 4
-_INT32_MAX = 2**31 - 1
 
 _MODULES: dict[tuple, object] = {}
 _FUNCTIONS: dict[tuple, object] = {}
@@ -239,16 +239,11 @@ def decode(ct, out: torch.Tensor, check: bool = False) -> None:
     device = out.device
     if device.type != "cuda":
         raise BackendUnavailableError(f"the cuda backend decodes into CUDA tensors only, not {device}")
-    if out.dtype != torch.bfloat16 or not out.is_contiguous() or out.numel() < ct.numel:
-        raise ValueError(f"out must be a contiguous bfloat16 tensor of >= {ct.numel} elements, "
-                         f"got {out.dtype}[{out.numel()}]")
-    if ct.numel == 0 or ct.n_blocks == 0:
+    prepared = launch_arrays(ct, out)
+    if prepared is None:
         return
-    arrays = [ct.encoded_exponent, ct.sign_mantissa, ct.gaps, ct.output_positions]
-    if any(t.device != device for t in arrays):
-        raise ValueError(f"the unit's arrays must be on {device} (use ct.to(device))")
-    enc, sm, gaps, positions = (t.reshape(-1).contiguous() for t in arrays)
-    check = check or os.environ.get("DFLOAT_CHECK") == "1"
+    enc, sm, gaps, positions = prepared
+    check = wants_check(check)
     cupy = _cupy()
     with torch.cuda.device(device):
         tables, msym, minfo = _device_tables(ct, device)
@@ -257,15 +252,10 @@ def decode(ct, out: torch.Tensor, check: bool = False) -> None:
         fn = _function(device.index, p.kernel)
         if p.smem > SMEM_DEFAULT:
             fn.max_dynamic_shared_size_bytes = p.smem
-        status = (torch.tensor([0, _INT32_MAX], dtype=torch.int32, device=device) if check
-                  else _scratch_status(device))
+        status = new_status(device) if check else _scratch_status(device)
         args = launch_args(ct, p, enc, sm, gaps, positions, tables, msym, minfo, out, status)
         with cupy.cuda.Device(device.index), _stream(cupy, torch.cuda.current_stream(device).cuda_stream,
                                                          device.index):
             fn((p.grid,), (p.block,), args, shared_mem=p.smem)
         if check:
-            flags, block = status.tolist()
-            if flags:
-                raise CorruptStreamError(
-                    f"unit {ct.members[0].name if ct.members else '?'}: block {block} of {ct.n_blocks} is corrupt: "
-                    f"{explain(flags)} (cuda decoder)")
+            raise_if_flagged(ct, status, explain, "cuda")

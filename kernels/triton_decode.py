@@ -26,7 +26,8 @@ import os
 
 import torch
 
-from dfloat.errors import BackendUnavailableError, CorruptStreamError
+from dfloat.errors import BackendUnavailableError
+from dfloat.kernels.gpu_common import launch_arrays, new_status, raise_if_flagged, wants_check
 
 try:
     import triton
@@ -38,7 +39,6 @@ except ImportError as _e:  # the registry only picks this backend when triton is
 STATUS_BAD_POSITIONS, STATUS_BAD_CODE, STATUS_BAD_COUNT = 1, 2, 4
 MAX_LANES = 1024
 UNROLL = 2  # decode steps between two checks of "is any lane still busy" (a block-wide reduction)
-_INT32_MAX = 2**31 - 1
 
 _KERNELS: dict[bool, object] = {}
 
@@ -218,21 +218,15 @@ def decode(ct, out: torch.Tensor, check: bool = False) -> None:
     from dfloat.kernels.cuda_decode import _device_tables, _scratch_status, explain
 
     device = out.device
-    if out.dtype != torch.bfloat16 or not out.is_contiguous() or out.numel() < ct.numel:
-        raise ValueError(f"out must be a contiguous bfloat16 tensor of >= {ct.numel} elements, "
-                         f"got {out.dtype}[{out.numel()}]")
-    if ct.numel == 0 or ct.n_blocks == 0:
+    prepared = launch_arrays(ct, out)
+    if prepared is None:
         return
-    arrays = [ct.encoded_exponent, ct.sign_mantissa, ct.gaps, ct.output_positions]
-    if any(t.device != device for t in arrays):
-        raise ValueError(f"the unit's arrays must be on {device} (use ct.to(device))")
-    enc, sm, gaps, positions = (t.reshape(-1).contiguous() for t in arrays)
-    check = check or os.environ.get("DFLOAT_CHECK") == "1"
+    enc, sm, gaps, positions = prepared
+    check = wants_check(check)
     kernel = _kernel()
     tables, msym, minfo = _device_tables(ct, device)
     wpt, _, lanes = _lanes(ct.windows_per_block)
-    status = (torch.tensor([0, _INT32_MAX], dtype=torch.int32, device=device) if check
-              else _scratch_status(device))
+    status = new_status(device) if check else _scratch_status(device)
     num_warps = min(16, max(1, lanes // 32))
     ctx = torch.cuda.device(device) if device.type == "cuda" else _null()
     with ctx:
@@ -242,11 +236,7 @@ def decode(ct, out: torch.Tensor, check: bool = False) -> None:
             LANES=lanes, UNROLL=UNROLL, num_warps=num_warps,
         )
     if check:
-        flags, block = status.tolist()
-        if flags:
-            raise CorruptStreamError(
-                f"unit {ct.members[0].name if ct.members else '?'}: block {block} of {ct.n_blocks} is corrupt: "
-                f"{explain(flags)} (triton decoder)")
+        raise_if_flagged(ct, status, explain, "triton")
 
 
 class _null:
