@@ -85,8 +85,7 @@ def command(model, prompt, max_new_tokens, temperature, top_p, seed, device, cha
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = lm.generate(ids, streamer=_Streamer(tok, skip_prompt=True), **gen)
-    elapsed = time.perf_counter() - t0
-    click.echo("")
+    elapsed = time.perf_counter() - t0  # the streamer ends the text with a newline
     if stats:
         _print_stats(lm, out.shape[1] - ids.shape[1], elapsed, (first[0] - t0) if first else elapsed, t_load,
                      device, compressed)

@@ -45,10 +45,11 @@ def command(path, as_json):
     if as_json:
         click.echo(json.dumps({"units": rows, "total": total}, indent=2))
         return
-    cols = [("unit", 28), ("mode", 7), ("weights", 12), ("bits/w", 7), ("bound", 7), ("% BF16", 7), ("longest", 7)]
+    width = max([4, *(len(r["unit"]) for r in rows)])
+    cols = [("unit", width), ("mode", 7), ("weights", 12), ("bits/w", 7), ("bound", 7), ("% BF16", 7), ("longest", 7)]
     click.echo("  ".join(f"{c:<{w}}" if c == "unit" else f"{c:>{w}}" for c, w in cols))
     for r in rows:
-        vals = [r["unit"][-28:], r["mode"], f"{r['weights']:,}", r.get("bits_per_weight", "-"),
+        vals = [r["unit"], r["mode"], f"{r['weights']:,}", r.get("bits_per_weight", "-"),
                 r.get("bound_bits_per_weight", "-"), r["pct_of_bf16"], r.get("longest_code") or "-"]
         click.echo("  ".join(f"{str(v):<{w}}" if i == 0 else f"{str(v):>{w}}" for i, (v, (_, w)) in
                              enumerate(zip(vals, cols))))
