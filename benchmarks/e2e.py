@@ -47,7 +47,7 @@ def fill_like_trained(model: torch.nn.Module, seed: int = 0) -> None:
     table = exponent_sampler()
     rng = np.random.default_rng(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim < 2:
                 p.fill_(1.0)
                 continue

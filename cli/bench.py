@@ -35,7 +35,7 @@ def decode_rows(units, repeats: int) -> list[dict]:
         out = torch.empty(max(u.numel for u in on_dev), dtype=torch.bfloat16, device=dev)
         sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
         for backend in available_backends(dev):
-            def run(b=backend.value):
+            def run(b=backend.value, on_dev=on_dev, out=out):
                 for u in on_dev:
                     dfloat.decompress_tensor(u, out=out, backend=b)
 

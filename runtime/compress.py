@@ -17,11 +17,11 @@ import torch
 from dfloat.codec import compress_tensors
 from dfloat.errors import ChecksumError, ModelSourceError, OutputExistsError, UnsupportedDtypeError
 from dfloat.format import (
-    default_mode,
     DEFAULT_BYTES_PER_WINDOW,
     DEFAULT_MAX_CODE_LENGTH,
     DEFAULT_WINDOWS_PER_BLOCK,
     FORMAT_VERSION,
+    default_mode,
 )
 from dfloat.runtime import source as src
 from dfloat.runtime.checkpoint import (

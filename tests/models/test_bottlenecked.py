@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+from transformers import DynamicCache
+
 from dfloat.models import RewriteEvent
 from dfloat.models.testing import prompt, tiny_model
-from transformers import DynamicCache
 
 # With the tiny seed-0 model, greedy decoding of prompt(seed=0) emits token 55 several times: it is the trigger.
 TRIGGER = 55

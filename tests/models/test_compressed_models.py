@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dfloat.models.testing import ARCHS, prompt, tiny_model
 from transformers import AutoModelForCausalLM
 
 import dfloat
+from dfloat.models.testing import ARCHS, prompt, tiny_model
 from dfloat.runtime.loader import describe_unit_layout
 
 

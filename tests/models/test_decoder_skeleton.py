@@ -5,14 +5,15 @@ from __future__ import annotations
 import dataclasses
 import re
 
-import dfloat.models as dm
 import pytest
 import torch
-from dfloat.models.skeleton import CACHE_FIELD, RMSNorm, rotary_cos_sin
-from dfloat.models.testing import ARCHS, prompt, tiny_config, tiny_model
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+import dfloat.models as dm
+from dfloat.models.skeleton import CACHE_FIELD, RMSNorm, rotary_cos_sin
+from dfloat.models.testing import ARCHS, prompt, tiny_config, tiny_model
 
 LAYER_PARAM = re.compile(
     r"model\.layers\.\d+\.("

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import DynamicCache
+
 from dfloat.models import MASFormerConfig
 from dfloat.models.masformer import span_allowed
 from dfloat.models.testing import prompt, tiny_config, tiny_model
-from transformers import DynamicCache
 
 FULL, SLIDING, BLOCK = "full_attention", "sliding_attention", "block_attention"
 

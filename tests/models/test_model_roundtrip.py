@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import dfloat.models as dm
 import pytest
 import torch
-from dfloat.models.testing import ARCHS, prompt, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
+
+import dfloat.models as dm
+from dfloat.models.testing import ARCHS, prompt, tiny_model
 
 
 def _perturb_small_params(model):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from dfloat.models.testing import ARCHS, prompt, tiny_model
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from dfloat.models import LatentHead
 from dfloat.models.testing import prompt, tiny_model
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from dfloat.models import PolyNorm, PolyReLU
 from dfloat.models.polycom import PolyComMLP
 from dfloat.models.testing import prompt, tiny_model

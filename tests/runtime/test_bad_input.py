@@ -6,7 +6,13 @@ import pytest
 import torch
 
 import dfloat
-from dfloat.errors import ChecksumError, ModelSourceError, OutputExistsError, ShapeMismatchError, UnsupportedDtypeError
+from dfloat.errors import (
+    ChecksumError,
+    ModelSourceError,
+    OutputExistsError,
+    ShapeMismatchError,
+    UnsupportedDtypeError,
+)
 
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=2, max_position_embeddings=32)
