@@ -1,4 +1,4 @@
-"""The bundled demo model: a small causal LM shipped compressed, so `dfloat generate` works offline at once.
+"""The bundled demo model: a small PolyCom causal LM shipped compressed, so `dfloat generate` works offline at once.
 
 How it was trained: docs/demo_model.md (script: scripts/train_demo_model.py).
 """
