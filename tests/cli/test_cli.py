@@ -193,3 +193,16 @@ def test_generate_errors(tmp_path):
 
 if sys.platform == "win32":  # pragma: no cover
     pytest.skip("signals differ on Windows", allow_module_level=True)
+
+
+def test_push_to_hub_without_network_fails_after_the_local_result(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "pushed"
+    r = CliRunner().invoke(main, ["compress", str(model_dir), "-o", str(out), "--push-to-hub", "me/tiny-dfloat"])
+    assert r.exit_code == 1 and "could not push to me/tiny-dfloat" in r.output
+    assert f"complete in {out}" in r.output and (out / "dfloat.index.json").is_file()
+
+
+def test_chat_needs_a_chat_template():
+    r = CliRunner().invoke(main, ["generate", "--prompt", "hi", "--chat", "--max-new-tokens", "2"])
+    assert r.exit_code == 2 and "no chat template" in r.output
