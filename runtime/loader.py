@@ -211,6 +211,11 @@ def attach(model: torch.nn.Module, units: Mapping[str, CompressedTensor], plain:
     if missing:
         raise ShapeMismatchError(f"the checkpoint lacks {len(missing)} weight(s) the model needs, e.g. "
                                  f"{', '.join(missing[:3])}: the config does not match the tensors")
+    for name, buf in list(model.named_buffers()):  # buffers computed at construction (rotary tables) start on CPU
+        bdev = _device_for(name, device, device_map)
+        if buf.device != bdev:
+            module, attr = _place(model, name)
+            module._buffers[attr] = buf.to(bdev)
     for module, unit_list in hooked.values():
         module.register_forward_pre_hook(_make_hook(unit_list, buffers))
     model._dfloat_buffers = buffers
