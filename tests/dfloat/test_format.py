@@ -130,3 +130,18 @@ def test_corrupt_positions_are_reported_not_followed(unit):
 def test_out_buffer_checked(unit):
     with pytest.raises(ShapeMismatchError, match="out must be"):
         dfloat.decompress_tensor(unit, out=torch.empty(10, dtype=torch.bfloat16))
+
+
+def test_crc32_of_large_tensors_equals_zlib_crc32():
+    import zlib
+
+    import numpy as np
+
+    from dfloat.format import crc32_combine, crc32_of
+
+    rng = np.random.default_rng(0)
+    for n1, n2 in [(1, 1), (7, 1000), (4096, 3)]:
+        a, b = rng.integers(0, 256, n1, dtype=np.uint8), rng.integers(0, 256, n2, dtype=np.uint8)
+        assert crc32_combine(zlib.crc32(a), zlib.crc32(b), n2) == zlib.crc32(np.concatenate([a, b]))
+    t = weights_like(5_000_001)  # above the two-thread threshold
+    assert crc32_of(t) == zlib.crc32(t.view(torch.uint8).numpy())
