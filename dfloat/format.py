@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dfloat.errors import ChecksumError, CorruptStreamError, FormatVersionError, ShapeMismatchError
@@ -427,11 +426,3 @@ def load_compressed_tensors(path: str | os.PathLike, device: str | torch.device 
         parts = {k: arrays.pop(f"{name}.{k}") for k in _STORED_ARRAYS if f"{name}.{k}" in arrays}
         units[name] = CompressedTensor.from_parts(meta, parts, where=f"{where}: unit {name!r}")
     return units, arrays
-
-
-def n_windows_for(encoded_bytes: int, bytes_per_window: int) -> int:
-    return -(-encoded_bytes // bytes_per_window)
-
-
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()

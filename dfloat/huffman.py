@@ -115,8 +115,3 @@ def build_decode_tables(codes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
             raise CorruptStreamError(f"code of symbol {sym} collides with another code: not a prefix code")
         tables[table][lo:hi] = (length << 8) | sym
     return np.stack(tables)
-
-
-def max_table_depth(tables: np.ndarray) -> int:
-    """How many 8-bit lookups the longest code needs (1 for codes of at most 8 bits)."""
-    return int(np.max((tables[tables > 0] >> 8) + 7) // 8) if (tables > 0).any() else 1

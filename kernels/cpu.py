@@ -14,7 +14,6 @@ from dfloat.errors import CorruptStreamError
 
 from dfloat._numba import njit, prange  # isort: skip
 
-STATUS_OK = 0
 STATUS_BAD_POSITIONS = 1
 STATUS_BAD_CODE = 2
 STATUS_OVERRUN = 3
@@ -43,7 +42,7 @@ def decode_blocks(enc, sm, gaps, positions, tables, window_bytes, windows_per_bl
         start = positions[b]
         end = positions[b + 1]
         if start < 0 or end < start or end > n:
-            status[b] = 1
+            status[b] = STATUS_BAD_POSITIONS
             continue
         if start == end:
             continue
@@ -70,14 +69,14 @@ def decode_blocks(enc, sm, gaps, positions, tables, window_bytes, windows_per_bl
                     e = tables[(-e) * 256 + ((buf >> (56 - 8 * depth)) & 0xFF)]
                     depth += 1
             if e <= 0:
-                status[b] = 2
+                status[b] = STATUS_BAD_CODE
                 break
             out[i] = sign_mantissa_bits[sm[i]] | (e & 0x7F80)
             ln = e >> 16
             buf <<= ln
             nbits -= ln
         if byte * 8 - nbits > n_enc * 8:
-            status[b] = 3
+            status[b] = STATUS_OVERRUN
 
 
 # sign|mantissa byte -> its bits in place in the BF16 word
@@ -110,7 +109,8 @@ def decode(ct, out: torch.Tensor, check: bool = True) -> None:
     bad = np.flatnonzero(status)
     if bad.size:
         b = int(bad[0])
-        why = {1: "its output positions are out of order or out of range",
-               2: "it holds a bit pattern that is no code", 3: "its codes run past the end of the stream"}
+        why = {STATUS_BAD_POSITIONS: "its output positions are out of order or out of range",
+               STATUS_BAD_CODE: "it holds a bit pattern that is no code",
+               STATUS_OVERRUN: "its codes run past the end of the stream"}
         raise CorruptStreamError(f"unit {ct.members[0].name if ct.members else '?'}: block {b} of {ct.n_blocks} "
                                  f"is corrupt: {why.get(int(status[b]), 'unknown error')}")
