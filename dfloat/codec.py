@@ -174,6 +174,14 @@ def decode_tables(ct: CompressedTensor) -> np.ndarray:
     return tables
 
 
+def canonical_device(device: torch.device | str) -> torch.device:
+    """"cuda" -> "cuda:<current>", so devices compare equal to the ones tensors report."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def decompress_tensor(
     c: CompressedTensor,
     device: torch.device | str | None = None,
@@ -198,7 +206,7 @@ def decompress_tensor(
     """
     from dfloat.kernels import registry
 
-    device = torch.device(device) if device is not None else c.device
+    device = canonical_device(device) if device is not None else c.device
     if c.device != device:
         c = c.to(device)
     if out is None:

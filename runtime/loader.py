@@ -11,14 +11,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dfloat.codec import decompress_tensor
+from dfloat.codec import canonical_device, decompress_tensor
 from dfloat.errors import ModelSourceError, ShapeMismatchError
 from dfloat.format import CompressedTensor
 from dfloat.runtime import source as src
@@ -54,7 +55,6 @@ class DecodeBuffer:
     tensor: torch.Tensor | None = None
     current: str | None = None
     decodes: int = 0
-    _staged: dict = field(default_factory=dict)
 
     def ensure(self, unit: _Unit) -> None:
         if self.current == unit.name:
@@ -66,18 +66,11 @@ class DecodeBuffer:
             ct = ct.to(self.device, non_blocking=True)
         flat = decompress_tensor(ct, device=self.device, backend=self.backend, out=self.tensor)
         for slot in unit.slots:
-            view = flat[slot.offset : slot.offset + _numel(slot.shape)].view(slot.shape)
+            view = flat[slot.offset : slot.offset + math.prod(slot.shape)].view(slot.shape)
             for module, attr in slot.places:
                 module._parameters[attr] = torch.nn.Parameter(view, requires_grad=False)
         self.current = unit.name
         self.decodes += 1
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _model_class(config, model_class):
@@ -157,7 +150,7 @@ def attach(model: torch.nn.Module, units: Mapping[str, CompressedTensor], plain:
            device: torch.device | str, backend: str | None = None, cpu_offload: bool = False,
            device_map: Mapping[str, str | torch.device] | None = None) -> dict[torch.device, DecodeBuffer]:
     """Load plain tensors into ``model`` and hook every coded unit so it is decoded right before use."""
-    device = torch.device(device)
+    device = canonical_device(device)
     aliases = _aliases(model)
     expected = dict(model.named_parameters(remove_duplicate=False))
     filled: set[str] = set()
@@ -269,7 +262,7 @@ def _device_for(name: str, device: torch.device, device_map) -> torch.device:
     best, dev = -1, device
     for prefix, d in device_map.items():
         if (prefix == "" or name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
-            best, dev = len(prefix), torch.device(d)
+            best, dev = len(prefix), canonical_device(d)
     return dev
 
 
@@ -314,8 +307,7 @@ def load_compressed(
     """
     folder, _ = src.resolve_folder(source, revision=revision, token=token)
     config = src.read_config(folder)
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
-                                                                          else "cpu")
+    device = canonical_device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     if CONFIG_KEY not in config and "dfloat11_config" not in config:
         raise ModelSourceError(f"{folder}: not a compressed model (config.json has no 'dfloat' or "
                                "'dfloat11_config' section); load it with transformers directly")
