@@ -78,8 +78,6 @@ def _model_class(config, model_class):
 
     if model_class is not None:
         return model_class
-    with contextlib.suppress(ImportError):
-        import dfloat.models  # noqa: F401 - registers the research architectures with the Auto classes
     for arch in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, arch, None)
         if cls is not None:
@@ -99,7 +97,7 @@ def _build_empty(folder: Path, model_class, kwargs: dict):
     from transformers import AutoConfig
 
     with contextlib.suppress(ImportError):
-        import dfloat.models  # noqa: F401
+        import dfloat.models  # noqa: F401 - registers the research architectures with the Auto classes
     trust = kwargs.pop("trust_remote_code", False)
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust)
