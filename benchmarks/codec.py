@@ -1,6 +1,6 @@
 """CPU codec: stored size vs the entropy bound, encode and decode throughput (issue targets in README).
 
-    python benchmarks/codec.py [--synthetic-weights 100000000] [--repeats 5]
+python benchmarks/codec.py [--synthetic-weights 100000000] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -34,14 +34,16 @@ def measure(name: str, w: torch.Tensor, repeats: int) -> dict:
     assert torch.equal(out.view(torch.int16), w.view(torch.int16)), "decode is not bit-exact"
     n = w.numel()
     return {
-        "data": name, "weights": n,
+        "data": name,
+        "weights": n,
         "stored_pct_of_bf16": round(100 * ct.nbytes / (2 * n), 3),
         "bound_pct_order0_16bit": round(100 * h16 / 16, 3),
         "exponent_entropy_bits": round(h_exp, 3),
         "bits_per_weight": round(8 * ct.nbytes / n, 3),
         "encode_Mw_per_s": round(n / t_enc / 1e6, 1),
         "decode_Mw_per_s": round(n / t_dec / 1e6, 1),
-        "encode_s": round(t_enc, 4), "decode_s": round(t_dec, 4),
+        "encode_s": round(t_enc, 4),
+        "decode_s": round(t_dec, 4),
     }
 
 
@@ -55,12 +57,26 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     synth = (torch.randn(args.synthetic_weights, generator=g) * 0.02).to(torch.bfloat16)
     rows.append(measure(f"synthetic N(0, 0.02) x {args.synthetic_weights / 1e6:.0f}M", synth, args.repeats))
-    print_table(rows, ["data", "weights", "stored_pct_of_bf16", "bound_pct_order0_16bit", "bits_per_weight",
-                       "encode_Mw_per_s", "decode_Mw_per_s"])
+    print_table(
+        rows,
+        [
+            "data",
+            "weights",
+            "stored_pct_of_bf16",
+            "bound_pct_order0_16bit",
+            "bits_per_weight",
+            "encode_Mw_per_s",
+            "decode_Mw_per_s",
+        ],
+    )
     import numba
 
-    write_result(args.name, rows, threads=numba.get_num_threads(),
-                 targets={"stored_pct_minilm_max": 67.3, "encode_Mw_per_s_min": 250, "decode_Mw_per_s_min": 300})
+    write_result(
+        args.name,
+        rows,
+        threads=numba.get_num_threads(),
+        targets={"stored_pct_minilm_max": 67.3, "encode_Mw_per_s_min": 250, "decode_Mw_per_s_min": 300},
+    )
 
 
 if __name__ == "__main__":

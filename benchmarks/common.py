@@ -31,7 +31,12 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    info = {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "python": sys.version.split()[0]}
+    info = {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": sys.version.split()[0],
+    }
     try:
         import torch
 
@@ -44,8 +49,21 @@ def machine() -> dict:
 
 
 def versions() -> dict:
-    return {p: _version(p) for p in ("dfloat", "torch", "numpy", "numba", "triton", "transformers",
-                                     "cupy-cuda12x", "cupy-cuda13x", "safetensors") if _version(p)}
+    return {
+        p: _version(p)
+        for p in (
+            "dfloat",
+            "torch",
+            "numpy",
+            "numba",
+            "triton",
+            "transformers",
+            "cupy-cuda12x",
+            "cupy-cuda13x",
+            "safetensors",
+        )
+        if _version(p)
+    }
 
 
 def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:
@@ -71,9 +89,15 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 def write_result(name: str, rows: list[dict], **extra) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    doc = {"benchmark": name, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-           "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
-           "versions": versions(), **extra, "rows": rows}
+    doc = {
+        "benchmark": name,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine(),
+        "versions": versions(),
+        **extra,
+        "rows": rows,
+    }
     path.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"\nwrote {path}")
     return path

@@ -28,10 +28,26 @@ import dfloat  # noqa: E402
 from dfloat.runtime.loader import weight_memory  # noqa: E402
 
 SHAPES = {
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, head_dim=64),
-    "llama-8b-layer": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=1, num_attention_heads=32,
-                           num_key_value_heads=8, vocab_size=1024, tie_word_embeddings=False, head_dim=128),
+    "llama-3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        head_dim=64,
+    ),
+    "llama-8b-layer": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=1,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=1024,
+        tie_word_embeddings=False,
+        head_dim=128,
+    ),
 }
 
 
@@ -124,17 +140,24 @@ def measure(name, cfg_over, args) -> list[dict]:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             if kind == "bf16":
-                lm = AutoModelForCausalLM.from_pretrained(Path(tmp) / "bf16", dtype=torch.bfloat16).to(args.device)
+                lm = AutoModelForCausalLM.from_pretrained(Path(tmp) / "bf16", dtype=torch.bfloat16).to(
+                    args.device
+                )
                 wbytes = sum(p.numel() * p.element_size() for p in lm.parameters())
             else:
                 lm = dfloat.load_compressed(Path(tmp) / "dfloat", device=args.device, backend=args.backend)
                 wbytes = weight_memory(lm)["total"]
             lm.eval()
-            row = {"model": name, "weights": kind, "device": args.device,
-                   "weight_MiB": round(wbytes / 2**20, 1)}
+            row = {
+                "model": name,
+                "weights": kind,
+                "device": args.device,
+                "weight_MiB": round(wbytes / 2**20, 1),
+            }
             for b in args.batches:
-                row[f"ms_per_token_b{b}"] = round(per_token_ms(lm, args.device, b, args.prompt, args.new_tokens,
-                                                               cfg.vocab_size), 3)
+                row[f"ms_per_token_b{b}"] = round(
+                    per_token_ms(lm, args.device, b, args.prompt, args.new_tokens, cfg.vocab_size), 3
+                )
             row["prefill_ms"] = round(prefill_ms(lm, args.device, args.prefill, cfg.vocab_size), 2)
             row["peak_MiB"] = round(peak_bytes(args.device) / 2**20, 1)
             if kind == "dfloat":
@@ -171,13 +194,27 @@ def main() -> None:
             over["num_hidden_layers"] = args.layers
         if args.vocab:
             over["vocab_size"] = args.vocab
-        label = name + ("" if over == SHAPES[name] else f" ({over['num_hidden_layers']}L, vocab {over['vocab_size']})")
+        label = name + (
+            "" if over == SHAPES[name] else f" ({over['num_hidden_layers']}L, vocab {over['vocab_size']})"
+        )
         rows += measure(label, over, args)
-    cols = ["model", "weights", "weight_MiB", *[f"ms_per_token_b{b}" for b in args.batches], "prefill_ms",
-            "peak_MiB", *[f"x_bf16_b{b}" for b in args.batches], "weight_pct_of_bf16"]
+    cols = [
+        "model",
+        "weights",
+        "weight_MiB",
+        *[f"ms_per_token_b{b}" for b in args.batches],
+        "prefill_ms",
+        "peak_MiB",
+        *[f"x_bf16_b{b}" for b in args.batches],
+        "weight_pct_of_bf16",
+    ]
     print_table(rows, cols)
-    write_result(args.name or f"e2e_{args.device.split(':')[0]}", rows, settings=vars(args),
-                 targets={"x_bf16_b1_max": 2.0, "weight_pct_of_bf16_max": 72})
+    write_result(
+        args.name or f"e2e_{args.device.split(':')[0]}",
+        rows,
+        settings=vars(args),
+        targets={"x_bf16_b1_max": 2.0, "weight_pct_of_bf16_max": 72},
+    )
 
 
 if __name__ == "__main__":

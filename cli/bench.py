@@ -35,13 +35,21 @@ def decode_rows(units, repeats: int) -> list[dict]:
         out = torch.empty(max(u.numel for u in on_dev), dtype=torch.bfloat16, device=dev)
         sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
         for backend in available_backends(dev):
+
             def run(b=backend.value, on_dev=on_dev, out=out):
                 for u in on_dev:
                     dfloat.decompress_tensor(u, out=out, backend=b)
 
             t = _time(run, repeats, sync)
-            rows.append({"device": dev, "backend": backend.value, "weights": numel,
-                         "G_weights_per_s": round(numel / t / 1e9, 3), "GB_per_s_bf16_out": round(2 * numel / t / 1e9, 2)})
+            rows.append(
+                {
+                    "device": dev,
+                    "backend": backend.value,
+                    "weights": numel,
+                    "G_weights_per_s": round(numel / t / 1e9, 3),
+                    "GB_per_s_bf16_out": round(2 * numel / t / 1e9, 2),
+                }
+            )
     return rows
 
 
@@ -54,8 +62,12 @@ def command(model, as_json, repeats):
     from dfloat.demo import demo_model_path
     from dfloat.runtime.checkpoint import CompressedCheckpoint
 
-    units = [ct for _, us, _ in CompressedCheckpoint.open(model or demo_model_path()).iter_shards()
-             for ct in us.values() if ct.is_coded]
+    units = [
+        ct
+        for _, us, _ in CompressedCheckpoint.open(model or demo_model_path()).iter_shards()
+        for ct in us.values()
+        if ct.is_coded
+    ]
     rows = decode_rows(units, repeats)
     result = {"model": str(model or demo_model_path()), "decode": rows}
     gen = _generation_rows(model) if model and __import__("torch").cuda.is_available() else []
@@ -66,10 +78,14 @@ def command(model, as_json, repeats):
         return
     click.echo(f"{'device':<7} {'backend':<8} {'weights':>12} {'G weights/s':>12} {'GB/s out':>9}")
     for r in rows:
-        click.echo(f"{r['device']:<7} {r['backend']:<8} {r['weights']:>12,} {r['G_weights_per_s']:>12} "
-                   f"{r['GB_per_s_bf16_out']:>9}")
+        click.echo(
+            f"{r['device']:<7} {r['backend']:<8} {r['weights']:>12,} {r['G_weights_per_s']:>12} "
+            f"{r['GB_per_s_bf16_out']:>9}"
+        )
     for r in gen:
-        click.echo(f"{r['weights']:<8} {r['ms_per_token']:.2f} ms/token, weight memory {r['weight_MiB']:.0f} MiB")
+        click.echo(
+            f"{r['weights']:<8} {r['ms_per_token']:.2f} ms/token, weight memory {r['weight_MiB']:.0f} MiB"
+        )
 
 
 def _generation_rows(model) -> list[dict]:
@@ -85,13 +101,22 @@ def _generation_rows(model) -> list[dict]:
 
     def per_token(m, ids):
         with torch.inference_mode():
-            t = _time(lambda: m.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False), 3,
-                      torch.cuda.synchronize)
+            t = _time(
+                lambda: m.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False),
+                3,
+                torch.cuda.synchronize,
+            )
         return 1000 * t / 32
 
     lm = dfloat.load_compressed(model, device="cuda")
     ids = torch.randint(0, lm.config.vocab_size, (1, 16), device="cuda")
-    rows = [{"weights": "dfloat", "ms_per_token": per_token(lm, ids), "weight_MiB": weight_memory(lm)["total"] / 2**20}]
+    rows = [
+        {
+            "weights": "dfloat",
+            "ms_per_token": per_token(lm, ids),
+            "weight_MiB": weight_memory(lm)["total"] / 2**20,
+        }
+    ]
     del lm
     torch.cuda.empty_cache()
     with tempfile.TemporaryDirectory() as tmp:

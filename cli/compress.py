@@ -15,10 +15,14 @@ def default_out(source: str) -> Path:
 
 @click.command("compress")
 @click.argument("source")
-@click.option("-o", "--out", "out", type=click.Path(path_type=Path), help="Output folder [default: ./NAME-dfloat].")
+@click.option(
+    "-o", "--out", "out", type=click.Path(path_type=Path), help="Output folder [default: ./NAME-dfloat]."
+)
 @click.option("--workers", type=int, default=None, help="Codec threads [default: all cores].")
 @click.option("--no-verify", is_flag=True, help="Skip decoding the result against the stored checksums.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is complete)."
+)
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO", help="Upload the result to this Hub repo.")
 @click.option("--revision", default=None, help="Hub revision of SOURCE.")
 def command(source, out, workers, no_verify, overwrite, push_to_hub, revision):
@@ -50,8 +54,15 @@ def command(source, out, workers, no_verify, overwrite, push_to_hub, revision):
     t0 = time.perf_counter()
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        report = dfloat.compress_model(source, out, overwrite=overwrite, verify=not no_verify, workers=workers,
-                                       revision=revision, progress=progress)
+        report = dfloat.compress_model(
+            source,
+            out,
+            overwrite=overwrite,
+            verify=not no_verify,
+            workers=workers,
+            revision=revision,
+            progress=progress,
+        )
     except Exception:
         if interrupted:
             raise KeyboardInterrupt from None
@@ -65,10 +76,16 @@ def command(source, out, workers, no_verify, overwrite, push_to_hub, revision):
     rows = [
         ("weights", f"{report.weights:,} in {report.units} units ({report.coded_units} coded)"),
         ("before", _size(report.original_bytes)),
-        ("after", f"{_size(report.stored_bytes)} ({100 * report.ratio:.2f}% of BF16, "
-                  f"{report.bits_per_weight:.2f} bits/weight)"),
+        (
+            "after",
+            f"{_size(report.stored_bytes)} ({100 * report.ratio:.2f}% of BF16, "
+            f"{report.bits_per_weight:.2f} bits/weight)",
+        ),
         ("time", f"{seconds:.1f} s ({report.weights / max(seconds, 1e-9) / 1e6:.0f} M weights/s)"),
-        ("verified", "no (--no-verify)" if no_verify else "yes: every unit decoded and matched its checksums"),
+        (
+            "verified",
+            "no (--no-verify)" if no_verify else "yes: every unit decoded and matched its checksums",
+        ),
     ]
     for k, v in rows:
         click.echo(f"  {k:<9} {v}")
@@ -86,8 +103,10 @@ def _push(folder: Path, repo: str) -> None:
         api.create_repo(repo, exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo)
     except Exception as e:  # noqa: BLE001 - any Hub failure is one message; the local result stays
-        raise ModelSourceError(f"could not push to {repo} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
-                               f"the compressed model is complete in {folder}") from None
+        raise ModelSourceError(
+            f"could not push to {repo} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+            f"the compressed model is complete in {folder}"
+        ) from None
     click.echo(f"  pushed    https://huggingface.co/{repo}")
 
 

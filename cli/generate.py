@@ -57,8 +57,12 @@ def command(model, prompt, max_new_tokens, temperature, top_p, seed, device, cha
     if chat:
         if not getattr(tok, "chat_template", None):
             raise click.UsageError("this model's tokenizer has no chat template; drop --chat")
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)["input_ids"]
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )["input_ids"]
     else:
         ids = tok(prompt, return_tensors="pt").input_ids
     ids = ids.to(device)
@@ -87,8 +91,15 @@ def command(model, prompt, max_new_tokens, temperature, top_p, seed, device, cha
         out = lm.generate(ids, streamer=_Streamer(tok, skip_prompt=True), **gen)
     elapsed = time.perf_counter() - t0  # the streamer ends the text with a newline
     if stats:
-        _print_stats(lm, out.shape[1] - ids.shape[1], elapsed, (first[0] - t0) if first else elapsed, t_load,
-                     device, compressed)
+        _print_stats(
+            lm,
+            out.shape[1] - ids.shape[1],
+            elapsed,
+            (first[0] - t0) if first else elapsed,
+            t_load,
+            device,
+            compressed,
+        )
 
 
 def _print_stats(lm, n_new, elapsed, ttft, t_load, device, compressed):
@@ -99,16 +110,27 @@ def _print_stats(lm, n_new, elapsed, ttft, t_load, device, compressed):
     from dfloat.runtime.loader import weight_memory
 
     mem = weight_memory(lm) if compressed else None
-    weights = mem["compressed"] + mem["plain"] if mem else sum(p.numel() * p.element_size() for p in lm.parameters())
+    weights = (
+        mem["compressed"] + mem["plain"]
+        if mem
+        else sum(p.numel() * p.element_size() for p in lm.parameters())
+    )
     decode_time = max(elapsed - ttft, 1e-9)
     tps = (n_new - 1) / decode_time if n_new > 1 else n_new / elapsed
-    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device.startswith("cuda")
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     click.echo("--- stats", err=True)
     click.echo(f"tokens          {n_new} in {elapsed:.2f} s ({tps:.1f} tok/s after the first)", err=True)
     click.echo(f"first token     {1000 * ttft:.0f} ms (model load {t_load:.2f} s)", err=True)
-    click.echo(f"weights         {weights / 2**20:.1f} MiB" + (" compressed + plain" if compressed else " BF16"),
-               err=True)
+    click.echo(
+        f"weights         {weights / 2**20:.1f} MiB" + (" compressed + plain" if compressed else " BF16"),
+        err=True,
+    )
     click.echo(f"bandwidth       {weights * tps / 1e9:.2f} GB/s of weights read", err=True)
-    click.echo(f"peak memory     {peak / 2**20:.0f} MiB ({'GPU allocated' if device.startswith('cuda') else 'process RSS'})",
-               err=True)
+    click.echo(
+        f"peak memory     {peak / 2**20:.0f} MiB ({'GPU allocated' if device.startswith('cuda') else 'process RSS'})",
+        err=True,
+    )

@@ -16,15 +16,24 @@ def unit_rows(path: str) -> list[dict]:
     rows = []
     for _, units, _ in CompressedCheckpoint.open(path).iter_shards():
         for name, ct in units.items():
-            row = {"unit": name, "mode": ct.mode, "members": len(ct.members), "weights": ct.numel,
-                   "stored_bytes": ct.nbytes, "pct_of_bf16": round(100 * ct.nbytes / max(1, 2 * ct.numel), 2)}
+            row = {
+                "unit": name,
+                "mode": ct.mode,
+                "members": len(ct.members),
+                "weights": ct.numel,
+                "stored_bytes": ct.nbytes,
+                "pct_of_bf16": round(100 * ct.nbytes / max(1, 2 * ct.numel), 2),
+            }
             if ct.is_coded:
                 words = decompress_tensor(ct, device="cpu").reshape(-1).view(dtype=__import__("torch").int16)
                 exp = (words.numpy().view(np.uint16) >> 7) & 0xFF
                 p = np.bincount(exp, minlength=256).astype(np.float64) / max(1, exp.size)
                 h = float(-(p[p > 0] * np.log2(p[p > 0])).sum())
-                row.update(bits_per_weight=round(ct.bits_per_weight, 3), bound_bits_per_weight=round(8 + h, 3),
-                           longest_code=int(ct.code.max()) if ct.code_kind == "canonical" else None)
+                row.update(
+                    bits_per_weight=round(ct.bits_per_weight, 3),
+                    bound_bits_per_weight=round(8 + h, 3),
+                    longest_code=int(ct.code.max()) if ct.code_kind == "canonical" else None,
+                )
             rows.append(row)
     return rows
 
@@ -38,21 +47,49 @@ def command(path, as_json):
     weights = sum(r["weights"] for r in rows)
     stored = sum(r["stored_bytes"] for r in rows)
     coded = [r for r in rows if "bound_bits_per_weight" in r]
-    bound = sum(r["bound_bits_per_weight"] * r["weights"] for r in coded) / max(1, sum(r["weights"] for r in coded))
-    total = {"units": len(rows), "weights": weights, "stored_bytes": stored,
-             "pct_of_bf16": round(100 * stored / max(1, 2 * weights), 2),
-             "bits_per_weight": round(8 * stored / max(1, weights), 3), "bound_bits_per_weight": round(bound, 3)}
+    bound = sum(r["bound_bits_per_weight"] * r["weights"] for r in coded) / max(
+        1, sum(r["weights"] for r in coded)
+    )
+    total = {
+        "units": len(rows),
+        "weights": weights,
+        "stored_bytes": stored,
+        "pct_of_bf16": round(100 * stored / max(1, 2 * weights), 2),
+        "bits_per_weight": round(8 * stored / max(1, weights), 3),
+        "bound_bits_per_weight": round(bound, 3),
+    }
     if as_json:
         click.echo(json.dumps({"units": rows, "total": total}, indent=2))
         return
     width = max([4, *(len(r["unit"]) for r in rows)])
-    cols = [("unit", width), ("mode", 7), ("weights", 12), ("bits/w", 7), ("bound", 7), ("% BF16", 7), ("longest", 7)]
+    cols = [
+        ("unit", width),
+        ("mode", 7),
+        ("weights", 12),
+        ("bits/w", 7),
+        ("bound", 7),
+        ("% BF16", 7),
+        ("longest", 7),
+    ]
     click.echo("  ".join(f"{c:<{w}}" if c == "unit" else f"{c:>{w}}" for c, w in cols))
     for r in rows:
-        vals = [r["unit"], r["mode"], f"{r['weights']:,}", r.get("bits_per_weight", "-"),
-                r.get("bound_bits_per_weight", "-"), r["pct_of_bf16"], r.get("longest_code") or "-"]
-        click.echo("  ".join(f"{str(v):<{w}}" if i == 0 else f"{str(v):>{w}}" for i, (v, (_, w)) in
-                             enumerate(zip(vals, cols))))
-    click.echo(f"total: {total['units']} units, {weights:,} weights, {stored / 2**20:.2f} MiB stored = "
-               f"{total['pct_of_bf16']}% of BF16, {total['bits_per_weight']} bits/weight "
-               f"(entropy bound of coded units {total['bound_bits_per_weight']})")
+        vals = [
+            r["unit"],
+            r["mode"],
+            f"{r['weights']:,}",
+            r.get("bits_per_weight", "-"),
+            r.get("bound_bits_per_weight", "-"),
+            r["pct_of_bf16"],
+            r.get("longest_code") or "-",
+        ]
+        click.echo(
+            "  ".join(
+                f"{str(v):<{w}}" if i == 0 else f"{str(v):>{w}}"
+                for i, (v, (_, w)) in enumerate(zip(vals, cols))
+            )
+        )
+    click.echo(
+        f"total: {total['units']} units, {weights:,} weights, {stored / 2**20:.2f} MiB stored = "
+        f"{total['pct_of_bf16']}% of BF16, {total['bits_per_weight']} bits/weight "
+        f"(entropy bound of coded units {total['bound_bits_per_weight']})"
+    )

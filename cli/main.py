@@ -47,7 +47,9 @@ def main(ctx: click.Context, debug: bool) -> None:
     """Lossless BF16 model compression: ~30% smaller, bit-identical outputs."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if not debug:
         import warnings
 

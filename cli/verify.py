@@ -7,7 +7,9 @@ import click
 
 @click.command("verify")
 @click.argument("path")
-@click.option("--against", metavar="ORIGINAL", default=None, help="Also compare with the original checkpoint.")
+@click.option(
+    "--against", metavar="ORIGINAL", default=None, help="Also compare with the original checkpoint."
+)
 @click.option("--backend", default=None, help="Decoder to check with (cpu, triton, cuda).")
 def command(path, against, backend):
     """Decode every unit and check it against the stored checksums (exit 1 naming each bad tensor)."""

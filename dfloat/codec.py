@@ -53,9 +53,14 @@ def store_raw(tensors: Mapping[str, torch.Tensor] | torch.Tensor, name: str = "t
     dtypes = {t.dtype for t in tensors.values()}
     if len(dtypes) > 1:
         raise ShapeMismatchError(f"a raw unit holds one dtype, got {sorted(map(str, dtypes))}")
-    flat = torch.cat([t.detach().cpu().contiguous().reshape(-1) for t in tensors.values()]) if tensors else \
-        torch.empty(0, dtype=torch.bfloat16)
-    return CompressedTensor(mode=MODE_RAW, members=_members(tensors), numel=flat.numel(), dtype=flat.dtype, raw=flat)
+    flat = (
+        torch.cat([t.detach().cpu().contiguous().reshape(-1) for t in tensors.values()])
+        if tensors
+        else torch.empty(0, dtype=torch.bfloat16)
+    )
+    return CompressedTensor(
+        mode=MODE_RAW, members=_members(tensors), numel=flat.numel(), dtype=flat.dtype, raw=flat
+    )
 
 
 def compress_tensors(
@@ -87,8 +92,10 @@ def compress_tensors(
         tensors = {str(i): t for i, t in enumerate(tensors)}
     words = [_as_words(t, name) for name, t in tensors.items()]
     if bytes_per_window < 4 or bytes_per_window * 8 < max_code_length or windows_per_block < 1:
-        raise DFloatError(f"bad parameters: bytes_per_window={bytes_per_window} (>= 4 and >= max_code_length/8), "
-                          f"windows_per_block={windows_per_block} (>= 1)")
+        raise DFloatError(
+            f"bad parameters: bytes_per_window={bytes_per_window} (>= 4 and >= max_code_length/8), "
+            f"windows_per_block={windows_per_block} (>= 1)"
+        )
     members = _members(tensors)
     numel = sum(w.size for w in words)
     if allow_raw and numel < min_numel:
@@ -96,8 +103,12 @@ def compress_tensors(
     flat = words[0] if len(words) == 1 else (np.concatenate(words) if words else np.empty(0, np.uint16))
     unit = encode_words(flat, members, bytes_per_window, windows_per_block, max_code_length)
     if allow_raw and unit.nbytes >= 2 * numel:
-        log.debug("unit %s would not shrink (%d >= %d bytes): stored raw", members[0].name if members else "",
-                  unit.nbytes, 2 * numel)
+        log.debug(
+            "unit %s would not shrink (%d >= %d bytes): stored raw",
+            members[0].name if members else "",
+            unit.nbytes,
+            2 * numel,
+        )
         return store_raw(tensors)
     return unit
 
@@ -114,8 +125,13 @@ def compress_tensor(t: torch.Tensor, **options) -> CompressedTensor:
     return compress_tensors({name: t}, **options)
 
 
-def encode_words(words: np.ndarray, members: tuple[Member, ...], bytes_per_window: int, windows_per_block: int,
-                 max_code_length: int) -> CompressedTensor:
+def encode_words(
+    words: np.ndarray,
+    members: tuple[Member, ...],
+    bytes_per_window: int,
+    windows_per_block: int,
+    max_code_length: int,
+) -> CompressedTensor:
     from dfloat import encoder
     from dfloat._numba import get_num_threads
 
@@ -175,7 +191,7 @@ def decode_tables(ct: CompressedTensor) -> np.ndarray:
 
 
 def canonical_device(device: torch.device | str) -> torch.device:
-    """"cuda" -> "cuda:<current>", so devices compare equal to the ones tensors report."""
+    """ "cuda" -> "cuda:<current>", so devices compare equal to the ones tensors report."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
@@ -212,8 +228,10 @@ def decompress_tensor(
     if out is None:
         out = torch.empty(c.numel, dtype=c.dtype, device=device)
     elif out.dtype != c.dtype or out.device != device or out.numel() < c.numel or not out.is_contiguous():
-        raise ShapeMismatchError(f"out must be a contiguous {c.dtype} tensor of >= {c.numel} elements on {device}, "
-                                 f"got {out.dtype}[{out.numel()}] on {out.device}")
+        raise ShapeMismatchError(
+            f"out must be a contiguous {c.dtype} tensor of >= {c.numel} elements on {device}, "
+            f"got {out.dtype}[{out.numel()}] on {out.device}"
+        )
     flat = out.reshape(-1)[: c.numel]
     if c.is_coded:
         registry.decode_into(c, flat, backend, check=check)

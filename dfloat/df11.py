@@ -30,7 +30,9 @@ def luts_from_code(codes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     lengths = np.asarray(lengths, dtype=np.int64)
     used = np.flatnonzero(lengths).tolist()
     if any(s >= FIRST_POINTER for s in used):
-        raise DFloatError("exponents >= 240 cannot be written in the official layout (they collide with pointers)")
+        raise DFloatError(
+            "exponents >= 240 cannot be written in the official layout (they collide with pointers)"
+        )
     if lengths.max(initial=0) > 32:
         raise DFloatError("the official layout holds codes of at most 32 bits")
     prefixes = {(0, 0)}
@@ -119,10 +121,13 @@ def to_official_unit(ct: CompressedTensor) -> dict[str, torch.Tensor]:
     }
 
 
-def from_official_unit(arrays: Mapping[str, torch.Tensor], members: Sequence[tuple[str, tuple[int, ...]]],
-                       bytes_per_thread: int = OFFICIAL_BYTES_PER_THREAD,
-                       threads_per_block: int = OFFICIAL_THREADS_PER_BLOCK, where: str = "official unit"
-                       ) -> CompressedTensor:
+def from_official_unit(
+    arrays: Mapping[str, torch.Tensor],
+    members: Sequence[tuple[str, tuple[int, ...]]],
+    bytes_per_thread: int = OFFICIAL_BYTES_PER_THREAD,
+    threads_per_block: int = OFFICIAL_THREADS_PER_BLOCK,
+    where: str = "official unit",
+) -> CompressedTensor:
     """A CompressedTensor over an official unit's arrays; ``members`` are the module weights' names and shapes in
     the unit's order (the official files do not store them)."""
     missing = [k for k in OFFICIAL_ARRAYS[:5] if k not in arrays]
@@ -144,12 +149,21 @@ def from_official_unit(arrays: Mapping[str, torch.Tensor], members: Sequence[tup
     if "split_positions" in arrays:
         split = arrays["split_positions"].detach().cpu().reshape(-1).tolist()
         if split and split != offsets[1:] and split != offsets:
-            raise CorruptStreamError(f"{where}: split_positions {split[:4]}... disagree with the weights' sizes")
+            raise CorruptStreamError(
+                f"{where}: split_positions {split[:4]}... disagree with the weights' sizes"
+            )
     ct = CompressedTensor(
-        mode=MODE_HUFFMAN, members=tuple(out), numel=numel,
-        encoded_exponent=arrays["encoded_exponent"].reshape(-1), sign_mantissa=arrays["sign_mantissa"].reshape(-1),
-        gaps=arrays["gaps"].reshape(-1), output_positions=positions, code=arrays["luts"].to(torch.uint8),
-        code_kind=CODE_DF11_LUT, bytes_per_window=bytes_per_thread, windows_per_block=threads_per_block,
+        mode=MODE_HUFFMAN,
+        members=tuple(out),
+        numel=numel,
+        encoded_exponent=arrays["encoded_exponent"].reshape(-1),
+        sign_mantissa=arrays["sign_mantissa"].reshape(-1),
+        gaps=arrays["gaps"].reshape(-1),
+        output_positions=positions,
+        code=arrays["luts"].to(torch.uint8),
+        code_kind=CODE_DF11_LUT,
+        bytes_per_window=bytes_per_thread,
+        windows_per_block=threads_per_block,
         max_code_length=32,
     )
     check_structure(ct, where)

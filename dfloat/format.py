@@ -34,9 +34,18 @@ DEFAULT_MAX_CODE_LENGTH = 24
 GAP_BITS = 5
 
 _DTYPES = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
@@ -220,7 +229,9 @@ class CompressedTensor:
     def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views of each member inside a decoded flat buffer."""
         if flat.numel() < self.numel:
-            raise ShapeMismatchError(f"buffer of {flat.numel()} elements is smaller than the unit ({self.numel})")
+            raise ShapeMismatchError(
+                f"buffer of {flat.numel()} elements is smaller than the unit ({self.numel})"
+            )
         return {m.name: flat[m.offset : m.offset + m.numel].view(m.shape) for m in self.members}
 
     def verify(self, flat: torch.Tensor) -> None:
@@ -237,8 +248,10 @@ class CompressedTensor:
 
     def __repr__(self) -> str:
         names = ", ".join(m.name for m in self.members[:3]) + (", ..." if len(self.members) > 3 else "")
-        return (f"CompressedTensor(mode={self.mode}, members=[{names}], numel={self.numel}, "
-                f"nbytes={self.nbytes}, bits_per_weight={self.bits_per_weight:.3f}, device={self.device})")
+        return (
+            f"CompressedTensor(mode={self.mode}, members=[{names}], numel={self.numel}, "
+            f"nbytes={self.nbytes}, bits_per_weight={self.bits_per_weight:.3f}, device={self.device})"
+        )
 
     # ---- metadata ------------------------------------------------------------------------------------------
     def metadata(self) -> dict:
@@ -246,20 +259,30 @@ class CompressedTensor:
             "mode": self.mode,
             "numel": self.numel,
             "dtype": dtype_name(self.dtype),
-            "members": [{"name": m.name, "shape": list(m.shape), "offset": m.offset, "crc32": m.crc32}
-                        for m in self.members],
+            "members": [
+                {"name": m.name, "shape": list(m.shape), "offset": m.offset, "crc32": m.crc32}
+                for m in self.members
+            ],
         }
         if self.is_coded:
-            meta.update(code_kind=self.code_kind, bytes_per_window=self.bytes_per_window,
-                        windows_per_block=self.windows_per_block, max_code_length=self.max_code_length)
+            meta.update(
+                code_kind=self.code_kind,
+                bytes_per_window=self.bytes_per_window,
+                windows_per_block=self.windows_per_block,
+                max_code_length=self.max_code_length,
+            )
         return meta
 
     @classmethod
-    def from_parts(cls, meta: Mapping, arrays: Mapping[str, torch.Tensor], where: str = "unit") -> CompressedTensor:
+    def from_parts(
+        cls, meta: Mapping, arrays: Mapping[str, torch.Tensor], where: str = "unit"
+    ) -> CompressedTensor:
         """Rebuild a unit from its metadata and stored arrays, checking everything a decoder relies on."""
         try:
-            members = tuple(Member(str(m["name"]), tuple(int(s) for s in m["shape"]), int(m["offset"]),
-                                   int(m["crc32"])) for m in meta["members"])
+            members = tuple(
+                Member(str(m["name"]), tuple(int(s) for s in m["shape"]), int(m["offset"]), int(m["crc32"]))
+                for m in meta["members"]
+            )
             numel = int(meta["numel"])
             mode = meta["mode"]
             dtype = dtype_from_name(meta["dtype"])
@@ -275,17 +298,27 @@ class CompressedTensor:
         if mode == MODE_RAW:
             raw = _need(arrays, "raw", where)
             if raw.dtype != dtype or raw.numel() != numel:
-                raise ShapeMismatchError(f"{where}: raw data is {raw.dtype}[{raw.numel()}], expected {dtype}[{numel}]")
+                raise ShapeMismatchError(
+                    f"{where}: raw data is {raw.dtype}[{raw.numel()}], expected {dtype}[{numel}]"
+                )
             return cls(mode=MODE_RAW, members=members, numel=numel, dtype=dtype, raw=raw.reshape(-1))
         if mode != MODE_HUFFMAN:
             raise CorruptStreamError(f"{where}: unknown unit mode {mode!r}")
         kind = meta.get("code_kind", CODE_CANONICAL)
         parts = {k: _need(arrays, k, where) for k in _HUFFMAN_ARRAYS}
         code = _need(arrays, "code_lengths" if kind == CODE_CANONICAL else "luts", where)
-        ct = cls(mode=MODE_HUFFMAN, members=members, numel=numel, dtype=torch.bfloat16, code=code,
-                 code_kind=kind, bytes_per_window=int(meta["bytes_per_window"]),
-                 windows_per_block=int(meta["windows_per_block"]), max_code_length=int(meta["max_code_length"]),
-                 **{k: v.reshape(-1) for k, v in parts.items()})
+        ct = cls(
+            mode=MODE_HUFFMAN,
+            members=members,
+            numel=numel,
+            dtype=torch.bfloat16,
+            code=code,
+            code_kind=kind,
+            bytes_per_window=int(meta["bytes_per_window"]),
+            windows_per_block=int(meta["windows_per_block"]),
+            max_code_length=int(meta["max_code_length"]),
+            **{k: v.reshape(-1) for k, v in parts.items()},
+        )
         check_structure(ct, where)
         return ct
 
@@ -307,20 +340,30 @@ def check_structure(ct: CompressedTensor, where: str = "unit") -> None:
     if ct.code.dtype != torch.uint8 or (ct.code_kind == CODE_CANONICAL and ct.code.numel() != 256):
         raise CorruptStreamError(f"{where}: the code must be uint8 (256 lengths or official LUT rows)")
     if ct.bytes_per_window < 4 or ct.windows_per_block < 1 or not 1 <= ct.max_code_length <= 32:
-        raise CorruptStreamError(f"{where}: bad parameters window={ct.bytes_per_window} "
-                                 f"block={ct.windows_per_block} max_code_length={ct.max_code_length}")
+        raise CorruptStreamError(
+            f"{where}: bad parameters window={ct.bytes_per_window} "
+            f"block={ct.windows_per_block} max_code_length={ct.max_code_length}"
+        )
     if ct.sign_mantissa.numel() != ct.numel:
-        raise CorruptStreamError(f"{where}: {ct.sign_mantissa.numel()} sign/mantissa bytes for {ct.numel} weights")
+        raise CorruptStreamError(
+            f"{where}: {ct.sign_mantissa.numel()} sign/mantissa bytes for {ct.numel} weights"
+        )
     n_windows = -(-ct.encoded_exponent.numel() // ct.bytes_per_window)
     n_blocks = -(-n_windows // ct.windows_per_block)
     if ct.output_positions.numel() != n_blocks + 1:
-        raise CorruptStreamError(f"{where}: {ct.output_positions.numel()} output positions for {n_blocks} blocks "
-                                 f"(stream of {ct.encoded_exponent.numel()} bytes): truncated or mismatched")
+        raise CorruptStreamError(
+            f"{where}: {ct.output_positions.numel()} output positions for {n_blocks} blocks "
+            f"(stream of {ct.encoded_exponent.numel()} bytes): truncated or mismatched"
+        )
     if ct.gaps.numel() * 8 < n_windows * GAP_BITS:
-        raise CorruptStreamError(f"{where}: {ct.gaps.numel()} gap bytes cannot hold {n_windows} window offsets")
+        raise CorruptStreamError(
+            f"{where}: {ct.gaps.numel()} gap bytes cannot hold {n_windows} window offsets"
+        )
     pos = ct.output_positions.cpu()
     if pos.numel() and (int(pos[0]) != 0 or int(pos[-1]) != ct.numel or bool((pos[1:] < pos[:-1]).any())):
-        raise CorruptStreamError(f"{where}: output positions are not a non-decreasing run from 0 to {ct.numel}")
+        raise CorruptStreamError(
+            f"{where}: output positions are not a non-decreasing run from 0 to {ct.numel}"
+        )
 
 
 # ---- files ---------------------------------------------------------------------------------------------------
@@ -354,16 +397,24 @@ def unit_tensors(name: str, ct: CompressedTensor) -> dict[str, torch.Tensor]:
     return {f"{name}.{k}": t.detach().cpu().contiguous() for k, t in ct.stored_tensors().items()}
 
 
-def format_metadata(units: Mapping[str, CompressedTensor], extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-            "units": json.dumps({n: ct.metadata() for n, ct in units.items()}, separators=(",", ":"))}
+def format_metadata(
+    units: Mapping[str, CompressedTensor], extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "units": json.dumps({n: ct.metadata() for n, ct in units.items()}, separators=(",", ":")),
+    }
     meta.update(extra or {})
     return meta
 
 
-def save_compressed_tensors(units: Mapping[str, CompressedTensor] | CompressedTensor, path: str | os.PathLike,
-                            extra_tensors: Mapping[str, torch.Tensor] | None = None,
-                            metadata: Mapping[str, str] | None = None) -> None:
+def save_compressed_tensors(
+    units: Mapping[str, CompressedTensor] | CompressedTensor,
+    path: str | os.PathLike,
+    extra_tensors: Mapping[str, torch.Tensor] | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
     """Write units (and optional plain tensors) to one safetensors file, atomically.
 
     Args:
@@ -392,16 +443,19 @@ def check_version(meta: Mapping[str, str] | None, where: str) -> dict:
     version = str(meta.get("format_version", ""))
     major = version.split(".")[0]
     if major != FORMAT_VERSION.split(".")[0]:
-        raise FormatVersionError(f"{where}: written with dfloat format {version}, this dfloat reads "
-                                 f"{FORMAT_VERSION.split('.')[0]}.x; upgrade dfloat to read it")
+        raise FormatVersionError(
+            f"{where}: written with dfloat format {version}, this dfloat reads "
+            f"{FORMAT_VERSION.split('.')[0]}.x; upgrade dfloat to read it"
+        )
     try:
         return json.loads(meta["units"])
     except (KeyError, json.JSONDecodeError) as e:
         raise CorruptStreamError(f"{where}: unit metadata is unreadable ({e})") from None
 
 
-def load_compressed_tensors(path: str | os.PathLike, device: str | torch.device = "cpu"
-                            ) -> tuple[dict[str, CompressedTensor], dict[str, torch.Tensor]]:
+def load_compressed_tensors(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[dict[str, CompressedTensor], dict[str, torch.Tensor]]:
     """Read a file written by `save_compressed_tensors`.
 
     Returns:

@@ -25,7 +25,11 @@ def weights_like(n: int, seed: int = 0, std: float = 0.02) -> torch.Tensor:
 def random_bits(n: int, seed: int = 0) -> torch.Tensor:
     """Uniform 16-bit patterns: all 256 exponents, about 8 bits of exponent entropy."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(-32768, 32768, (n,), generator=g, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    return (
+        torch.randint(-32768, 32768, (n,), generator=g, dtype=torch.int32)
+        .to(torch.int16)
+        .view(torch.bfloat16)
+    )
 
 
 def with_exponent_counts(counts: dict[int, int], seed: int = 0) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """A compressed checkpoint folder: shards of units and plain tensors, an index, config.json with a "dfloat" section.
 
-    config.json                       the model's config + "dfloat": {format_version, parameters, source, sizes}
-    dfloat.index.json                 {"metadata": {...}, "weight_map": {unit or tensor name: shard file}}
-    dfloat-00001-of-0000N.safetensors units ("{unit}.{array}") and plain tensors, metadata per docs/FORMAT.md
-    tokenizer / generation files      copied from the source
+config.json                       the model's config + "dfloat": {format_version, parameters, source, sizes}
+dfloat.index.json                 {"metadata": {...}, "weight_map": {unit or tensor name: shard file}}
+dfloat-00001-of-0000N.safetensors units ("{unit}.{array}") and plain tensors, metadata per docs/FORMAT.md
+tokenizer / generation files      copied from the source
 """
 
 from __future__ import annotations
@@ -111,8 +111,9 @@ class CompressedCheckpoint:
             raise ModelSourceError(f"{self.folder}: missing shard file(s): {', '.join(missing)}")
         return files
 
-    def iter_shards(self, device: str | torch.device = "cpu"
-                    ) -> Iterator[tuple[Path, dict[str, CompressedTensor], dict[str, torch.Tensor]]]:
+    def iter_shards(
+        self, device: str | torch.device = "cpu"
+    ) -> Iterator[tuple[Path, dict[str, CompressedTensor], dict[str, torch.Tensor]]]:
         for path in self.shard_files:
             units, plain = load_compressed_tensors(path, device=device)
             yield path, units, plain

@@ -90,14 +90,16 @@ def _check_lossless(config: dict, tensors: list[_Tensor], folder: Path) -> None:
         method = config["quantization_config"].get("quant_method", "quantized")
         raise UnsupportedDtypeError(
             f"{folder}: the model is {method}-quantized; its weights are not BF16, and coding them as BF16 would "
-            "not reproduce them. dfloat compresses BF16 checkpoints only.")
+            "not reproduce them. dfloat compresses BF16 checkpoints only."
+        )
     bad = [t for t in tensors if t.dtype in _FLOAT_DTYPES and len(t.shape) >= 2]
     if bad:
         dtypes = sorted({t.dtype for t in bad})
         raise UnsupportedDtypeError(
             f"{folder}: weights are {'/'.join(dtypes)} (e.g. {bad[0].name}), not BF16. dfloat is lossless only for "
             "BF16: casting them to BF16 would round away bits, so nothing is cast silently. Load the model with "
-            "dtype=torch.bfloat16 and save_pretrained it first if BF16 is what you want to serve.")
+            "dtype=torch.bfloat16 and save_pretrained it first if BF16 is what you want to serve."
+        )
 
 
 def _model_card(report: CompressionReport, origin: dict, config: dict) -> str:
@@ -105,9 +107,9 @@ def _model_card(report: CompressionReport, origin: dict, config: dict) -> str:
     return f"""---
 tags: [dfloat, lossless, bf16]
 ---
-# {Path(origin['source']).name} (dfloat, lossless)
+# {Path(origin["source"]).name} (dfloat, lossless)
 
-Losslessly compressed copy of `{origin['source']}`{f" (revision `{origin['revision']}`)" if origin.get('revision') else ""}
+Losslessly compressed copy of `{origin["source"]}`{f" (revision `{origin['revision']}`)" if origin.get("revision") else ""}
 ({arch}) made with [dfloat](https://github.com/dfloat) {FORMAT_VERSION}: BF16 exponents Huffman-coded, sign and
 mantissa kept, so every weight decodes bit-identical to the original.
 
@@ -131,7 +133,8 @@ def _resolve_source(source, revision, token, stack: list[tempfile.TemporaryDirec
         if dtypes - {torch.bfloat16}:
             raise UnsupportedDtypeError(
                 f"the in-memory model has {sorted(map(str, dtypes))} weights, not BF16; casting would not be "
-                "lossless. Load it with dtype=torch.bfloat16 first.")
+                "lossless. Load it with dtype=torch.bfloat16 first."
+            )
         tmp = tempfile.TemporaryDirectory(prefix="dfloat-src-")
         stack.append(tmp)
         source.save_pretrained(tmp.name, safe_serialization=True)
@@ -179,7 +182,9 @@ def compress_model(
     t0 = time.perf_counter()
     out_dir = Path(out_dir).expanduser().resolve()
     if out_dir.exists() and not overwrite:
-        raise OutputExistsError(f"{out_dir}: already exists (pass overwrite=True / --overwrite to replace it)")
+        raise OutputExistsError(
+            f"{out_dir}: already exists (pass overwrite=True / --overwrite to replace it)"
+        )
     if workers:
         import numba
 
@@ -198,9 +203,24 @@ def compress_model(
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
         os.chmod(tmp, default_mode(directory=True))
         try:
-            report = _write(folder, tensors, plan, tmp, out_dir, origin, config, max_shard_bytes, progress,
-                            dict(bytes_per_window=bytes_per_window, windows_per_block=windows_per_block,
-                                 max_code_length=max_code_length, allow_raw=allow_raw), t0)
+            report = _write(
+                folder,
+                tensors,
+                plan,
+                tmp,
+                out_dir,
+                origin,
+                config,
+                max_shard_bytes,
+                progress,
+                dict(
+                    bytes_per_window=bytes_per_window,
+                    windows_per_block=windows_per_block,
+                    max_code_length=max_code_length,
+                    allow_raw=allow_raw,
+                ),
+                t0,
+            )
             if verify:
                 verify_checkpoint(tmp)
             _replace_dir(tmp, out_dir)
@@ -211,8 +231,13 @@ def compress_model(
         for t in stack:
             t.cleanup()
     report.seconds = time.perf_counter() - t0
-    log.info("compressed %s -> %s: %.2f%% of BF16 in %.1fs", origin["source"], out_dir, 100 * report.ratio,
-             report.seconds)
+    log.info(
+        "compressed %s -> %s: %.2f%% of BF16 in %.1fs",
+        origin["source"],
+        out_dir,
+        100 * report.ratio,
+        report.seconds,
+    )
     return report
 
 
@@ -249,16 +274,28 @@ def _write(folder, tensors, plan, tmp, out_dir, origin, config, max_shard_bytes,
         report.stored_bytes += ct.nbytes
         if progress:
             progress(unit, i + 1, len(order), ct.numel)
-    index = writer.close({"format_version": FORMAT_VERSION, "weights": report.weights,
-                          "original_bytes": report.original_bytes, "stored_bytes": report.stored_bytes})
+    index = writer.close(
+        {
+            "format_version": FORMAT_VERSION,
+            "weights": report.weights,
+            "original_bytes": report.original_bytes,
+            "stored_bytes": report.stored_bytes,
+        }
+    )
     report.seconds = time.perf_counter() - t0
     for f in src.side_files(folder):
         shutil.copy2(f, tmp / f.name)
     config = dict(config)
     config[CONFIG_KEY] = {
-        "format_version": FORMAT_VERSION, **{k: v for k, v in options.items() if k != "allow_raw"}, "source": origin["source"], "revision": origin.get("revision"),
-        "units": report.units, "weights": report.weights, "original_bytes": report.original_bytes,
-        "stored_bytes": report.stored_bytes, "shards": len(set(index["weight_map"].values())),
+        "format_version": FORMAT_VERSION,
+        **{k: v for k, v in options.items() if k != "allow_raw"},
+        "source": origin["source"],
+        "revision": origin.get("revision"),
+        "units": report.units,
+        "weights": report.weights,
+        "original_bytes": report.original_bytes,
+        "stored_bytes": report.stored_bytes,
+        "shards": len(set(index["weight_map"].values())),
     }
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (tmp / "README.md").write_text(_model_card(report, origin, config))
@@ -276,8 +313,9 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
         os.replace(tmp, out_dir)
 
 
-def verify_checkpoint(folder: str | os.PathLike, against: str | os.PathLike | None = None,
-                      backend: str | None = None) -> list[str]:
+def verify_checkpoint(
+    folder: str | os.PathLike, against: str | os.PathLike | None = None, backend: str | None = None
+) -> list[str]:
     """Decode every unit and compare with the stored checksums (and, with ``against``, with the original
     checkpoint's tensors byte for byte). Returns the problems found; raises ChecksumError if any."""
     from dfloat.codec import decompress_tensor
@@ -304,8 +342,10 @@ def verify_checkpoint(folder: str | os.PathLike, against: str | os.PathLike | No
         with safe_open(str(original[name].file), framework="pt") as f:
             want = f.get_tensor(name)
         if want.dtype != got.dtype or want.shape != got.shape or crc32_of(want) != crc32_of(got):
-            problems.append(f"{name}: differs from the original ({want.dtype}{list(want.shape)} vs "
-                            f"{got.dtype}{list(got.shape)})")
+            problems.append(
+                f"{name}: differs from the original ({want.dtype}{list(want.shape)} vs "
+                f"{got.dtype}{list(got.shape)})"
+            )
 
     for path, units, plain in ckpt.iter_shards():
         for uname, ct in units.items():
@@ -327,8 +367,13 @@ def verify_checkpoint(folder: str | os.PathLike, against: str | os.PathLike | No
     return problems
 
 
-def decompress_model(source: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False,
-                     max_shard_bytes: int = 5 * 1024**3) -> Path:
+def decompress_model(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> Path:
     """Write the original BF16 checkpoint back (tensors byte-identical to the source's), atomically."""
     from safetensors.torch import save_file
 
@@ -350,7 +395,9 @@ def decompress_model(source: str | os.PathLike, out_dir: str | os.PathLike, *, o
             if pending:
                 path = tmp / f".part-{len(written) + 1:05d}.safetensors"
                 save_file(pending, str(path), metadata={"format": "pt"})
-                written.append((path, list(pending), sum(t.numel() * t.element_size() for t in pending.values())))
+                written.append(
+                    (path, list(pending), sum(t.numel() * t.element_size() for t in pending.values()))
+                )
                 pending.clear()
 
         for _, units, plain in ckpt.iter_shards():
@@ -359,19 +406,32 @@ def decompress_model(source: str | os.PathLike, out_dir: str | os.PathLike, *, o
                 ct.verify(flat := decompress_tensor(ct, device="cpu").reshape(-1))
                 tensors.update({k: v.clone() for k, v in ct.split(flat).items()})
             for name, t in tensors.items():
-                if pending and sum(x.numel() * x.element_size() for x in pending.values()) + \
-                        t.numel() * t.element_size() > max_shard_bytes:
+                if (
+                    pending
+                    and sum(x.numel() * x.element_size() for x in pending.values())
+                    + t.numel() * t.element_size()
+                    > max_shard_bytes
+                ):
                     flush()
                 pending[name] = t
         flush()
         n = len(written)
-        names = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        names = (
+            ["model.safetensors"]
+            if n == 1
+            else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        )
         for (path, _, _), name in zip(written, names):
             os.replace(path, tmp / name)
         if n > 1:
             weight_map = {k: name for (_, keys, _), name in zip(written, names) for k in keys}
-            (tmp / src.WEIGHT_INDEX).write_text(json.dumps(
-                {"metadata": {"total_size": sum(w[2] for w in written)}, "weight_map": weight_map}, indent=2) + "\n")
+            (tmp / src.WEIGHT_INDEX).write_text(
+                json.dumps(
+                    {"metadata": {"total_size": sum(w[2] for w in written)}, "weight_map": weight_map},
+                    indent=2,
+                )
+                + "\n"
+            )
         for f in src.side_files(folder):
             if f.name != "dfloat.index.json":
                 shutil.copy2(f, tmp / f.name)

@@ -44,7 +44,9 @@ def grouping_from(spec: Grouping | Mapping[str, str] | None) -> Grouping:
     return unit_of
 
 
-def plan_units(tensors: Iterable[tuple[str, tuple[int, ...], str]], unit_of: Grouping) -> dict[str, list[str]]:
+def plan_units(
+    tensors: Iterable[tuple[str, tuple[int, ...], str]], unit_of: Grouping
+) -> dict[str, list[str]]:
     """``{unit: [tensor names in checkpoint order]}`` for the BF16 tensors a unit may hold."""
     units: dict[str, list[str]] = {}
     for name, shape, dtype in tensors:

@@ -87,8 +87,10 @@ def _model_class(config, model_class):
     for mapping in (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING, modeling_auto.MODEL_MAPPING):
         with contextlib.suppress(KeyError):
             return mapping[type(config)]
-    raise ModelSourceError(f"no transformers class for model type {config.model_type!r} "
-                           f"(architectures {getattr(config, 'architectures', None)}); pass model_class=")
+    raise ModelSourceError(
+        f"no transformers class for model type {config.model_type!r} "
+        f"(architectures {getattr(config, 'architectures', None)}); pass model_class="
+    )
 
 
 def _build_empty(folder: Path, model_class, kwargs: dict):
@@ -140,13 +142,20 @@ def _set_plain(model, name: str, tensor: torch.Tensor, aliases, device) -> None:
     elif attr in module._buffers:
         module._buffers[attr] = tensor
     else:
-        raise ShapeMismatchError(f"checkpoint tensor {name!r} has no place in the model: the config does not "
-                                 "match the tensors")
+        raise ShapeMismatchError(
+            f"checkpoint tensor {name!r} has no place in the model: the config does not match the tensors"
+        )
 
 
-def attach(model: torch.nn.Module, units: Mapping[str, CompressedTensor], plain: Mapping[str, torch.Tensor],
-           device: torch.device | str, backend: str | None = None, cpu_offload: bool = False,
-           device_map: Mapping[str, str | torch.device] | None = None) -> dict[torch.device, DecodeBuffer]:
+def attach(
+    model: torch.nn.Module,
+    units: Mapping[str, CompressedTensor],
+    plain: Mapping[str, torch.Tensor],
+    device: torch.device | str,
+    backend: str | None = None,
+    cpu_offload: bool = False,
+    device_map: Mapping[str, str | torch.device] | None = None,
+) -> dict[torch.device, DecodeBuffer]:
     """Load plain tensors into ``model`` and hook every coded unit so it is decoded right before use."""
     device = canonical_device(device)
     aliases = _aliases(model)
@@ -155,11 +164,14 @@ def attach(model: torch.nn.Module, units: Mapping[str, CompressedTensor], plain:
 
     def check_shape(name, shape):
         if name not in expected:
-            raise ShapeMismatchError(f"checkpoint tensor {name!r} has no place in the model: the config does not "
-                                     "match the tensors")
+            raise ShapeMismatchError(
+                f"checkpoint tensor {name!r} has no place in the model: the config does not match the tensors"
+            )
         if tuple(expected[name].shape) != tuple(shape):
-            raise ShapeMismatchError(f"tensor {name!r} is {list(shape)} in the checkpoint but "
-                                     f"{list(expected[name].shape)} in the model built from config.json")
+            raise ShapeMismatchError(
+                f"tensor {name!r} is {list(shape)} in the checkpoint but "
+                f"{list(expected[name].shape)} in the model built from config.json"
+            )
 
     for name, t in plain.items():
         if name in expected:
@@ -179,8 +191,10 @@ def attach(model: torch.nn.Module, units: Mapping[str, CompressedTensor], plain:
             continue
         for m in ct.members:
             check_shape(m.name, m.shape)
-        slots = [_Slot([_place(model, a) for a in aliases.get(m.name, [m.name])], m.offset, m.shape)
-                 for m in ct.members]
+        slots = [
+            _Slot([_place(model, a) for a in aliases.get(m.name, [m.name])], m.offset, m.shape)
+            for m in ct.members
+        ]
         stored = ct.pin_memory() if (cpu_offload and udev.type == "cuda") else ct.to(udev)
         unit = _Unit(uname, stored, udev, slots)
         buf = buffers.setdefault(udev, DecodeBuffer(udev, 0, backend))
@@ -188,7 +202,8 @@ def attach(model: torch.nn.Module, units: Mapping[str, CompressedTensor], plain:
         for slot in slots:
             for module, attr in slot.places:
                 module._parameters[attr] = torch.nn.Parameter(
-                    torch.empty(1, dtype=torch.bfloat16, device=udev).expand(slot.shape), requires_grad=False)
+                    torch.empty(1, dtype=torch.bfloat16, device=udev).expand(slot.shape), requires_grad=False
+                )
                 hooked.setdefault(id(module), [module, []])[1].append(unit)
         for m in ct.members:
             filled.update(aliases.get(m.name, [m.name]))
@@ -200,9 +215,13 @@ def attach(model: torch.nn.Module, units: Mapping[str, CompressedTensor], plain:
 
     missing = [n for n in expected if n not in filled]
     if missing:
-        raise ShapeMismatchError(f"the checkpoint lacks {len(missing)} weight(s) the model needs, e.g. "
-                                 f"{', '.join(missing[:3])}: the config does not match the tensors")
-    for name, buf in list(model.named_buffers()):  # buffers computed at construction (rotary tables) start on CPU
+        raise ShapeMismatchError(
+            f"the checkpoint lacks {len(missing)} weight(s) the model needs, e.g. "
+            f"{', '.join(missing[:3])}: the config does not match the tensors"
+        )
+    for name, buf in list(
+        model.named_buffers()
+    ):  # buffers computed at construction (rotary tables) start on CPU
         bdev = _device_for(name, device, device_map)
         if buf.device != bdev:
             module, attr = _place(model, name)
@@ -305,10 +324,14 @@ def load_compressed(
     """
     folder, _ = src.resolve_folder(source, revision=revision, token=token)
     config = src.read_config(folder)
-    device = canonical_device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    device = canonical_device(
+        device if device is not None else "cuda" if torch.cuda.is_available() else "cpu"
+    )
     if CONFIG_KEY not in config and "dfloat11_config" not in config:
-        raise ModelSourceError(f"{folder}: not a compressed model (config.json has no 'dfloat' or "
-                               "'dfloat11_config' section); load it with transformers directly")
+        raise ModelSourceError(
+            f"{folder}: not a compressed model (config.json has no 'dfloat' or "
+            "'dfloat11_config' section); load it with transformers directly"
+        )
     model = _build_empty(folder, model_class, kw)
     if CONFIG_KEY in config:
         ckpt = CompressedCheckpoint.open(folder)
@@ -322,9 +345,15 @@ def load_compressed(
         units, plain = read_official(folder, config, model)
     if device_map == "auto":
         device_map = _auto_device_map(units)
-    buffers = attach(model, units, plain, device, backend=backend, cpu_offload=cpu_offload, device_map=device_map)
-    log.info("loaded %s: %d coded units, decode buffer(s) %s", folder, sum(u.is_coded for u in units.values()),
-             {str(d): b.numel for d, b in buffers.items()})
+    buffers = attach(
+        model, units, plain, device, backend=backend, cpu_offload=cpu_offload, device_map=device_map
+    )
+    log.info(
+        "loaded %s: %d coded units, decode buffer(s) %s",
+        folder,
+        sum(u.is_coded for u in units.values()),
+        {str(d): b.numel for d, b in buffers.items()},
+    )
     return model
 
 
@@ -341,8 +370,12 @@ def weight_memory(model: torch.nn.Module) -> dict[str, int]:
             continue
         seen.add(t.data_ptr())
         plain += t.numel() * t.element_size()
-    return {"compressed": coded, "plain": plain, "decode_buffers": buffer_bytes,
-            "total": coded + plain + buffer_bytes}
+    return {
+        "compressed": coded,
+        "plain": plain,
+        "decode_buffers": buffer_bytes,
+        "total": coded + plain + buffer_bytes,
+    }
 
 
 def describe_unit_layout(folder: str | os.PathLike) -> dict:
@@ -355,4 +388,3 @@ def describe_unit_layout(folder: str | os.PathLike) -> dict:
             units = json.loads(f.metadata()["units"])
         out.update({u: [m["name"] for m in meta["members"]] for u, meta in units.items()})
     return out
-

@@ -13,8 +13,9 @@ from dfloat.format import CompressedTensor
 from dfloat.runtime import source as src
 
 
-def read_official(folder: Path, config: dict, model: torch.nn.Module
-                  ) -> tuple[dict[str, CompressedTensor], dict[str, torch.Tensor]]:
+def read_official(
+    folder: Path, config: dict, model: torch.nn.Module
+) -> tuple[dict[str, CompressedTensor], dict[str, torch.Tensor]]:
     """Units (one per matched module, members from its pattern) and the remaining plain tensors."""
     from safetensors import safe_open
 
@@ -40,11 +41,18 @@ def read_official(folder: Path, config: dict, model: torch.nn.Module
         missing = [n for n in names if n not in params]
         if missing:
             raise ModelSourceError(f"{folder}: module {module_name} has no weight {missing[0]} in the model")
-        arrays = {k: tensors.pop(f"{module_name}.{k}") for k in df11.OFFICIAL_ARRAYS
-                  if f"{module_name}.{k}" in tensors}
+        arrays = {
+            k: tensors.pop(f"{module_name}.{k}")
+            for k in df11.OFFICIAL_ARRAYS
+            if f"{module_name}.{k}" in tensors
+        }
         units[module_name] = df11.from_official_unit(
-            arrays, [(n, tuple(params[n].shape)) for n in names], bytes_per_thread, threads_per_block,
-            where=f"{folder}: unit {module_name}")
+            arrays,
+            [(n, tuple(params[n].shape)) for n in names],
+            bytes_per_thread,
+            threads_per_block,
+            where=f"{folder}: unit {module_name}",
+        )
     if not units:
         raise ModelSourceError(f"{folder}: dfloat11_config matches no compressed module")
     return units, tensors
@@ -78,12 +86,18 @@ def write_official(model_folder: Path, out_dir: Path, pattern_dict: dict[str, li
             continue
         ct = compress_tensors({n: tensors.pop(n) for n in names}, allow_raw=False)
         arrays = df11.to_official_unit(ct)
-        save_file({f"{module_name}.{k}": v for k, v in arrays.items()},
-                  str(out_dir / f"{module_name.replace('.', '_')}.safetensors"))
+        save_file(
+            {f"{module_name}.{k}": v for k, v in arrays.items()},
+            str(out_dir / f"{module_name.replace('.', '_')}.safetensors"),
+        )
     save_file(tensors, str(out_dir / "model.safetensors"))
     config = json.loads((model_folder / "config.json").read_text())
-    config["dfloat11_config"] = {"version": "0.5.0", "threads_per_block": [df11.OFFICIAL_THREADS_PER_BLOCK],
-                                 "bytes_per_thread": df11.OFFICIAL_BYTES_PER_THREAD, "pattern_dict": pattern_dict}
+    config["dfloat11_config"] = {
+        "version": "0.5.0",
+        "threads_per_block": [df11.OFFICIAL_THREADS_PER_BLOCK],
+        "bytes_per_thread": df11.OFFICIAL_BYTES_PER_THREAD,
+        "pattern_dict": pattern_dict,
+    }
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     for f in src.side_files(model_folder):
         shutil.copy2(f, out_dir / f.name)

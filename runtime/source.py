@@ -21,8 +21,12 @@ def looks_like_hub_id(source: str) -> bool:
     return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
 
 
-def resolve_folder(source: str | os.PathLike, revision: str | None = None, token: str | bool | None = None,
-                   allow_patterns: list[str] | None = None) -> tuple[Path, dict]:
+def resolve_folder(
+    source: str | os.PathLike,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    allow_patterns: list[str] | None = None,
+) -> tuple[Path, dict]:
     """A local folder holding the model, and where it came from ({"source", "revision"})."""
     path = Path(source).expanduser()
     if path.exists():
@@ -39,8 +43,11 @@ def resolve_folder(source: str | os.PathLike, revision: str | None = None, token
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         raise ModelSourceError(
             f"{source}: cannot be fetched from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-            + ("; HF_HUB_OFFLINE=1 is set, so only models already in the cache work" if offline else
-               "; check the id and your network, set HF_HUB_OFFLINE=1 to use the local cache, or pass a local folder")
+            + (
+                "; HF_HUB_OFFLINE=1 is set, so only models already in the cache work"
+                if offline
+                else "; check the id and your network, set HF_HUB_OFFLINE=1 to use the local cache, or pass a local folder"
+            )
         ) from None
     commit = Path(folder).name
     return Path(folder), {"source": str(source), "revision": revision or commit}
@@ -72,7 +79,11 @@ def weight_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         bins = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt"))
-        hint = " (only PyTorch .bin files: re-save with save_pretrained(..., safe_serialization=True))" if bins else ""
+        hint = (
+            " (only PyTorch .bin files: re-save with save_pretrained(..., safe_serialization=True))"
+            if bins
+            else ""
+        )
         raise ModelSourceError(f"{folder}: no *.safetensors weights{hint}")
     return files
 

@@ -14,8 +14,15 @@ from click.testing import CliRunner
 
 from dfloat.cli.main import main
 
-TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=2, max_position_embeddings=32)
+TINY = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+)
 
 
 def make_model(folder, dtype=torch.bfloat16, **over):
@@ -42,8 +49,13 @@ def compressed(model_dir, tmp_path_factory):
 def dfloat_cmd(*args, env=None, timeout=300):
     exe = shutil.which("dfloat")
     assert exe, "the dfloat command is not installed"
-    return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [exe, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_version_and_help():
@@ -111,8 +123,13 @@ def test_user_errors_are_one_line(case, model_dir, compressed, tmp_path, monkeyp
     assert r.exit_code == 1, r.output
     lines = r.output.strip().splitlines()
     assert lines[0].startswith("dfloat: error: ") and "Traceback" not in r.output
-    expect = {"missing": "no such folder", "not_a_model": "no config.json", "hub_offline": "HF_HUB_OFFLINE",
-              "fp32": "not BF16", "exists": "already exists"}[case]
+    expect = {
+        "missing": "no such folder",
+        "not_a_model": "no config.json",
+        "hub_offline": "HF_HUB_OFFLINE",
+        "fp32": "not BF16",
+        "exists": "already exists",
+    }[case]
     assert expect in r.output
 
 
@@ -146,10 +163,13 @@ def test_installed_command_errors(case, model_dir, compressed, tmp_path):
         r = dfloat_cmd("verify", bad)
         assert r.returncode == 1 and shard.name in r.stderr and "Traceback" not in r.stderr
         return
-    args = {"missing": ["compress", tmp_path / "nope"], "not_a_model": ["compress", tmp_path],
-            "hub_offline": ["compress", "no-such-owner/no-such-model", "-o", tmp_path / "o"],
-            "fp32": ["compress", make_model(tmp_path / "fp32", torch.float32), "-o", tmp_path / "o"],
-            "exists": ["compress", model_dir, "-o", compressed]}[case]
+    args = {
+        "missing": ["compress", tmp_path / "nope"],
+        "not_a_model": ["compress", tmp_path],
+        "hub_offline": ["compress", "no-such-owner/no-such-model", "-o", tmp_path / "o"],
+        "fp32": ["compress", make_model(tmp_path / "fp32", torch.float32), "-o", tmp_path / "o"],
+        "exists": ["compress", model_dir, "-o", compressed],
+    }[case]
     r = dfloat_cmd(*args, env={"HF_HUB_OFFLINE": "1"})
     assert r.returncode == 1 and r.stderr.startswith("dfloat: error: ") and "Traceback" not in r.stderr
 
@@ -158,8 +178,9 @@ def test_ctrl_c_during_compress_leaves_nothing_and_a_rerun_works(tmp_path):
     src = make_model(tmp_path / "src", num_hidden_layers=24, hidden_size=256, intermediate_size=768)
     out = tmp_path / "out"
     exe = shutil.which("dfloat")
-    proc = subprocess.Popen([exe, "compress", str(src), "-o", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [exe, "compress", str(src), "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     while not list(tmp_path.glob(".out.partial-*")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.005)
@@ -173,8 +194,9 @@ def test_ctrl_c_during_compress_leaves_nothing_and_a_rerun_works(tmp_path):
 
 
 def test_generate_on_the_bundled_model():
-    r = CliRunner().invoke(main, ["generate", "--prompt", "Once upon a time", "--max-new-tokens", "8",
-                                  "--seed", "0", "--stats"])
+    r = CliRunner().invoke(
+        main, ["generate", "--prompt", "Once upon a time", "--max-new-tokens", "8", "--seed", "0", "--stats"]
+    )
     assert r.exit_code == 0, r.output
     assert r.output.startswith("Once upon a time") and len(r.output.strip()) > len("Once upon a time")
     assert "tok/s" in r.output
@@ -198,7 +220,9 @@ if sys.platform == "win32":  # pragma: no cover
 def test_push_to_hub_without_network_fails_after_the_local_result(model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "pushed"
-    r = CliRunner().invoke(main, ["compress", str(model_dir), "-o", str(out), "--push-to-hub", "me/tiny-dfloat"])
+    r = CliRunner().invoke(
+        main, ["compress", str(model_dir), "-o", str(out), "--push-to-hub", "me/tiny-dfloat"]
+    )
     assert r.exit_code == 1 and "could not push to me/tiny-dfloat" in r.output
     assert f"complete in {out}" in r.output and (out / "dfloat.index.json").is_file()
 

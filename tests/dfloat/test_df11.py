@@ -32,9 +32,14 @@ def test_lut_rows_follow_the_official_rules():
     assert set(root.tolist()) <= set(np.flatnonzero(ct.code.numpy()).tolist()) | set(range(240, 256))
 
 
-@pytest.mark.parametrize("make", [lambda: weights_like(50_000, 3).view(250, 200),
-                                  lambda: with_exponent_counts(fibonacci_exponents(28)),
-                                  lambda: weights_like(1, 5)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: weights_like(50_000, 3).view(250, 200),
+        lambda: with_exponent_counts(fibonacci_exponents(28)),
+        lambda: weights_like(1, 5),
+    ],
+)
 def test_official_unit_decodes_identically(make):
     t = make()
     ct = dfloat.compress_tensors({"q": t}, allow_raw=False)

@@ -14,8 +14,11 @@ from dfloat.testing import bits, weights_like
 
 @pytest.fixture
 def unit():
-    return dfloat.compress_tensors({"w1": weights_like(30_000, 1).view(100, 300), "w2": weights_like(7_001, 2)},
-                                   bytes_per_window=8, windows_per_block=16)
+    return dfloat.compress_tensors(
+        {"w1": weights_like(30_000, 1).view(100, 300), "w2": weights_like(7_001, 2)},
+        bytes_per_window=8,
+        windows_per_block=16,
+    )
 
 
 def test_save_load_roundtrip(tmp_path, unit):
@@ -110,7 +113,7 @@ def test_bit_flips_are_caught_by_the_checksum_and_never_crash(unit):
             n_caught += 1
         except CorruptStreamError:
             n_caught += 1
-        assert (buf[unit.numel:] == 0).all()  # nothing written past the unit
+        assert (buf[unit.numel :] == 0).all()  # nothing written past the unit
     assert n_caught == 20
     assert torch.equal(bits(ref), bits(dfloat.decompress_tensor(unit)))
 

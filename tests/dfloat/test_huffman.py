@@ -26,7 +26,7 @@ def brute_force_limited_cost(counts, limit):
     c = sorted((x for x in counts if x > 0), reverse=True)
     best = None
     for ls in itertools.combinations_with_replacement(range(1, limit + 1), len(c)):
-        if sum(2.0 ** -x for x in ls) <= 1.0:
+        if sum(2.0**-x for x in ls) <= 1.0:
             cost = sum(a * b for a, b in zip(c, sorted(ls)))
             best = cost if best is None else min(best, cost)
     return best

@@ -100,8 +100,10 @@ def test_raw_fallback_for_tiny_or_incompressible():
 
 def test_nbytes_counts_every_stored_array():
     ct = dfloat.compress_tensor(weights_like(50_000), allow_raw=False)
-    expected = sum(t.numel() * t.element_size() for t in
-                   (ct.encoded_exponent, ct.sign_mantissa, ct.gaps, ct.output_positions, ct.code))
+    expected = sum(
+        t.numel() * t.element_size()
+        for t in (ct.encoded_exponent, ct.sign_mantissa, ct.gaps, ct.output_positions, ct.code)
+    )
     assert ct.nbytes == expected
 
 

@@ -14,8 +14,15 @@ from dfloat.errors import (
     UnsupportedDtypeError,
 )
 
-TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=2, max_position_embeddings=32)
+TINY = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+)
 
 
 def make(folder, dtype=torch.bfloat16):
@@ -92,7 +99,9 @@ def test_corrupt_shard_is_named(tmp_path):
     data = bytearray(shard.read_bytes())
     data[-200] ^= 0xFF  # inside the last unit's arrays
     shard.write_bytes(bytes(data))
-    with pytest.raises(ChecksumError, match=r"dfloat-00001-of-00001.safetensors.*(fails its checksum|corrupt)"):
+    with pytest.raises(
+        ChecksumError, match=r"dfloat-00001-of-00001.safetensors.*(fails its checksum|corrupt)"
+    ):
         dfloat.verify_checkpoint(tmp_path / "out")
 
 
@@ -102,7 +111,10 @@ def test_missing_shard_and_mismatched_config(tmp_path):
     cfg = json.loads(cfg_path.read_text())
     cfg["intermediate_size"] = 80
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(ShapeMismatchError, match=r"is \[32, 64\] in the checkpoint but \[32, 80\] in the model built from config.json"):
+    with pytest.raises(
+        ShapeMismatchError,
+        match=r"is \[32, 64\] in the checkpoint but \[32, 80\] in the model built from config.json",
+    ):
         dfloat.load_compressed(tmp_path / "out", device="cpu")
     next((tmp_path / "out").glob("dfloat-*.safetensors")).unlink()
     with pytest.raises(ModelSourceError, match="missing shard"):

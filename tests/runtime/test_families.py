@@ -10,8 +10,15 @@ from safetensors.torch import load_file
 import dfloat
 from dfloat.runtime.loader import describe_unit_layout
 
-COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128)
+COMMON = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
 
 
 def _configs():
@@ -66,7 +73,9 @@ def test_family_is_bit_identical(family, tmp_path):
     coded = {n for names in layout.values() for n in names}
     big = {n for n, t in all_tensors(tmp_path / "src").items() if t.ndim >= 2}
     assert coded == big  # every 2-D weight is in a unit; tied weights are stored once
-    assert {u for u in layout if ".layers." in u} == {f"model.layers.{i}" for i in range(config.num_hidden_layers)}
+    assert {u for u in layout if ".layers." in u} == {
+        f"model.layers.{i}" for i in range(config.num_hidden_layers)
+    }
 
     model = dfloat.load_compressed(tmp_path / "out", device="cpu")
     ids = torch.randint(3, config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(1))
