@@ -150,11 +150,18 @@ def _function(device_index: int, name: str, options: tuple[str, ...] = NVRTC_OPT
     with _LOCK, cupy.cuda.Device(device_index):
         mkey = (device_index, options)
         mod = _MODULES.get(mkey)
-        if mod is None:
-            extra = ("-lineinfo",) if os.environ.get("DFLOAT_CUDA_LINEINFO") == "1" else ()
-            mod = cupy.RawModule(code=source(), options=options + extra)
-            _MODULES[mkey] = mod
-        fn = mod.get_function(name)
+        try:
+            if mod is None:
+                extra = ("-lineinfo",) if os.environ.get("DFLOAT_CUDA_LINEINFO") == "1" else ()
+                mod = cupy.RawModule(code=source(), options=options + extra)
+            fn = mod.get_function(name)  # NVRTC runs here, on first use
+        except Exception as e:
+            if type(e).__name__ == "CompileException":  # a bug in decode.cu: show it as it is
+                raise
+            raise BackendUnavailableError(
+                f"CuPy could not build the CUDA decoder ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                "if it cannot find CUDA, set CUDA_PATH to the CUDA toolkit, or use backend='triton'") from e
+        _MODULES[mkey] = mod
         _FUNCTIONS[key] = fn
     return fn
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
 from enum import Enum
 
@@ -18,6 +19,9 @@ class Backend(str, Enum):
     TRITON = "triton"
     CUDA = "cuda"
 
+
+log = logging.getLogger(__name__)
+_FAILED: set[tuple[Backend, str]] = set()
 
 _MODULES = {Backend.CPU: "dfloat.kernels.cpu", Backend.TRITON: "dfloat.kernels.triton_decode",
             Backend.CUDA: "dfloat.kernels.cuda_decode"}
@@ -81,5 +85,19 @@ def decode_into(ct, out: torch.Tensor, backend: str | Backend | None = None, che
     """Decode coded unit ``ct`` into ``out`` (flat BF16, ``ct.numel`` elements, on ct's device).
 
     ``check`` makes GPU backends wait for the kernel and raise on a corrupt stream (the CPU always checks)."""
-    chosen = resolve(backend, out.device)
-    importlib.import_module(_MODULES[chosen]).decode(ct, out, check=check)
+    if backend not in (None, Backend.AUTO, "auto"):
+        importlib.import_module(_MODULES[resolve(backend, out.device)]).decode(ct, out, check=check)
+        return
+    # Automatic choice: a backend that turns out unable to run here (e.g. CuPy finds no CUDA toolkit to compile
+    # with) is skipped from then on, and the next fastest one decodes.
+    usable = [b for b in available_backends(out.device) if (b, out.device.type) not in _FAILED]
+    if not usable:
+        resolve(None, out.device)  # nothing installed: raises with what to install
+    for chosen in usable:
+        try:
+            importlib.import_module(_MODULES[chosen]).decode(ct, out, check=check)
+            return
+        except BackendUnavailableError as e:
+            log.warning("backend %s cannot run on %s, using the next one: %s", chosen.value, out.device, e)
+            _FAILED.add((chosen, out.device.type))
+    raise BackendUnavailableError(f"no decoder could run on {out.device}; see the warnings above")

@@ -55,14 +55,15 @@ def emu(tmp_path_factory):
     return dll
 
 
-def emu_decode(emu, ct, *, offset: int = GUARD, smem_limit: int = cuda_decode.SMEM_DEFAULT):
+def emu_decode(emu, ct, *, offset: int = GUARD, smem_limit: int = cuda_decode.SMEM_DEFAULT,
+               smem_optin: int = cuda_decode.SMEM_DEFAULT):
     """Decode with the emulated kernel into the middle of a guarded buffer; returns (words, status).
 
     The launch plan and the argument list are cuda_decode's own (plan, host_tables, launch_args).
     """
     tables, msym, minfo = (torch.from_numpy(a.view(np.int32).reshape(-1)) for a in cuda_decode.host_tables(ct))
     plan = cuda_decode.plan(ct.bytes_per_window, ct.windows_per_block, ct.n_blocks, tables.numel() // 256,
-                            smem_limit=smem_limit)
+                            smem_limit=smem_limit, smem_optin=smem_optin)
     buf = torch.full((ct.numel + offset + GUARD,), FILL, dtype=torch.int16)
     out = buf[offset:offset + ct.numel]
     status = torch.tensor([0, 2**31 - 1], dtype=torch.int32)
@@ -139,6 +140,20 @@ def test_staging_in_rounds(emu):
     for offset in (GUARD, GUARD + 5):
         words, status = emu_decode(emu, ct, offset=offset, smem_limit=small)
         assert status[0] == 0 and torch.equal(words, bits(t))
+
+
+def test_opt_in_shared_memory(emu):
+    # 192-byte windows: the slots alone exceed 48 KiB, so the plan takes an H100's opt-in maximum (227 KiB)
+    t = weights_like(60_000, seed=11)
+    ct = dfloat.compress_tensor(t, allow_raw=False, bytes_per_window=192, windows_per_block=256)
+    h100_optin = 232_448
+    p = cuda_decode.plan(192, 256, ct.n_blocks, cuda_decode.host_tables(ct)[0].shape[0], smem_optin=h100_optin)
+    assert p.smem == h100_optin
+    for offset in (GUARD, GUARD + 3):
+        words, status = emu_decode(emu, ct, offset=offset, smem_optin=h100_optin)
+        assert status[0] == 0 and torch.equal(words, bits(t))
+    with pytest.raises(dfloat.errors.BackendUnavailableError, match="shared memory"):
+        cuda_decode.plan(192, 256, ct.n_blocks, 1)  # without opt-in it cannot fit
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 31, 32, 33, 127, 128, 129, 4095, 4097])

@@ -92,6 +92,19 @@ def test_awkward_sizes(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_layout_beyond_48k_of_shared_memory(backend):
+    """192-byte windows: the CUDA kernel's slots alone exceed 48 KiB, so it opts in to more (the only test that
+    sets max_dynamic_shared_size_bytes; the emulator never does)."""
+    t = weights_like(300_000, seed=11)
+    ct = exact(backend, t, bytes_per_window=192, windows_per_block=256)
+    if backend == "cuda":
+        from dfloat.kernels import cuda_decode
+
+        p = cuda_decode._plan_for(ct, len(cuda_decode.host_tables(ct)[0]), torch.device("cuda", 0))
+        assert p.smem > cuda_decode.SMEM_DEFAULT, p
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_multi_member_and_official_units(backend):
     parts = {"a": weights_like(1000, 1).view(10, 100), "b": weights_like(37, 2), "c": weights_like(50_000, 3)}
     ct = dfloat.compress_tensors(parts, allow_raw=False)

@@ -1,0 +1,34 @@
+"""Backend choice: by name with one-line errors, or automatic with a fallback when a backend cannot run."""
+
+import pytest
+import torch
+
+import dfloat
+from dfloat.errors import BackendUnavailableError
+from dfloat.kernels import registry
+from dfloat.testing import bits, weights_like
+
+
+def test_unknown_and_unavailable_backends_say_what_to_do():
+    ct = dfloat.compress_tensor(weights_like(10_000))
+    with pytest.raises(BackendUnavailableError, match="unknown backend 'nope'"):
+        dfloat.decompress_tensor(ct, backend="nope")
+    with pytest.raises(BackendUnavailableError, match="needs a CUDA device"):
+        dfloat.decompress_tensor(ct, backend="cuda")
+
+
+def test_automatic_choice_falls_back_when_a_backend_cannot_run(monkeypatch):
+    t = weights_like(10_000)
+    ct = dfloat.compress_tensor(t)
+    monkeypatch.setattr(registry, "available_backends", lambda device: [registry.Backend.TRITON,
+                                                                        registry.Backend.CPU])
+    monkeypatch.setattr(registry, "_FAILED", set())
+
+    def broken(ct, out, check=False):
+        raise BackendUnavailableError("no toolkit")
+
+    import dfloat.kernels.triton_decode as triton_decode
+
+    monkeypatch.setattr(triton_decode, "decode", broken)
+    out = dfloat.decompress_tensor(ct)
+    assert torch.equal(bits(out), bits(t)) and (registry.Backend.TRITON, "cpu") in registry._FAILED
