@@ -49,3 +49,41 @@ def fibonacci_exponents(n_symbols: int) -> dict[int, int]:
         counts[100 + i] = a
         a, b = b, a + b
     return counts
+
+
+TINY_LLAMA = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+)
+
+
+def save_random_model(
+    folder,
+    config=None,
+    dtype=torch.bfloat16,
+    seed=0,
+    trained_scale=False,
+    max_shard_size=None,
+    **llama_overrides,
+):
+    """A random causal LM saved with ``save_pretrained`` (safetensors): a tiny Llama unless ``config`` is given.
+
+    ``trained_scale`` draws weights of trained magnitude (N(0, 0.05); norms N(0, 1)) instead of the init, whose
+    tiny std can make every logit nearly equal.
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = config or LlamaConfig(**{**TINY_LLAMA, **llama_overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if trained_scale:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.05 if p.ndim > 1 else 1.0)
+    model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    return folder

@@ -13,24 +13,11 @@ import torch
 from click.testing import CliRunner
 
 from dfloat.cli.main import main
-
-TINY = dict(
-    vocab_size=128,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    max_position_embeddings=32,
-)
+from dfloat.testing import save_random_model
 
 
 def make_model(folder, dtype=torch.bfloat16, **over):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(LlamaConfig(**{**TINY, **over}), dtype=dtype).save_pretrained(folder)
-    return folder
+    return save_random_model(folder, dtype=dtype, **over)
 
 
 @pytest.fixture(scope="module")

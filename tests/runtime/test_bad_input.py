@@ -13,24 +13,11 @@ from dfloat.errors import (
     ShapeMismatchError,
     UnsupportedDtypeError,
 )
-
-TINY = dict(
-    vocab_size=128,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    max_position_embeddings=32,
-)
+from dfloat.testing import save_random_model
 
 
 def make(folder, dtype=torch.bfloat16):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(LlamaConfig(**TINY), dtype=dtype).save_pretrained(folder)
-    return folder
+    return save_random_model(folder, dtype=dtype)
 
 
 def leftovers(parent):

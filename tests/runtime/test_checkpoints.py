@@ -11,6 +11,7 @@ import torch
 import dfloat
 from dfloat.runtime.loader import describe_unit_layout
 from dfloat.runtime.official import write_official
+from dfloat.testing import save_random_model
 
 TINY = dict(
     vocab_size=256,
@@ -38,15 +39,10 @@ LLAMA_PATTERN = {
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     folder = tmp_path_factory.mktemp("llama") / "src"
-    torch.manual_seed(0)
-    m = AutoModelForCausalLM.from_config(LlamaConfig(**TINY, tie_word_embeddings=False), dtype=torch.bfloat16)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.05 if p.ndim > 1 else 1.0)
-    m.save_pretrained(folder, max_shard_size="80KB")
+    save_random_model(folder, trained_scale=True, max_shard_size="80KB", **TINY, tie_word_embeddings=False)
     ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
     return folder, ref
 

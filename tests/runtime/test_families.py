@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 import dfloat
 from dfloat.runtime.loader import describe_unit_layout
+from dfloat.testing import save_random_model
 
 COMMON = dict(
     vocab_size=256,
@@ -45,12 +46,7 @@ def save_bf16(config, folder, seed=0):
     """A random model saved in BF16 as a multi-shard checkpoint; the reference is it loaded back as users do."""
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    with torch.no_grad():  # weights of trained scale (init std can be tiny) and non-trivial norms
-        for p in model.parameters():
-            p.normal_(0, 0.05 if p.ndim > 1 else 1.0)
-    model.save_pretrained(folder, max_shard_size="60KB")
+    save_random_model(folder, config, seed=seed, trained_scale=True, max_shard_size="60KB")
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
 
 

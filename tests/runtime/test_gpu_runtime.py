@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dfloat
+from dfloat.testing import save_random_model
 
 pytestmark = pytest.mark.gpu
 
@@ -23,15 +24,10 @@ TINY = dict(
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     folder = tmp_path_factory.mktemp("gpu") / "src"
-    torch.manual_seed(0)
-    m = AutoModelForCausalLM.from_config(LlamaConfig(**TINY), dtype=torch.bfloat16)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.05 if p.ndim > 1 else 1.0)
-    m.save_pretrained(folder)
+    save_random_model(folder, trained_scale=True, **TINY)
     dfloat.compress_model(folder, folder.parent / "out")
     ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to("cuda").eval()
     return folder.parent / "out", ref
