@@ -70,7 +70,9 @@ def command(model, as_json, repeats):
     ]
     rows = decode_rows(units, repeats)
     result = {"model": str(model or demo_model_path()), "decode": rows}
-    gen = _generation_rows(model) if model and __import__("torch").cuda.is_available() else []
+    import torch
+
+    gen = _generation_rows(model) if model and torch.cuda.is_available() else []
     if gen:
         result["generation"] = gen
     if as_json:

@@ -9,6 +9,7 @@ import click
 
 def unit_rows(path: str) -> list[dict]:
     import numpy as np
+    import torch
 
     from dfloat.codec import decompress_tensor
     from dfloat.runtime.checkpoint import CompressedCheckpoint
@@ -25,7 +26,7 @@ def unit_rows(path: str) -> list[dict]:
                 "pct_of_bf16": round(100 * ct.nbytes / max(1, 2 * ct.numel), 2),
             }
             if ct.is_coded:
-                words = decompress_tensor(ct, device="cpu").reshape(-1).view(dtype=__import__("torch").int16)
+                words = decompress_tensor(ct, device="cpu").reshape(-1).view(torch.int16)
                 exp = (words.numpy().view(np.uint16) >> 7) & 0xFF
                 p = np.bincount(exp, minlength=256).astype(np.float64) / max(1, exp.size)
                 h = float(-(p[p > 0] * np.log2(p[p > 0])).sum())

@@ -91,22 +91,14 @@ def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
     """CRC-32 of A+B from crc(A), crc(B) and len(B) (zlib's crc32_combine), so halves can be summed in parallel."""
     if len2 <= 0:
         return crc1
-    odd = [0xEDB88320] + [1 << i for i in range(31)]  # the operator for one zero bit
-    even = _gf2_square(odd)  # two zero bits
-    odd = _gf2_square(even)  # four zero bits
-    while True:  # apply len2 zero bytes to crc1
-        even = _gf2_square(odd)
+    op = [0xEDB88320] + [1 << i for i in range(31)]  # the operator that appends one zero bit
+    for _ in range(3):
+        op = _gf2_square(op)  # ... one zero byte
+    while len2:  # append len2 zero bytes to crc1, by binary powers of the one-byte operator
         if len2 & 1:
-            crc1 = _gf2_times(even, crc1)
+            crc1 = _gf2_times(op, crc1)
+        op = _gf2_square(op)
         len2 >>= 1
-        if not len2:
-            break
-        odd = _gf2_square(even)
-        if len2 & 1:
-            crc1 = _gf2_times(odd, crc1)
-        len2 >>= 1
-        if not len2:
-            break
     return (crc1 ^ crc2) & 0xFFFFFFFF
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
@@ -27,8 +28,14 @@ _MODULES = {Backend.CPU: "dfloat.kernels.cpu", Backend.TRITON: "dfloat.kernels.t
             Backend.CUDA: "dfloat.kernels.cuda_decode"}
 
 
+@functools.cache
+def _installed(package: str) -> bool:
+    """Looked up once: this runs on every decode."""
+    return importlib.util.find_spec(package) is not None
+
+
 def _triton_can_run(device: torch.device) -> bool:
-    if importlib.util.find_spec("triton") is None:
+    if not _installed("triton"):
         return False
     if device.type == "cpu":
         return os.environ.get("TRITON_INTERPRET") == "1"
@@ -36,14 +43,14 @@ def _triton_can_run(device: torch.device) -> bool:
 
 
 def _cuda_can_run(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.version.hip is None and importlib.util.find_spec("cupy") is not None
+    return device.type == "cuda" and torch.version.hip is None and _installed("cupy")
 
 
 def _why_not(backend: Backend, device: torch.device) -> str:
     if backend is Backend.CPU:
         return f"the cpu backend decodes into CPU tensors only, not {device}"
     if backend is Backend.TRITON:
-        if importlib.util.find_spec("triton") is None:
+        if not _installed("triton"):
             return "triton is not installed: pip install 'dfloat[triton]'"
         if device.type == "cpu":
             return "triton runs on CPU tensors only under TRITON_INTERPRET=1 (slow; for tests)"

@@ -282,7 +282,6 @@ def _write(folder, tensors, plan, tmp, out_dir, origin, config, max_shard_bytes,
             "stored_bytes": report.stored_bytes,
         }
     )
-    report.seconds = time.perf_counter() - t0
     for f in src.side_files(folder):
         shutil.copy2(f, tmp / f.name)
     config = dict(config)

@@ -52,7 +52,7 @@ def test_version_and_help():
     assert all(c in r.output for c in ("compress", "generate", "verify", "inspect", "bench"))
 
 
-def test_compress_prints_a_summary(compressed):
+def test_compress_writes_a_folder_and_refuses_a_missing_source(compressed):
     assert (compressed / "dfloat.index.json").is_file()
     r = CliRunner().invoke(main, ["compress", str(compressed.parent / "x"), "-o", str(compressed)])
     assert r.exit_code == 1
