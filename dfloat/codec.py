@@ -19,7 +19,11 @@ from dfloat.format import (
     MODE_RAW,
     CompressedTensor,
     Member,
+    check_unit,
     crc32_of,
+    is_trusted,
+    mark_trusted,
+    seal,
 )
 
 log = logging.getLogger(__name__)
@@ -58,8 +62,8 @@ def store_raw(tensors: Mapping[str, torch.Tensor] | torch.Tensor, name: str = "t
         if tensors
         else torch.empty(0, dtype=torch.bfloat16)
     )
-    return CompressedTensor(
-        mode=MODE_RAW, members=_members(tensors), numel=flat.numel(), dtype=flat.dtype, raw=flat
+    return seal(
+        CompressedTensor(mode=MODE_RAW, members=_members(tensors), numel=flat.numel(), dtype=flat.dtype, raw=flat)
     )
 
 
@@ -110,7 +114,7 @@ def compress_tensors(
             2 * numel,
         )
         return store_raw(tensors)
-    return unit
+    return seal(unit)
 
 
 def compress_tensor(t: torch.Tensor, **options) -> CompressedTensor:
@@ -218,10 +222,15 @@ def decompress_tensor(
         The member's tensor for a one-member unit, else the flat concatenation (see `CompressedTensor.split`).
     Raises:
         BackendUnavailableError: the named backend cannot run here (the message says what to install).
-        CorruptStreamError: the stream is inconsistent.
+        ChecksumError: the unit's arrays or metadata do not match its checksums (checked on the first decode of
+            each object; units from `compress_tensor` or a verified file are checked already).
+        CorruptStreamError / ShapeMismatchError: the unit's structure is inconsistent, or the stream is corrupt.
     """
     from dfloat.kernels import registry
 
+    # The first decode of an object checks its structure and checksums; later ones cost one attribute lookup.
+    check_output = False if is_trusted(c) else check_unit(c)
+    unit = c
     device = canonical_device(device) if device is not None else c.device
     if c.device != device:
         c = c.to(device)
@@ -234,7 +243,11 @@ def decompress_tensor(
         )
     flat = out.reshape(-1)[: c.numel]
     if c.is_coded:
-        registry.decode_into(c, flat, backend, check=check)
+        registry.decode_into(c, flat, backend, check=check or check_output)
     else:
         flat.copy_(c.raw)
+    if check_output:  # a format 1.0 unit: its member CRCs over the first output
+        c.verify(flat)
+        mark_trusted(unit)
+        mark_trusted(c)
     return flat.view(c.shape) if len(c.members) == 1 else flat

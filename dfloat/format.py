@@ -11,17 +11,20 @@ import json
 import math
 import os
 import tempfile
+import weakref
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dfloat.errors import ChecksumError, CorruptStreamError, FormatVersionError, ShapeMismatchError
 
 FORMAT_NAME = "dfloat"
-FORMAT_VERSION = "1.0"  # major.minor: a reader accepts any minor of its major; a newer major is refused
+FORMAT_VERSION = "1.1"  # major.minor: a reader accepts any minor of its major; a newer major is refused
+INTEGRITY_MINOR = 1  # from 1.1 on, files carry checksums of every stored array and of the unit metadata
 
 MODE_HUFFMAN = "huffman"
 MODE_RAW = "raw"
@@ -162,6 +165,8 @@ class CompressedTensor:
     windows_per_block: int = DEFAULT_WINDOWS_PER_BLOCK
     max_code_length: int = DEFAULT_MAX_CODE_LENGTH
     raw: torch.Tensor | None = None
+    array_crc32: Mapping[str, int] | None = None  # CRC-32 of each stored array as stored (format 1.1)
+    meta_crc32: int = -1  # CRC-32 of the unit's metadata (format 1.1); -1: none
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     # ---- derived sizes -------------------------------------------------------------------------------------
@@ -207,8 +212,12 @@ class CompressedTensor:
     def _map_arrays(self, fn) -> CompressedTensor:
         names = (*_HUFFMAN_ARRAYS, "code", "raw")
         moved = {k: fn(getattr(self, k)) for k in names if getattr(self, k) is not None}
-        # Decode tables are cached under device-qualified keys, so copies on other devices share them.
-        return replace(self, **moved, _cache=self._cache)
+        # Decode tables are cached under device-qualified keys, so copies on other devices share them. A faithful
+        # copy of a checked unit is checked too (the verdict is per object: `dataclasses.replace` starts afresh).
+        copy = replace(self, **moved, _cache=self._cache)
+        if is_trusted(self):
+            mark_trusted(copy)
+        return copy
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> CompressedTensor:
         """A copy whose arrays live on ``device`` (sharing the decode-table cache)."""
@@ -234,7 +243,7 @@ class CompressedTensor:
             got = crc32_of(flat[m.offset : m.offset + m.numel])
             if got != m.crc32:
                 raise ChecksumError(
-                    f"member {m.name!r} (elements {m.offset}..{m.offset + m.numel}): checksum {got:08x} "
+                    f"{unit_label(self)}: member {m.name!r} (elements {m.offset}..{m.offset + m.numel}): checksum {got:08x} "
                     f"!= stored {m.crc32:08x}; the compressed data is corrupt"
                 )
 
@@ -246,7 +255,7 @@ class CompressedTensor:
         )
 
     # ---- metadata ------------------------------------------------------------------------------------------
-    def metadata(self) -> dict:
+    def metadata(self, with_meta_crc: bool = True) -> dict:
         meta = {
             "mode": self.mode,
             "numel": self.numel,
@@ -263,6 +272,10 @@ class CompressedTensor:
                 windows_per_block=self.windows_per_block,
                 max_code_length=self.max_code_length,
             )
+        if self.array_crc32 is not None:
+            meta["array_crc32"] = dict(self.array_crc32)
+            if with_meta_crc:
+                meta["meta_crc32"] = self.meta_crc32
         return meta
 
     @classmethod
@@ -278,39 +291,38 @@ class CompressedTensor:
             numel = int(meta["numel"])
             mode = meta["mode"]
             dtype = dtype_from_name(meta["dtype"])
-        except (KeyError, TypeError, ValueError) as e:
+            crcs = meta.get("array_crc32")
+            if crcs is not None:
+                crcs = {str(k): int(v) for k, v in crcs.items()}
+            sums = {"array_crc32": crcs, "meta_crc32": int(meta.get("meta_crc32", -1))}
+            if mode == MODE_HUFFMAN:
+                kind = meta.get("code_kind", CODE_CANONICAL)
+                params = {
+                    "code_kind": kind,
+                    "bytes_per_window": int(meta["bytes_per_window"]),
+                    "windows_per_block": int(meta["windows_per_block"]),
+                    "max_code_length": int(meta["max_code_length"]),
+                }
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CorruptStreamError(f"{where}: metadata is incomplete or malformed ({e!r})") from None
-        end = 0
-        for m in members:
-            if m.offset != end or any(s < 0 for s in m.shape):
-                raise ShapeMismatchError(f"{where}: member {m.name!r} has offset {m.offset}, expected {end}")
-            end += m.numel
-        if end != numel:
-            raise ShapeMismatchError(f"{where}: members hold {end} elements but the unit says {numel}")
         if mode == MODE_RAW:
             raw = _need(arrays, "raw", where)
-            if raw.dtype != dtype or raw.numel() != numel:
-                raise ShapeMismatchError(
-                    f"{where}: raw data is {raw.dtype}[{raw.numel()}], expected {dtype}[{numel}]"
-                )
-            return cls(mode=MODE_RAW, members=members, numel=numel, dtype=dtype, raw=raw.reshape(-1))
-        if mode != MODE_HUFFMAN:
+            ct = cls(mode=MODE_RAW, members=members, numel=numel, dtype=dtype, raw=raw.reshape(-1), **sums)
+        elif mode == MODE_HUFFMAN:
+            parts = {k: _need(arrays, k, where) for k in _HUFFMAN_ARRAYS}
+            code = _need(arrays, "code_lengths" if kind == CODE_CANONICAL else "luts", where)
+            ct = cls(
+                mode=MODE_HUFFMAN,
+                members=members,
+                numel=numel,
+                dtype=torch.bfloat16,
+                code=code,
+                **params,
+                **sums,
+                **{k: v.reshape(-1) for k, v in parts.items()},
+            )
+        else:
             raise CorruptStreamError(f"{where}: unknown unit mode {mode!r}")
-        kind = meta.get("code_kind", CODE_CANONICAL)
-        parts = {k: _need(arrays, k, where) for k in _HUFFMAN_ARRAYS}
-        code = _need(arrays, "code_lengths" if kind == CODE_CANONICAL else "luts", where)
-        ct = cls(
-            mode=MODE_HUFFMAN,
-            members=members,
-            numel=numel,
-            dtype=torch.bfloat16,
-            code=code,
-            code_kind=kind,
-            bytes_per_window=int(meta["bytes_per_window"]),
-            windows_per_block=int(meta["windows_per_block"]),
-            max_code_length=int(meta["max_code_length"]),
-            **{k: v.reshape(-1) for k, v in parts.items()},
-        )
         check_structure(ct, where)
         return ct
 
@@ -321,17 +333,60 @@ def _need(arrays: Mapping[str, torch.Tensor], key: str, where: str) -> torch.Ten
     return arrays[key]
 
 
-def check_structure(ct: CompressedTensor, where: str = "unit") -> None:
-    """Reject any unit whose sizes or offsets a decoder could not trust (runs on load, costs O(blocks))."""
-    for k, dt in _HUFFMAN_ARRAYS.items():
+def unit_label(ct: CompressedTensor) -> str:
+    """How errors name an in-memory unit: by its first member."""
+    return f"unit {ct.members[0].name!r}" if ct.members else "unit"
+
+
+def check_structure(ct: CompressedTensor, where: str | None = None) -> None:
+    """Reject any unit whose sizes, dtypes or offsets a decoder could not trust, before a decoder touches memory.
+
+    Runs on load and on the first decode of every object (costs O(blocks)); afterwards no decoder can write
+    outside ``out[:numel]`` whatever the stream holds."""
+    where = where or unit_label(ct)
+    if not isinstance(ct.numel, int | np.integer) or ct.numel < 0:
+        raise ShapeMismatchError(f"{where}: numel must be a non-negative int, got {ct.numel!r}")
+    end = 0
+    for m in ct.members:
+        if m.offset != end or any(s < 0 for s in m.shape):
+            raise ShapeMismatchError(f"{where}: member {m.name!r} has offset {m.offset}, expected {end}")
+        end += m.numel
+    if end != ct.numel:
+        raise ShapeMismatchError(f"{where}: members hold {end} elements but the unit says {ct.numel}")
+    if ct.mode == MODE_RAW:
+        if not isinstance(ct.raw, torch.Tensor) or ct.raw.dtype != ct.dtype or ct.raw.numel() != ct.numel:
+            got = f"{ct.raw.dtype}[{ct.raw.numel()}]" if isinstance(ct.raw, torch.Tensor) else type(ct.raw).__name__
+            raise ShapeMismatchError(f"{where}: raw data is {got}, expected {ct.dtype}[{ct.numel}]")
+        return
+    if ct.mode != MODE_HUFFMAN:
+        raise CorruptStreamError(f"{where}: unknown unit mode {ct.mode!r}")
+    if ct.dtype != torch.bfloat16:
+        raise CorruptStreamError(f"{where}: a coded unit decodes to BF16, not {ct.dtype}")
+    arrays = {**_HUFFMAN_ARRAYS, "code": torch.uint8}
+    device = None
+    for k, dt in arrays.items():
         t = getattr(ct, k)
+        if not isinstance(t, torch.Tensor):
+            raise CorruptStreamError(f"{where}: {k} is missing (got {type(t).__name__})")
         if t.dtype != dt:
             raise CorruptStreamError(f"{where}: {k} has dtype {t.dtype}, expected {dt}")
+        if (t.dim() != 1 and k != "code") or not t.is_contiguous():
+            raise CorruptStreamError(f"{where}: {k} must be a contiguous 1-D tensor, got shape {tuple(t.shape)}")
+        if device is not None and t.device != device:
+            raise CorruptStreamError(f"{where}: {k} is on {t.device}, the other arrays on {device}")
+        device = t.device
     if ct.code_kind not in (CODE_CANONICAL, CODE_DF11_LUT):
         raise CorruptStreamError(f"{where}: unknown code kind {ct.code_kind!r}")
-    if ct.code.dtype != torch.uint8 or (ct.code_kind == CODE_CANONICAL and ct.code.numel() != 256):
-        raise CorruptStreamError(f"{where}: the code must be uint8 (256 lengths or official LUT rows)")
-    if ct.bytes_per_window < 4 or ct.windows_per_block < 1 or not 1 <= ct.max_code_length <= 32:
+    if ct.code_kind == CODE_CANONICAL and ct.code.numel() != 256:
+        raise CorruptStreamError(f"{where}: code_lengths holds {ct.code.numel()} values, expected 256")
+    if ct.code_kind == CODE_DF11_LUT and (ct.code.dim() != 2 or ct.code.shape[0] < 2 or ct.code.shape[1] != 256):
+        raise CorruptStreamError(f"{where}: official LUTs must have shape (k+1, 256), got {tuple(ct.code.shape)}")
+    if (
+        ct.bytes_per_window < 4
+        or ct.windows_per_block < 1
+        or not 1 <= ct.max_code_length <= 32
+        or 8 * ct.bytes_per_window < ct.max_code_length
+    ):
         raise CorruptStreamError(
             f"{where}: bad parameters window={ct.bytes_per_window} "
             f"block={ct.windows_per_block} max_code_length={ct.max_code_length}"
@@ -356,6 +411,105 @@ def check_structure(ct: CompressedTensor, where: str = "unit") -> None:
         raise CorruptStreamError(
             f"{where}: output positions are not a non-decreasing run from 0 to {ct.numel}"
         )
+
+
+# ---- integrity (format 1.1) -----------------------------------------------------------------------------------
+# A unit's checksums: the CRC-32 of every stored array exactly as stored, and the CRC-32 of its metadata (members'
+# names, shapes, offsets and CRCs, parameters, the array CRCs) as canonical JSON. Files also record the CRC-32 of
+# the whole units JSON and of every plain tensor, so a dropped or renamed unit or tensor is caught too.
+# Whether an object has been checked is an attribute of that object (not of the shared ``_cache``), so a copy
+# made with `dataclasses.replace` is checked again on its first decode.
+
+_TRUSTED: weakref.WeakSet = weakref.WeakSet()  # unit objects already checked (by identity)
+
+
+def is_trusted(ct: CompressedTensor) -> bool:
+    return ct in _TRUSTED
+
+
+def mark_trusted(ct: CompressedTensor) -> CompressedTensor:
+    _TRUSTED.add(ct)
+    return ct
+
+
+def meta_crc(meta: Mapping) -> int:
+    """CRC-32 of a unit's metadata (without its own ``meta_crc32``) as canonical JSON."""
+    core = {k: v for k, v in meta.items() if k != "meta_crc32"}
+    return zlib.crc32(json.dumps(core, sort_keys=True, separators=(",", ":")).encode()) & 0xFFFFFFFF
+
+
+def _array_crc(t: torch.Tensor) -> int:
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy()) & 0xFFFFFFFF if t.numel() else 0
+
+
+def array_crcs(tensors: Mapping[str, torch.Tensor], workers: int | None = None) -> dict[str, int]:
+    """CRC-32 of each tensor's stored bytes, in parallel threads (zlib releases the GIL on large buffers)."""
+    big = [k for k, t in tensors.items() if t.numel() * t.element_size() >= 1 << 20]
+    out = {k: _array_crc(t) for k, t in tensors.items() if k not in big}
+    if len(big) > 1 and (workers or os.cpu_count() or 1) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers or min(len(big), os.cpu_count() or 1)) as pool:
+            out.update(zip(big, pool.map(lambda k: _array_crc(tensors[k]), big)))
+    else:
+        out.update({k: _array_crc(tensors[k]) for k in big})
+    return out
+
+
+def seal(ct: CompressedTensor) -> CompressedTensor:
+    """A copy of a freshly built unit carrying its checksums (format 1.1), marked as checked."""
+    sealed = replace(ct, array_crc32=array_crcs(ct.stored_tensors()), meta_crc32=-1, _cache=ct._cache)
+    sealed = replace(sealed, meta_crc32=meta_crc(sealed.metadata(with_meta_crc=False)), _cache=ct._cache)
+    return mark_trusted(sealed)
+
+
+def check_checksums(
+    ct: CompressedTensor,
+    where: str | None = None,
+    crcs: Mapping[str, int] | None = None,
+    file_meta: Mapping | None = None,
+) -> bool:
+    """Compare a unit's stored arrays and metadata with its checksums; True when it had checksums to compare.
+
+    ``crcs`` are array CRCs already computed (while reading a file); otherwise they are computed here.
+    ``file_meta`` is the unit's metadata as read (keys of newer minor versions included)."""
+    if ct.array_crc32 is None:
+        return False
+    where = where or unit_label(ct)
+    stored = ct.stored_tensors()
+    expected = dict(ct.array_crc32)
+    if set(expected) != set(stored):
+        raise ChecksumError(
+            f"{where}: checksums are stored for arrays {sorted(expected)}, the unit holds {sorted(stored)}"
+        )
+    got_meta = meta_crc(file_meta if file_meta is not None else ct.metadata(with_meta_crc=False))
+    if got_meta != ct.meta_crc32:
+        raise ChecksumError(
+            f"{where}: metadata (member names, shapes, offsets, parameters) checksum {got_meta:08x} != stored "
+            f"{ct.meta_crc32 & 0xFFFFFFFF:08x}; the unit's metadata is damaged"
+        )
+    got = dict(crcs) if crcs is not None else array_crcs(stored)
+    for k in stored:
+        if got.get(k) != expected[k]:
+            raise ChecksumError(
+                f"{where}: array {k!r} checksum {got.get(k, 0):08x} != stored {expected[k]:08x}; "
+                "the compressed data is damaged"
+            )
+    return True
+
+
+def check_unit(ct: CompressedTensor, where: str | None = None) -> bool:
+    """Structure and checksums of an unchecked unit before its first decode.
+
+    Returns True when the decoded output must still be compared with the member CRCs (a format 1.0 unit with
+    member CRCs but no array checksums); otherwise the unit is marked checked."""
+    check_structure(ct, where)
+    if check_checksums(ct, where) or not any(m.crc32 >= 0 for m in ct.members):
+        mark_trusted(ct)  # checked, or an official unit that carries nothing to check against
+        return False
+    return True
 
 
 # ---- files ---------------------------------------------------------------------------------------------------
@@ -390,12 +544,17 @@ def unit_tensors(name: str, ct: CompressedTensor) -> dict[str, torch.Tensor]:
 
 
 def format_metadata(
-    units: Mapping[str, CompressedTensor], extra: Mapping[str, str] | None = None
+    units: Mapping[str, CompressedTensor],
+    extra: Mapping[str, str] | None = None,
+    plain_crc32: Mapping[str, int] | None = None,
 ) -> dict[str, str]:
+    units_json = json.dumps({n: ct.metadata() for n, ct in units.items()}, separators=(",", ":"))
     meta = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "units": json.dumps({n: ct.metadata() for n, ct in units.items()}, separators=(",", ":")),
+        "units": units_json,
+        "units_crc32": str(zlib.crc32(units_json.encode()) & 0xFFFFFFFF),
+        "tensors_crc32": json.dumps(dict(plain_crc32 or {}), separators=(",", ":")),
     }
     meta.update(extra or {})
     return meta
@@ -419,6 +578,7 @@ def save_compressed_tensors(
 
     if isinstance(units, CompressedTensor):
         units = {"tensor": units}
+    units = {n: ct if ct.array_crc32 is not None else seal(ct) for n, ct in units.items()}
     tensors: dict[str, torch.Tensor] = {}
     for name, ct in units.items():
         tensors.update(unit_tensors(name, ct))
@@ -426,7 +586,9 @@ def save_compressed_tensors(
         if name in tensors:
             raise ShapeMismatchError(f"tensor name {name!r} collides with a unit array")
         tensors[name] = t.detach().cpu().contiguous()
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=format_metadata(units, metadata)))
+    plain_crc32 = array_crcs({n: tensors[n] for n in extra_tensors or {}})
+    file_meta = format_metadata(units, metadata, plain_crc32)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=file_meta))
 
 
 def check_version(meta: Mapping[str, str] | None, where: str) -> dict:
@@ -445,15 +607,45 @@ def check_version(meta: Mapping[str, str] | None, where: str) -> dict:
         raise CorruptStreamError(f"{where}: unit metadata is unreadable ({e})") from None
 
 
+def _file_checks(meta: Mapping[str, str], where: str) -> tuple[bool, dict[str, int] | None]:
+    """(whether the file must carry checksums, the plain tensors' CRCs); checks the units JSON's own CRC."""
+    try:
+        minor = int(str(meta.get("format_version", "1.0")).split(".")[1])
+    except (IndexError, ValueError):
+        minor = 0
+    required = minor >= INTEGRITY_MINOR
+    if "units_crc32" not in meta:
+        if required:
+            raise ChecksumError(f"{where}: format {meta.get('format_version')} file without 'units_crc32'; damaged")
+        return False, None
+    try:
+        want = int(meta["units_crc32"])
+        plain = {str(k): int(v) for k, v in json.loads(meta.get("tensors_crc32", "{}")).items()}
+    except (ValueError, TypeError, AttributeError, json.JSONDecodeError) as e:
+        raise ChecksumError(f"{where}: unreadable checksums in the header ({e}); the file is damaged") from None
+    got = zlib.crc32(meta["units"].encode()) & 0xFFFFFFFF
+    if got != want:
+        raise ChecksumError(
+            f"{where}: the unit list (names, members, parameters) has checksum {got:08x} != stored {want:08x}; "
+            "the file header is damaged"
+        )
+    return True, plain
+
+
 def load_compressed_tensors(
-    path: str | os.PathLike, device: str | torch.device = "cpu"
+    path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True
 ) -> tuple[dict[str, CompressedTensor], dict[str, torch.Tensor]]:
     """Read a file written by `save_compressed_tensors`.
 
+    Args:
+        verify: check every stored array and the unit metadata against their checksums while reading (format
+            1.1; CRC-32 on parallel threads). Units of older files are checked on their first decode instead.
+            ``False`` skips both, for files verified once.
     Returns:
         ``(units, extra_tensors)``.
     Raises:
         FormatVersionError: not a dfloat file, or a newer incompatible format version.
+        ChecksumError: ``verify`` and a stored array, the metadata or a plain tensor does not match its checksum.
         CorruptStreamError / ShapeMismatchError: arrays missing or inconsistent with the metadata.
     """
     from safetensors import SafetensorError, safe_open
@@ -461,14 +653,56 @@ def load_compressed_tensors(
     where = str(path)
     if not Path(path).is_file():
         raise FileNotFoundError(f"{where}: no such file")
+    read_on = "cpu" if verify else str(device)
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            units_meta = check_version(f.metadata(), where)
-            arrays = {k: f.get_tensor(k) for k in f.keys()}
+        with safe_open(str(path), framework="pt", device=read_on) as f:
+            header = f.metadata()
+            units_meta = check_version(header, where)
+            has_sums, plain_crcs = _file_checks(header, where) if verify else (False, None)
+            crcs: dict[str, int] = {}
+            if has_sums:  # checksum each array on a worker thread while the next one is read
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+                    arrays, futures = {}, {}
+                    for k in f.keys():
+                        arrays[k] = f.get_tensor(k)
+                        futures[k] = pool.submit(_array_crc, arrays[k])
+                    crcs = {k: fut.result() for k, fut in futures.items()}
+            else:
+                arrays = {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as e:
         raise CorruptStreamError(f"{where}: not a readable safetensors file ({e})") from None
+    if not isinstance(units_meta, dict):
+        raise CorruptStreamError(f"{where}: unit metadata is not a JSON object")
     units = {}
     for name, meta in units_meta.items():
-        parts = {k: arrays.pop(f"{name}.{k}") for k in _STORED_ARRAYS if f"{name}.{k}" in arrays}
-        units[name] = CompressedTensor.from_parts(meta, parts, where=f"{where}: unit {name!r}")
+        keys = {k: f"{name}.{k}" for k in _STORED_ARRAYS if f"{name}.{k}" in arrays}
+        parts = {k: arrays.pop(key) for k, key in keys.items()}
+        unit_where = f"{where}: unit {name!r}"
+        ct = CompressedTensor.from_parts(meta, parts, where=unit_where)
+        if not verify:
+            mark_trusted(ct)
+        elif has_sums:
+            if ct.array_crc32 is None:
+                raise ChecksumError(f"{unit_where}: no checksums stored in a file that has them; damaged")
+            check_checksums(ct, unit_where, {k: crcs[key] for k, key in keys.items()}, file_meta=meta)
+            mark_trusted(ct)
+        units[name] = ct
+    if has_sums:
+        if set(plain_crcs) != set(arrays):
+            extra = sorted(set(arrays) - set(plain_crcs))[:3]
+            lost = sorted(set(plain_crcs) - set(arrays))[:3]
+            raise ChecksumError(
+                f"{where}: the tensors in the file do not match the ones it lists "
+                f"(unlisted: {extra}, missing: {lost}); the file is damaged"
+            )
+        for k, want in plain_crcs.items():
+            if crcs[k] != want:
+                raise ChecksumError(
+                    f"{where}: tensor {k!r} checksum {crcs[k]:08x} != stored {want:08x}; the file is damaged"
+                )
+    if read_on != str(device) and torch.device(device).type != "cpu":
+        units = {n: ct.to(device) for n, ct in units.items()}
+        arrays = {k: t.to(device) for k, t in arrays.items()}
     return units, arrays

@@ -2,7 +2,12 @@
 
 A block starts at its first window's start offset and holds ``output_positions[b+1] - output_positions[b]``
 codes, so the CPU needs no counting phase. Reads past the stream see zero bits and writes stay inside the
-block's output range, so a corrupt stream cannot touch memory it does not own; it is reported, not crashed on.
+block's output range (clamped to ``out`` and ``sign_mantissa`` whatever the positions say), so a corrupt stream
+cannot touch memory it does not own; it is reported, not crashed on.
+
+The gap rule (docs/kernels.md, shared with the GPU decoders): whenever a code with output index < numel is the
+first to start at or after the start of window w >= 1, it must start exactly at ``8*B*w + gap[w]``; so every
+gap the GPU decoders start a thread from is checked here too, and all decoders agree on every stream.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dfloat._numba import njit, prange  # isort: skip
 STATUS_BAD_POSITIONS = 1
 STATUS_BAD_CODE = 2
 STATUS_OVERRUN = 3
+STATUS_BAD_GAP = 4
 
 
 @njit(inline="always", cache=True)
@@ -31,33 +37,47 @@ def _load32(enc, byte, n_enc):  # pragma: no cover - compiled
     return v
 
 
+@njit(inline="always", cache=True)
+def _window_start(gaps, w, window_bits):  # pragma: no cover - compiled
+    """s_w: the bit where window w's first code starts (its 5-bit gap; gap bits past the array read as 0)."""
+    gbit = 5 * w
+    gbyte = gbit >> 3
+    n_gap = gaps.size
+    hi = np.int64(gaps[gbyte]) if gbyte < n_gap else np.int64(0)
+    lo = np.int64(gaps[gbyte + 1]) if gbyte + 1 < n_gap else np.int64(0)
+    return np.int64(w) * window_bits + ((((hi << 8) | lo) >> (11 - (gbit & 7))) & 31)
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def decode_blocks(enc, sm, gaps, positions, tables, window_bytes, windows_per_block, out, status,
                   sign_mantissa_bits):  # pragma: no cover
-    n = sm.size
+    numel = sm.size
+    n = min(sm.size, out.size)  # never write past out or read past sign_mantissa, whatever positions say
     n_enc = enc.size
-    n_gap = gaps.size
     n_blocks = positions.size - 1
+    window_bits = np.int64(window_bytes) * 8
     for b in prange(n_blocks):
         start = positions[b]
         end = positions[b + 1]
         if start < 0 or end < start or end > n:
             status[b] = STATUS_BAD_POSITIONS
             continue
-        if start == end:
-            continue
-        w = b * windows_per_block
-        gbit = 5 * w
-        gbyte = gbit >> 3
-        hi = np.int64(gaps[gbyte]) if gbyte < n_gap else np.int64(0)
-        lo = np.int64(gaps[gbyte + 1]) if gbyte + 1 < n_gap else np.int64(0)
-        gap = (((hi << 8) | lo) >> (11 - (gbit & 7))) & 31
-        bit = np.int64(w) * window_bytes * 8 + gap
+        if start == end == numel:
+            continue  # trailing blocks without codes
+        w = np.int64(b) * windows_per_block
+        bit = _window_start(gaps, w, window_bits)
+        next_window = (w + 1) * window_bits  # the next window whose first code start must match its gap
         byte = bit >> 3
         buf = _load32(enc, byte, n_enc) << (32 + (bit & 7))  # the stream left-aligned in a 64-bit buffer
         nbits = np.int64(32 - (bit & 7))
         byte += 4
         for i in range(start, end):
+            p = byte * 8 - nbits  # where code i starts
+            if p >= next_window:  # the first code in a new window: the gap rule
+                if p != _window_start(gaps, next_window // window_bits, window_bits):
+                    status[b] = STATUS_BAD_GAP
+                    break
+                next_window += window_bits
             if nbits < 32:  # codes are at most 32 bits long
                 buf |= _load32(enc, byte, n_enc) << (32 - nbits)
                 byte += 4
@@ -75,8 +95,16 @@ def decode_blocks(enc, sm, gaps, positions, tables, window_bytes, windows_per_bl
             ln = e >> 16
             buf <<= ln
             nbits -= ln
-        if byte * 8 - nbits > n_enc * 8:
+        if status[b] != 0:
+            continue
+        p = byte * 8 - nbits  # where the code after the block starts
+        if p > n_enc * 8:
             status[b] = STATUS_OVERRUN
+        elif end < numel:  # that code opens block b+1: it must start at the block's first window start, and
+            # no window of this block may be left without a code start before it (it would be the first there)
+            first_next = np.int64(b + 1) * windows_per_block
+            if next_window != first_next * window_bits or p != _window_start(gaps, first_next, window_bits):
+                status[b] = STATUS_BAD_GAP
 
 
 # sign|mantissa byte -> its bits in place in the BF16 word
@@ -111,6 +139,7 @@ def decode(ct, out: torch.Tensor, check: bool = True) -> None:
         b = int(bad[0])
         why = {STATUS_BAD_POSITIONS: "its output positions are out of order or out of range",
                STATUS_BAD_CODE: "it holds a bit pattern that is no code",
-               STATUS_OVERRUN: "its codes run past the end of the stream"}
+               STATUS_OVERRUN: "its codes run past the end of the stream",
+               STATUS_BAD_GAP: "window start offsets disagree with the codes"}
         raise CorruptStreamError(f"unit {ct.members[0].name if ct.members else '?'}: block {b} of {ct.n_blocks} "
                                  f"is corrupt: {why.get(int(status[b]), 'unknown error')}")
