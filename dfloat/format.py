@@ -354,9 +354,11 @@ def check_structure(ct: CompressedTensor, where: str | None = None) -> None:
     if end != ct.numel:
         raise ShapeMismatchError(f"{where}: members hold {end} elements but the unit says {ct.numel}")
     if ct.mode == MODE_RAW:
-        if not isinstance(ct.raw, torch.Tensor) or ct.raw.dtype != ct.dtype or ct.raw.numel() != ct.numel:
-            got = f"{ct.raw.dtype}[{ct.raw.numel()}]" if isinstance(ct.raw, torch.Tensor) else type(ct.raw).__name__
-            raise ShapeMismatchError(f"{where}: raw data is {got}, expected {ct.dtype}[{ct.numel}]")
+        raw = ct.raw
+        if (not isinstance(raw, torch.Tensor) or raw.dtype != ct.dtype or raw.numel() != ct.numel
+                or raw.dim() != 1 or not raw.is_contiguous()):
+            got = f"{raw.dtype}{list(raw.shape)}" if isinstance(raw, torch.Tensor) else type(raw).__name__
+            raise ShapeMismatchError(f"{where}: raw data is {got}, expected contiguous {ct.dtype}[{ct.numel}]")
         return
     if ct.mode != MODE_HUFFMAN:
         raise CorruptStreamError(f"{where}: unknown unit mode {ct.mode!r}")
