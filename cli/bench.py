@@ -8,6 +8,8 @@ import time
 
 import click
 
+from dfloat.cli.options import NO_VERIFY
+
 
 def _time(fn, repeats, sync):
     fn()
@@ -56,15 +58,16 @@ def decode_rows(units, repeats: int) -> list[dict]:
 @click.command("bench")
 @click.argument("model", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.option("--repeats", type=int, default=5, show_default=True)
-def command(model, as_json, repeats):
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
+@NO_VERIFY
+def command(model, as_json, repeats, no_verify):
     """Decode throughput of MODEL's units (default: the bundled demo model) on every available backend."""
     from dfloat.demo import demo_model_path
     from dfloat.runtime.checkpoint import CompressedCheckpoint
 
     units = [
         ct
-        for _, us, _ in CompressedCheckpoint.open(model or demo_model_path()).iter_shards()
+        for _, us, _ in CompressedCheckpoint.open(model or demo_model_path()).iter_shards(verify=not no_verify)
         for ct in us.values()
         if ct.is_coded
     ]

@@ -18,7 +18,7 @@ def default_out(source: str) -> Path:
 @click.option(
     "-o", "--out", "out", type=click.Path(path_type=Path), help="Output folder [default: ./NAME-dfloat]."
 )
-@click.option("--workers", type=int, default=None, help="Codec threads [default: all cores].")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Codec threads [default: all cores].")
 @click.option("--no-verify", is_flag=True, help="Skip decoding the result against the stored checksums.")
 @click.option(
     "--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is complete)."

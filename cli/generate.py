@@ -6,8 +6,10 @@ import time
 
 import click
 
+from dfloat.cli.options import DEVICE, NO_VERIFY
 
-def load_for_generation(model_path, device):
+
+def load_for_generation(model_path, device, verify: bool = True):
     """(model, tokenizer, compressed?) for a compressed folder, an official DF11 folder or a plain BF16 model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -19,40 +21,53 @@ def load_for_generation(model_path, device):
     config = src.read_config(folder)
     compressed = "dfloat" in config or "dfloat11_config" in config
     if compressed:
-        model = dfloat.load_compressed(folder, device=device)
+        model = dfloat.load_compressed(folder, device=device, verify=verify)
     else:
         src.weight_files(folder)  # a clear error if there are no weights
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as e:  # noqa: BLE001
-        raise dfloat.ModelSourceError(f"{folder}: no usable tokenizer ({type(e).__name__})") from None
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise dfloat.ModelSourceError(
+            f"{folder}: no usable tokenizer ({type(e).__name__}: {why}); copy the original model's tokenizer "
+            "files into the folder"
+        ) from None
+    if not (hasattr(model, "generate") and getattr(model, "can_generate", lambda: False)()):
+        raise dfloat.ModelSourceError(
+            f"{folder}: {type(model).__name__} cannot generate text (not a causal or seq2seq LM); "
+            "dfloat generate needs a text-generation model"
+        )
     return model, tokenizer, compressed
 
 
 @click.command("generate")
 @click.argument("model", required=False)
 @click.option("--prompt", "-p", required=True, help="Text to continue.")
-@click.option("--max-new-tokens", "-n", type=int, default=64, show_default=True)
-@click.option("--temperature", type=float, default=None, help="0 for greedy [default: the model's setting].")
-@click.option("--top-p", type=float, default=None)
+@click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=None,
+              help="0 for greedy [default: the model's setting].")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None)
 @click.option("--seed", type=int, default=None, help="Seed for sampling.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if present].")
+@click.option("--device", type=DEVICE, default=None, help="cpu, cuda, cuda:1 ... [default: cuda if present].")
 @click.option("--chat", is_flag=True, help="Apply the tokenizer's chat template to the prompt.")
 @click.option("--stats", is_flag=True, help="Print tokens/s, time to first token, peak memory and bandwidth.")
-def command(model, prompt, max_new_tokens, temperature, top_p, seed, device, chat, stats):
+@NO_VERIFY
+def command(model, prompt, max_new_tokens, temperature, top_p, seed, device, chat, stats, no_verify):
     """Generate text with MODEL (Hub id or folder; default: the bundled demo model)."""
     import torch
     from transformers import TextStreamer
 
     from dfloat.demo import demo_model_path
 
+    if not prompt.strip():
+        raise click.BadParameter("the prompt is empty; give some text to continue", param_hint="'--prompt'")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if seed is not None:
         torch.manual_seed(seed)
     t_load = time.perf_counter()
-    lm, tok, compressed = load_for_generation(model or demo_model_path(), device)
+    lm, tok, compressed = load_for_generation(model or demo_model_path(), device, verify=not no_verify)
     t_load = time.perf_counter() - t_load
     if chat:
         if not getattr(tok, "chat_template", None):

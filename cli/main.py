@@ -21,7 +21,12 @@ class DFloatGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+        except click.ClickException as e:  # bad option values, unknown commands: one line, exit 1
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"dfloat: error: {e.format_message().strip().splitlines()[0]}", err=True)
+            ctx.exit(EXIT_ERROR)
+        except (click.exceptions.Exit, click.exceptions.Abort):
             raise
         except KeyboardInterrupt:
             if ctx.obj and ctx.obj.get("debug"):

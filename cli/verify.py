@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import click
 
+from dfloat.cli.options import BACKEND
+
 
 @click.command("verify")
 @click.argument("path")
 @click.option(
     "--against", metavar="ORIGINAL", default=None, help="Also compare with the original checkpoint."
 )
-@click.option("--backend", default=None, help="Decoder to check with (cpu, triton, cuda).")
+@click.option("--backend", type=BACKEND, default=None, help="Decoder to check with [default: the fastest here].")
 def command(path, against, backend):
     """Decode every unit and check it against the stored checksums (exit 1 naming each bad tensor)."""
     from dfloat.errors import ChecksumError
@@ -25,6 +27,6 @@ def command(path, against, backend):
         for line in str(e).splitlines()[1:]:
             click.echo(f"  {line.strip()}", err=True)
         raise SystemExit(1) from None
-    n = len(ckpt.index["weight_map"])
+    n = len(ckpt.weight_map)
     what = f"checksums and byte-for-byte against {against}" if against else "stored checksums"
     click.echo(f"OK {path}: {n} units and tensors decoded; {what} match")

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from dfloat import huffman
-from dfloat.errors import DFloatError, ShapeMismatchError, UnsupportedDtypeError
+from dfloat.errors import CorruptStreamError, DFloatError, ShapeMismatchError, UnsupportedDtypeError
 from dfloat.format import (
     CODE_CANONICAL,
     DEFAULT_BYTES_PER_WINDOW,
@@ -24,6 +24,7 @@ from dfloat.format import (
     is_trusted,
     mark_trusted,
     seal,
+    unit_label,
 )
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,10 @@ def decode_tables(ct: CompressedTensor) -> np.ndarray:
     """The unit's decode tables (int32, (k, 256)); built once per unit and cached."""
     tables = ct._cache.get("tables")
     if tables is None:
-        tables = huffman.build_decode_tables(*code_of(ct))
+        try:
+            tables = huffman.build_decode_tables(*code_of(ct))
+        except CorruptStreamError as e:
+            raise CorruptStreamError(f"{unit_label(ct)}: {e}") from None
         ct._cache["tables"] = tables
     return tables
 

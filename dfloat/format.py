@@ -324,6 +324,13 @@ class CompressedTensor:
         else:
             raise CorruptStreamError(f"{where}: unknown unit mode {mode!r}")
         check_structure(ct, where)
+        if ct.is_coded:  # the code itself (256 lengths or the official tables): a prefix code, or an error here
+            from dfloat.codec import code_of
+
+            try:
+                code_of(ct)
+            except CorruptStreamError as e:
+                raise CorruptStreamError(f"{where}: {e}") from None
         return ct
 
 

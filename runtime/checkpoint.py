@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from dfloat.errors import ModelSourceError
+from dfloat.errors import CorruptStreamError, ModelSourceError
 from dfloat.format import CompressedTensor, load_compressed_tensors, save_compressed_tensors
 
 INDEX_NAME = "dfloat.index.json"
@@ -104,16 +104,39 @@ class CompressedCheckpoint:
         return cls(folder, config, index)
 
     @property
+    def weight_map(self) -> dict[str, str]:
+        wm = self.index.get("weight_map") if isinstance(self.index, dict) else None
+        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+            raise ModelSourceError(
+                f"{self.folder / INDEX_NAME}: has no 'weight_map' of names to shard files; the index is damaged "
+                "(compress the model again)"
+            )
+        return wm
+
+    @property
     def shard_files(self) -> list[Path]:
-        files = [self.folder / f for f in dict.fromkeys(self.index["weight_map"].values())]
+        files = [self.folder / f for f in dict.fromkeys(self.weight_map.values())]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise ModelSourceError(f"{self.folder}: missing shard file(s): {', '.join(missing)}")
         return files
 
     def iter_shards(
-        self, device: str | torch.device = "cpu"
+        self, device: str | torch.device = "cpu", verify: bool = True
     ) -> Iterator[tuple[Path, dict[str, CompressedTensor], dict[str, torch.Tensor]]]:
+        """Each shard's units and plain tensors; the names in a shard must be exactly the ones the index puts
+        there (a dropped or renamed unit is an error, not a missing weight later)."""
+        listed: dict[str, set[str]] = {}
+        for name, file in self.weight_map.items():
+            listed.setdefault(file, set()).add(name)
         for path in self.shard_files:
-            units, plain = load_compressed_tensors(path, device=device)
+            units, plain = load_compressed_tensors(path, device=device, verify=verify)
+            held = set(units) | set(plain)
+            if held != listed[path.name]:
+                lost = sorted(listed[path.name] - held)[:3]
+                extra = sorted(held - listed[path.name])[:3]
+                raise CorruptStreamError(
+                    f"{path}: holds other tensors than {INDEX_NAME} lists for it (missing {lost}, unlisted "
+                    f"{extra}); the folder is damaged or mixed from two checkpoints"
+                )
             yield path, units, plain

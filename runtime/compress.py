@@ -307,9 +307,35 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         os.replace(out_dir, old)
         os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:  # a file (or link) was in the way
+            old.unlink(missing_ok=True)
     else:
         os.replace(tmp, out_dir)
+
+
+def _shards_for_verify(ckpt: CompressedCheckpoint, problems: list[str]):
+    """Each shard read with its checksums checked; a shard that fails them is recorded and read again without,
+    so every damaged unit is named, not just the first."""
+    from dfloat.errors import DFloatError
+    from dfloat.format import check_checksums, load_compressed_tensors
+
+    for path in ckpt.shard_files:
+        try:
+            units, plain = load_compressed_tensors(path, verify=True)
+        except DFloatError as e:
+            problems.append(f"{path.name}: {e}")
+            try:
+                units, plain = load_compressed_tensors(path, verify=False)
+            except DFloatError:
+                continue
+            for uname, ct in units.items():
+                try:
+                    check_checksums(ct, f"unit {uname}")
+                except DFloatError as e2:
+                    problems.append(f"{path.name}: {e2}")
+        yield path, units, plain
 
 
 def verify_checkpoint(
@@ -346,7 +372,7 @@ def verify_checkpoint(
                 f"{got.dtype}{list(got.shape)})"
             )
 
-    for path, units, plain in ckpt.iter_shards():
+    for path, units, plain in _shards_for_verify(ckpt, problems):
         for uname, ct in units.items():
             try:
                 flat = decompress_tensor(ct, device=dev, backend=backend, check=True).reshape(-1).cpu()

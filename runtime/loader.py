@@ -305,6 +305,7 @@ def load_compressed(
     revision: str | None = None,
     token: str | bool | None = None,
     model_class=None,
+    verify: bool = True,
     **kw,
 ):
     """Load a dfloat (or official DFloat11) checkpoint as a transformers model with bit-identical outputs.
@@ -316,6 +317,9 @@ def load_compressed(
         cpu_offload: keep compressed units in pinned host memory and copy each to the GPU before decoding it.
         backend: decoder ("cpu", "triton", "cuda"; default: the fastest for the device).
         model_class: the transformers class to build (default: from config.json).
+        verify: check every unit's stored arrays and metadata and every plain tensor against the checksums in
+            the files while reading them (format 1.1; units of 1.0 files on their first decode). ``False`` skips
+            this, for checkpoints verified once. Official DFloat11 files carry no checksums.
         **kw: passed to the model's construction (e.g. ``attn_implementation="sdpa"``).
     Returns:
         The model in eval mode; ``generate()`` works as usual.
@@ -336,7 +340,7 @@ def load_compressed(
     if CONFIG_KEY in config:
         ckpt = CompressedCheckpoint.open(folder)
         units, plain = {}, {}
-        for _, u, p in ckpt.iter_shards():
+        for _, u, p in ckpt.iter_shards(verify=verify):
             units.update(u)
             plain.update(p)
     else:

@@ -69,8 +69,10 @@ def weight_files(folder: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ModelSourceError(f"{index}: unreadable index ({e})") from None
+            if not isinstance(weight_map, dict):
+                raise TypeError("'weight_map' is not an object")
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ModelSourceError(f"{index}: unreadable index (no usable {e}); re-download the model") from None
         files = list(dict.fromkeys(weight_map.values()))
         missing = [f for f in files if not (folder / f).is_file()]
         if missing:

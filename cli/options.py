@@ -1,0 +1,34 @@
+"""Option types shared by the subcommands: bad values are refused by click, before anything is loaded."""
+
+from __future__ import annotations
+
+import click
+
+
+class DeviceType(click.ParamType):
+    """cpu, cuda or cuda:N, and only a device this machine has."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        import torch
+
+        try:
+            device = torch.device(value)
+        except (RuntimeError, TypeError):
+            self.fail(f"{value!r} is not a device; use cpu, cuda or cuda:N", param, ctx)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                self.fail(f"{value!r}: this machine has no usable CUDA GPU; use --device cpu", param, ctx)
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                self.fail(f"{value!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)", param, ctx)
+        elif device.type != "cpu":
+            self.fail(f"{value!r}: dfloat runs on cpu or cuda devices", param, ctx)
+        return str(value)
+
+
+DEVICE = DeviceType()
+BACKEND = click.Choice(["cpu", "triton", "cuda"])
+NO_VERIFY = click.option(
+    "--no-verify", is_flag=True, help="Skip checking the files against their checksums (for checkpoints verified once)."
+)
