@@ -25,6 +25,11 @@ def load_for_generation(model_path, device, verify: bool = True):
     else:
         src.weight_files(folder)  # a clear error if there are no weights
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()
+    if not (hasattr(model, "generate") and getattr(model, "can_generate", lambda: False)()):
+        raise dfloat.ModelSourceError(
+            f"{folder}: {type(model).__name__} cannot generate text (not a causal or seq2seq LM); "
+            "dfloat generate needs a text-generation model"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as e:  # noqa: BLE001
@@ -33,11 +38,6 @@ def load_for_generation(model_path, device, verify: bool = True):
             f"{folder}: no usable tokenizer ({type(e).__name__}: {why}); copy the original model's tokenizer "
             "files into the folder"
         ) from None
-    if not (hasattr(model, "generate") and getattr(model, "can_generate", lambda: False)()):
-        raise dfloat.ModelSourceError(
-            f"{folder}: {type(model).__name__} cannot generate text (not a causal or seq2seq LM); "
-            "dfloat generate needs a text-generation model"
-        )
     return model, tokenizer, compressed
 
 
@@ -81,6 +81,11 @@ def command(model, prompt, max_new_tokens, temperature, top_p, seed, device, cha
     else:
         ids = tok(prompt, return_tensors="pt").input_ids
     ids = ids.to(device)
+    context = getattr(lm.config, "max_position_embeddings", None)
+    if isinstance(context, int) and ids.shape[1] + max_new_tokens > context:
+        raise click.BadParameter(
+            f"{ids.shape[1]} prompt tokens + {max_new_tokens} new ones exceed the model's {context} positions; "
+            "lower it or shorten the prompt", param_hint="'--max-new-tokens'")
     gen = {"max_new_tokens": max_new_tokens}
     if temperature is not None:
         gen.update(do_sample=temperature > 0, **({"temperature": temperature} if temperature > 0 else {}))

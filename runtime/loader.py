@@ -129,7 +129,12 @@ def _aliases(model: torch.nn.Module) -> dict[str, list[str]]:
 
 def _place(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
     module_name, _, attr = name.rpartition(".")
-    return model.get_submodule(module_name) if module_name else model, attr
+    try:
+        return model.get_submodule(module_name) if module_name else model, attr
+    except AttributeError:
+        raise ShapeMismatchError(
+            f"checkpoint tensor {name!r} has no place in the model: the config does not match the tensors"
+        ) from None
 
 
 def _set_plain(model, name: str, tensor: torch.Tensor, aliases, device) -> None:

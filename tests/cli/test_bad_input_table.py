@@ -1,0 +1,110 @@
+"""Every subcommand over a table of bad inputs: exactly one `dfloat: error:` line naming the problem, exit 1, and
+never a traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import dfloat
+from dfloat.cli.main import main
+from dfloat.testing import save_random_model
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A compressed tiny Llama and damaged copies of it, an encoder-only model, a folder that is no model."""
+    from transformers import BertConfig, BertModel
+
+    root = tmp_path_factory.mktemp("bad-cli")
+    src = save_random_model(root / "src")
+    good = root / "good"
+    dfloat.compress_model(src, good)
+    f = {"src": src, "good": good, "missing": root / "nope", "empty": root / "empty"}
+    f["empty"].mkdir()
+
+    def copy(name, edit):
+        shutil.copytree(good, root / name)
+        edit(root / name)
+        f[name] = root / name
+
+    copy("no_weight_map", lambda d: (d / "dfloat.index.json").write_text(json.dumps({"metadata": {}})))
+
+    def fewer_layers(d):
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["num_hidden_layers"] -= 1
+        (d / "config.json").write_text(json.dumps(cfg))
+
+    copy("fewer_layers", fewer_layers)
+
+    def damage(d):
+        shard = next(d.glob("dfloat-*.safetensors"))
+        data = bytearray(shard.read_bytes())
+        data[-100] ^= 0x10
+        shard.write_bytes(bytes(data))
+
+    copy("damaged", damage)
+    torch.manual_seed(0)
+    encoder = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=64, max_position_embeddings=32)).to(torch.bfloat16)
+    encoder.save_pretrained(root / "bert-src")
+    dfloat.compress_model(root / "bert-src", root / "bert")
+    f["bert"] = root / "bert"
+    return f
+
+
+P = ["-p", "hi", "--device", "cpu"]
+TABLE = [
+    # (arguments, with {folder} placeholders; what the error line must say)
+    (["bogus-command"], "No such command"),
+    (["compress", "{missing}"], "no such folder"),
+    (["compress", "{empty}"], "no config.json"),
+    (["compress", "{src}", "--workers", "0"], "'--workers'"),
+    (["generate", "{good}", "-p", "hi", "--device", "gpu7"], "'gpu7' is not a device"),
+    (["generate", "{good}", "-p", "hi", "--device", "cuda:0"], "no usable CUDA GPU"),
+    (["generate", "{good}", "-p", "  ", "--device", "cpu"], "the prompt is empty"),
+    (["generate", "{good}", *P, "--temperature", "-1"], "'--temperature'"),
+    (["generate", "{good}", *P, "--top-p", "2"], "'--top-p'"),
+    (["generate", "{good}", *P, "-n", "0"], "'--max-new-tokens'"),
+    (["generate", "{good}", *P], "no usable tokenizer"),
+    (["generate", "{no_weight_map}", *P], "weight_map"),
+    (["generate", "{fewer_layers}", *P], "the config does not match the tensors"),
+    (["generate", "{damaged}", *P], "checksum"),
+    (["generate", "{bert}", *P], "cannot generate text"),
+    (["generate", "{missing}", *P], "nope"),
+    (["verify", "{good}", "--backend", "bogus"], "'--backend'"),
+    (["verify", "{missing}"], "not a dfloat checkpoint"),
+    (["verify", "{no_weight_map}"], "weight_map"),
+    (["inspect", "{missing}"], "nope"),
+    (["inspect", "{no_weight_map}"], "weight_map"),
+    (["bench", "{good}", "--repeats", "0"], "'--repeats'"),
+    (["bench", "{damaged}"], "checksum"),
+    (["bench", "{no_weight_map}"], "weight_map"),
+    (["bench", "{missing}"], "not a dfloat checkpoint"),
+]
+
+
+@pytest.mark.parametrize("args, says", TABLE, ids=[" ".join(a)[:60] for a, _ in TABLE])
+def test_bad_input_is_one_error_line_and_exit_1(folders, args, says):
+    if "cuda:0" in args and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    argv = [a.format(**{k: str(v) for k, v in folders.items()}) for a in args]
+    r = CliRunner().invoke(main, argv)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("dfloat: error:")]
+    assert r.exit_code == 1, (r.exit_code, r.output, r.exception)
+    assert len(errors) == 1, r.stderr
+    assert says in errors[0], errors[0]
+    assert "Traceback" not in r.output and isinstance(r.exception, SystemExit | None), r.exception
+
+
+def test_overwriting_a_file_leaves_nothing_behind(folders, tmp_path):
+    target = tmp_path / "out"
+    target.write_text("in the way")
+    r = CliRunner().invoke(main, ["compress", str(folders["src"]), "-o", str(target), "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert (target / "dfloat.index.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
