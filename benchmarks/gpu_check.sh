@@ -119,6 +119,18 @@ else
   echo "== compute-sanitizer not found: skipped"
 fi
 
+echo "== fuzzer (issue 9): damaged units through the CUDA and Triton decoders under compute-sanitizer memcheck"
+T=$(step_limit 200)
+if [ -n "$SANITIZER" ] && enough_time fuzz "$T"; then
+  RC[fuzz]=0
+  for b in cuda triton; do
+    timeout "$((T / 2))" "$PY" scripts/fuzz.py --device cuda --backend "$b" --cases 150 --batch 150 --no-files \
+      --wrap "$SANITIZER --tool memcheck --error-exitcode 9" --json "$OUT/fuzz_$b.json" 2>&1 | tail -12 \
+      | tee -a "$OUT/fuzz.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || RC[fuzz]=1
+  done
+fi
+
 if [ -z "${SKIP_E2E:-}" ]; then
   echo "== end to end: BF16 vs dfloat generation (Llama-3.1-8B layer, Llama-3.2-1B shapes)"
   T=$(step_limit 300)
@@ -134,7 +146,7 @@ echo
 echo "== summary ($(( $(date +%s) - t0 )) s)"
 printf '%-12s %s\n' step "exit status"
 fail=0
-for k in tests benchmark memcheck racecheck e2e; do
+for k in tests benchmark memcheck racecheck fuzz e2e; do
   [ -n "${RC[$k]+x}" ] || continue
   printf '%-12s %s\n' "$k" "${RC[$k]}"
   [ "${RC[$k]}" = 0 ] || [ "${RC[$k]}" = skipped ] || fail=1

@@ -368,6 +368,7 @@ def worker(args) -> None:
 def run_all(args) -> dict:
     """Run every case in child processes; restart after a crash."""
     results: dict[int, dict] = {}
+    child_failures: list[dict] = []
     start = 0
     t0 = time.time()
     kinds = plan(args.cases, not args.no_files)
@@ -387,12 +388,14 @@ def run_all(args) -> dict:
         for r in got:
             results[r["i"]] = r
         done = max([r["i"] for r in got], default=start - 1) + 1
-        if proc.returncode != 0 or done < stop:  # the child died on case `done`
-            if done < stop:
-                results[done] = {"i": done, "kind": plan(args.cases, not args.no_files)[done], "unit": "?",
-                                 "mutation": "?", "result": f"crash: exit {proc.returncode}: {proc.stderr[-300:]}"}
+        if done < stop:  # the child died on case `done`
+            results[done] = {"i": done, "kind": kinds[done], "unit": "?", "mutation": "?",
+                             "result": f"crash: exit {proc.returncode}: {proc.stderr[-300:]}"}
             start = done + 1
         else:
+            if proc.returncode != 0:  # e.g. compute-sanitizer reporting errors at exit
+                child_failures.append({"cases": [start, stop], "result": f"child exit {proc.returncode}: "
+                                                                        f"{proc.stderr[-600:]}"})
             start = stop
     counts: dict[str, dict[str, int]] = {}
     failures = []
@@ -402,6 +405,7 @@ def run_all(args) -> dict:
         counts[r["kind"]][outcome] += 1
         if outcome not in ALLOWED[r["kind"]]:
             failures.append(r)
+    failures += child_failures
     return {"cases": len(results), "seconds": round(time.time() - t0, 1), "counts": counts,
             "failures": failures[:50], "n_failures": len(failures)}
 
