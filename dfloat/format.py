@@ -689,6 +689,13 @@ def load_compressed_tensors(
         keys = {k: f"{name}.{k}" for k in _STORED_ARRAYS if f"{name}.{k}" in arrays}
         parts = {k: arrays.pop(key) for k, key in keys.items()}
         unit_where = f"{where}: unit {name!r}"
+        if has_sums and isinstance(meta, dict) and isinstance(meta.get("array_crc32"), dict):
+            for k, key in keys.items():  # damaged bytes are named as such, before any structural complaint
+                if meta["array_crc32"].get(k) != crcs[key]:
+                    raise ChecksumError(
+                        f"{unit_where}: array {k!r} checksum {crcs[key]:08x} != stored "
+                        f"{meta['array_crc32'].get(k)}; the compressed data is damaged"
+                    )
         ct = CompressedTensor.from_parts(meta, parts, where=unit_where)
         if not verify:
             mark_trusted(ct)
