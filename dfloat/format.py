@@ -537,9 +537,9 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, default_mode())
     try:
         write(tmp)
+        os.chmod(tmp, default_mode())  # after writing: a writer may have replaced the (private) temp file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -108,3 +108,13 @@ def test_overwriting_a_file_leaves_nothing_behind(folders, tmp_path):
     assert r.exit_code == 0, r.output
     assert (target / "dfloat.index.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_compressed_files_follow_the_umask(folders):
+    import os
+    import stat
+
+    from dfloat.format import default_mode
+
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folders["good"].iterdir() if p.is_file()}
+    assert set(modes.values()) == {default_mode()}, (modes, oct(default_mode()), os.getpid())
