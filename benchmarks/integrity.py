@@ -59,21 +59,56 @@ def main() -> None:
         file_bytes = path.stat().st_size
         t_on = median_time(lambda: dfloat.load_compressed_tensors(path, verify=True), args.repeats)
         t_off = median_time(lambda: dfloat.load_compressed_tensors(path, verify=False), args.repeats)
-    rows.append({"step": "load verify=True (cpu)", "device": "cpu", "bytes": file_bytes,
-                 "seconds": round(t_on, 4), "s_per_GB": s_per_gb(t_on, file_bytes)})
-    rows.append({"step": "load verify=False (cpu)", "device": "cpu", "bytes": file_bytes,
-                 "seconds": round(t_off, 4), "s_per_GB": s_per_gb(t_off, file_bytes)})
-    rows.append({"step": "load: cost of verify", "device": "cpu", "bytes": file_bytes,
-                 "seconds": round(t_on - t_off, 4), "s_per_GB": s_per_gb(t_on - t_off, file_bytes)})
+    rows.append(
+        {
+            "step": "load verify=True (cpu)",
+            "device": "cpu",
+            "bytes": file_bytes,
+            "seconds": round(t_on, 4),
+            "s_per_GB": s_per_gb(t_on, file_bytes),
+        }
+    )
+    rows.append(
+        {
+            "step": "load verify=False (cpu)",
+            "device": "cpu",
+            "bytes": file_bytes,
+            "seconds": round(t_off, 4),
+            "s_per_GB": s_per_gb(t_off, file_bytes),
+        }
+    )
+    rows.append(
+        {
+            "step": "load: cost of verify",
+            "device": "cpu",
+            "bytes": file_bytes,
+            "seconds": round(t_on - t_off, 4),
+            "s_per_GB": s_per_gb(t_on - t_off, file_bytes),
+        }
+    )
 
     on_dev = ct.to(dev)
     sync()
     t_crc = median_time(lambda: array_crcs(on_dev.stored_tensors()), args.repeats)
-    rows.append({"step": "array CRC-32s", "device": str(dev), "bytes": stored, "seconds": round(t_crc, 4),
-                 "s_per_GB": s_per_gb(t_crc, stored)})
+    rows.append(
+        {
+            "step": "array CRC-32s",
+            "device": str(dev),
+            "bytes": stored,
+            "seconds": round(t_crc, 4),
+            "s_per_GB": s_per_gb(t_crc, stored),
+        }
+    )
     t_check = median_time(lambda: check_unit(fresh(on_dev)), args.repeats)
-    rows.append({"step": "check_unit (structure + sums)", "device": str(dev), "bytes": stored,
-                 "seconds": round(t_check, 4), "s_per_GB": s_per_gb(t_check, stored)})
+    rows.append(
+        {
+            "step": "check_unit (structure + sums)",
+            "device": str(dev),
+            "bytes": stored,
+            "seconds": round(t_check, 4),
+            "s_per_GB": s_per_gb(t_check, stored),
+        }
+    )
 
     out = torch.empty(ct.numel, dtype=torch.bfloat16, device=dev)
 
@@ -83,10 +118,24 @@ def main() -> None:
 
     t_later = median_time(lambda: decode(on_dev), args.repeats)
     t_first = median_time(lambda: decode(fresh(on_dev)), args.repeats)
-    rows.append({"step": "decode, checked unit", "device": str(dev), "bytes": stored, "seconds": round(t_later, 4),
-                 "s_per_GB": s_per_gb(t_later, stored)})
-    rows.append({"step": "first decode, unchecked unit", "device": str(dev), "bytes": stored,
-                 "seconds": round(t_first, 4), "s_per_GB": s_per_gb(t_first, stored)})
+    rows.append(
+        {
+            "step": "decode, checked unit",
+            "device": str(dev),
+            "bytes": stored,
+            "seconds": round(t_later, 4),
+            "s_per_GB": s_per_gb(t_later, stored),
+        }
+    )
+    rows.append(
+        {
+            "step": "first decode, unchecked unit",
+            "device": str(dev),
+            "bytes": stored,
+            "seconds": round(t_first, 4),
+            "s_per_GB": s_per_gb(t_first, stored),
+        }
+    )
 
     tiny = dfloat.compress_tensor(weights_like(8192, seed=1), allow_raw=False).to(dev)
     tiny_out = torch.empty(tiny.numel, dtype=torch.bfloat16, device=dev)
@@ -102,10 +151,24 @@ def main() -> None:
     for _ in range(100_000):
         is_trusted(tiny)
     lookup = (time.perf_counter() - t0) / 100_000
-    rows.append({"step": "hot path: decompress_tensor(out=) host time", "device": str(dev),
-                 "bytes": tiny.nbytes, "seconds": round(host, 7), "us_per_call": round(1e6 * host, 2)})
-    rows.append({"step": "hot path: verdict lookup alone", "device": str(dev), "bytes": 0,
-                 "seconds": round(lookup, 9), "us_per_call": round(1e6 * lookup, 3)})
+    rows.append(
+        {
+            "step": "hot path: decompress_tensor(out=) host time",
+            "device": str(dev),
+            "bytes": tiny.nbytes,
+            "seconds": round(host, 7),
+            "us_per_call": round(1e6 * host, 2),
+        }
+    )
+    rows.append(
+        {
+            "step": "hot path: verdict lookup alone",
+            "device": str(dev),
+            "bytes": 0,
+            "seconds": round(lookup, 9),
+            "us_per_call": round(1e6 * lookup, 3),
+        }
+    )
     print_table(rows, ["step", "device", "bytes", "seconds", "s_per_GB", "us_per_call"])
     write_result(f"integrity_{dev.type}", rows, weights=args.weights, stored_bytes=stored)
 

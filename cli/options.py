@@ -30,5 +30,7 @@ class DeviceType(click.ParamType):
 DEVICE = DeviceType()
 BACKEND = click.Choice(["cpu", "triton", "cuda"])
 NO_VERIFY = click.option(
-    "--no-verify", is_flag=True, help="Skip checking the files against their checksums (for checkpoints verified once)."
+    "--no-verify",
+    is_flag=True,
+    help="Skip checking the files against their checksums (for checkpoints verified once).",
 )

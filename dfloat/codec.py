@@ -64,7 +64,9 @@ def store_raw(tensors: Mapping[str, torch.Tensor] | torch.Tensor, name: str = "t
         else torch.empty(0, dtype=torch.bfloat16)
     )
     return seal(
-        CompressedTensor(mode=MODE_RAW, members=_members(tensors), numel=flat.numel(), dtype=flat.dtype, raw=flat)
+        CompressedTensor(
+            mode=MODE_RAW, members=_members(tensors), numel=flat.numel(), dtype=flat.dtype, raw=flat
+        )
     )
 
 

@@ -324,7 +324,9 @@ class CompressedTensor:
         else:
             raise CorruptStreamError(f"{where}: unknown unit mode {mode!r}")
         check_structure(ct, where)
-        if ct.is_coded:  # the code itself (256 lengths or the official tables): a prefix code, or an error here
+        if (
+            ct.is_coded
+        ):  # the code itself (256 lengths or the official tables): a prefix code, or an error here
             from dfloat.codec import code_of
 
             try:
@@ -362,10 +364,17 @@ def check_structure(ct: CompressedTensor, where: str | None = None) -> None:
         raise ShapeMismatchError(f"{where}: members hold {end} elements but the unit says {ct.numel}")
     if ct.mode == MODE_RAW:
         raw = ct.raw
-        if (not isinstance(raw, torch.Tensor) or raw.dtype != ct.dtype or raw.numel() != ct.numel
-                or raw.dim() != 1 or not raw.is_contiguous()):
+        if (
+            not isinstance(raw, torch.Tensor)
+            or raw.dtype != ct.dtype
+            or raw.numel() != ct.numel
+            or raw.dim() != 1
+            or not raw.is_contiguous()
+        ):
             got = f"{raw.dtype}{list(raw.shape)}" if isinstance(raw, torch.Tensor) else type(raw).__name__
-            raise ShapeMismatchError(f"{where}: raw data is {got}, expected contiguous {ct.dtype}[{ct.numel}]")
+            raise ShapeMismatchError(
+                f"{where}: raw data is {got}, expected contiguous {ct.dtype}[{ct.numel}]"
+            )
         return
     if ct.mode != MODE_HUFFMAN:
         raise CorruptStreamError(f"{where}: unknown unit mode {ct.mode!r}")
@@ -380,7 +389,9 @@ def check_structure(ct: CompressedTensor, where: str | None = None) -> None:
         if t.dtype != dt:
             raise CorruptStreamError(f"{where}: {k} has dtype {t.dtype}, expected {dt}")
         if (t.dim() != 1 and k != "code") or not t.is_contiguous():
-            raise CorruptStreamError(f"{where}: {k} must be a contiguous 1-D tensor, got shape {tuple(t.shape)}")
+            raise CorruptStreamError(
+                f"{where}: {k} must be a contiguous 1-D tensor, got shape {tuple(t.shape)}"
+            )
         if device is not None and t.device != device:
             raise CorruptStreamError(f"{where}: {k} is on {t.device}, the other arrays on {device}")
         device = t.device
@@ -388,8 +399,12 @@ def check_structure(ct: CompressedTensor, where: str | None = None) -> None:
         raise CorruptStreamError(f"{where}: unknown code kind {ct.code_kind!r}")
     if ct.code_kind == CODE_CANONICAL and ct.code.numel() != 256:
         raise CorruptStreamError(f"{where}: code_lengths holds {ct.code.numel()} values, expected 256")
-    if ct.code_kind == CODE_DF11_LUT and (ct.code.dim() != 2 or ct.code.shape[0] < 2 or ct.code.shape[1] != 256):
-        raise CorruptStreamError(f"{where}: official LUTs must have shape (k+1, 256), got {tuple(ct.code.shape)}")
+    if ct.code_kind == CODE_DF11_LUT and (
+        ct.code.dim() != 2 or ct.code.shape[0] < 2 or ct.code.shape[1] != 256
+    ):
+        raise CorruptStreamError(
+            f"{where}: official LUTs must have shape (k+1, 256), got {tuple(ct.code.shape)}"
+        )
     if (
         ct.bytes_per_window < 4
         or ct.windows_per_block < 1
@@ -625,13 +640,17 @@ def _file_checks(meta: Mapping[str, str], where: str) -> tuple[bool, dict[str, i
     required = minor >= INTEGRITY_MINOR
     if "units_crc32" not in meta:
         if required:
-            raise ChecksumError(f"{where}: format {meta.get('format_version')} file without 'units_crc32'; damaged")
+            raise ChecksumError(
+                f"{where}: format {meta.get('format_version')} file without 'units_crc32'; damaged"
+            )
         return False, None
     try:
         want = int(meta["units_crc32"])
         plain = {str(k): int(v) for k, v in json.loads(meta.get("tensors_crc32", "{}")).items()}
     except (ValueError, TypeError, AttributeError, json.JSONDecodeError) as e:
-        raise ChecksumError(f"{where}: unreadable checksums in the header ({e}); the file is damaged") from None
+        raise ChecksumError(
+            f"{where}: unreadable checksums in the header ({e}); the file is damaged"
+        ) from None
     got = zlib.crc32(meta["units"].encode()) & 0xFFFFFFFF
     if got != want:
         raise ChecksumError(

@@ -56,15 +56,25 @@ def base_units() -> dict[str, tuple[str, object]]:
     from dfloat import df11
     from dfloat.testing import weights_like
 
-    many_blocks = dfloat.compress_tensor(weights_like(3000, seed=1), allow_raw=False, bytes_per_window=4,
-                                         windows_per_block=4)
+    many_blocks = dfloat.compress_tensor(
+        weights_like(3000, seed=1), allow_raw=False, bytes_per_window=4, windows_per_block=4
+    )
     default = dfloat.compress_tensor(weights_like(6000, seed=2), allow_raw=False)
-    multi = dfloat.compress_tensors({"q": weights_like((40, 50), seed=3), "k": weights_like((30, 50), seed=4)},
-                                    allow_raw=False, bytes_per_window=8, windows_per_block=16)
+    multi = dfloat.compress_tensors(
+        {"q": weights_like((40, 50), seed=3), "k": weights_like((30, 50), seed=4)},
+        allow_raw=False,
+        bytes_per_window=8,
+        windows_per_block=16,
+    )
     raw = dfloat.store_raw(torch.arange(500, dtype=torch.int32).reshape(20, 25), name="ids")
     official = df11.to_official_unit(dfloat.compress_tensor(weights_like(5000, seed=5), allow_raw=False))
-    return {"many_blocks": ("dfloat", many_blocks), "default": ("dfloat", default), "multi": ("dfloat", multi),
-            "raw": ("dfloat", raw), "official": ("official", official)}
+    return {
+        "many_blocks": ("dfloat", many_blocks),
+        "default": ("dfloat", default),
+        "multi": ("dfloat", multi),
+        "raw": ("dfloat", raw),
+        "official": ("official", official),
+    }
 
 
 OFFICIAL_MEMBERS = [("w", (5000,))]
@@ -92,8 +102,21 @@ def _from_bytes(b: np.ndarray, like: torch.Tensor) -> torch.Tensor:
 def mutate_array(t: torch.Tensor, rng: np.random.Generator) -> tuple[str, torch.Tensor]:
     """One random change to a stored array: its bytes, its length, its dtype or its layout."""
     b = _bytes_of(t)
-    op = rng.choice(["flip_bit", "set_byte", "set_bytes", "zero_run", "truncate", "extend", "dtype", "strided",
-                     "shape2d", "swap_bytes"], p=[.2, .15, .1, .1, .1, .1, .05, .05, .05, .1])
+    op = rng.choice(
+        [
+            "flip_bit",
+            "set_byte",
+            "set_bytes",
+            "zero_run",
+            "truncate",
+            "extend",
+            "dtype",
+            "strided",
+            "shape2d",
+            "swap_bytes",
+        ],
+        p=[0.2, 0.15, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.1],
+    )
     if b.size == 0 and op not in ("extend", "dtype"):
         op = "extend"
     if op == "flip_bit":
@@ -107,14 +130,16 @@ def mutate_array(t: torch.Tensor, rng: np.random.Generator) -> tuple[str, torch.
         b[idx] = rng.integers(0, 256, idx.size)
     elif op == "zero_run":
         i = rng.integers(b.size)
-        b[i: i + rng.integers(1, 64)] = 0
+        b[i : i + rng.integers(1, 64)] = 0
     elif op == "swap_bytes":
         i, j = rng.integers(0, b.size, 2)
         b[i], b[j] = b[j], b[i]
     elif op == "truncate":
         b = b[: rng.integers(0, b.size)]
     elif op == "extend":
-        b = np.concatenate([b, rng.integers(0, 256, rng.integers(1, 3 * t.element_size() + 9)).astype(np.uint8)])
+        b = np.concatenate(
+            [b, rng.integers(0, 256, rng.integers(1, 3 * t.element_size() + 9)).astype(np.uint8)]
+        )
     elif op == "dtype":
         other = torch.int32 if t.dtype != torch.int32 else torch.uint8
         return op, t.to(other)
@@ -126,8 +151,16 @@ def mutate_array(t: torch.Tensor, rng: np.random.Generator) -> tuple[str, torch.
     return op, _from_bytes(b, t)
 
 
-META_FIELDS = ("numel", "members", "bytes_per_window", "windows_per_block", "max_code_length", "code_kind", "mode",
-               "dtype")
+META_FIELDS = (
+    "numel",
+    "members",
+    "bytes_per_window",
+    "windows_per_block",
+    "max_code_length",
+    "code_kind",
+    "mode",
+    "dtype",
+)
 
 
 def mutate_meta(ct, rng: np.random.Generator):
@@ -136,11 +169,15 @@ def mutate_meta(ct, rng: np.random.Generator):
     field = str(rng.choice(META_FIELDS))
     if field == "numel":
         return f"numel{'+-'[int(rng.integers(2))]}", replace(
-            ct, numel=max(0, ct.numel + int(rng.choice([-1000, -7, -1, 1, 7, 4096]))), _cache={})
+            ct, numel=max(0, ct.numel + int(rng.choice([-1000, -7, -1, 1, 7, 4096]))), _cache={}
+        )
     if field == "members":
         ms = list(ct.members)
-        how = rng.choice(["swap_names", "rename", "reshape", "offset", "drop"]) if len(ms) > 1 else \
-            rng.choice(["rename", "reshape", "offset"])
+        how = (
+            rng.choice(["swap_names", "rename", "reshape", "offset", "drop"])
+            if len(ms) > 1
+            else rng.choice(["rename", "reshape", "offset"])
+        )
         if how == "swap_names":
             ms[0], ms[1] = replace(ms[0], name=ms[1].name), replace(ms[1], name=ms[0].name)
         elif how == "rename":
@@ -154,23 +191,37 @@ def mutate_meta(ct, rng: np.random.Generator):
             ms = ms[:-1]
         return f"members_{how}", replace(ct, members=tuple(ms), _cache={})
     if field in ("bytes_per_window", "windows_per_block", "max_code_length"):
-        value = int(rng.choice([0, 1, 2, 3, 4, 8, 31, 32, 33, 512])) if field != "max_code_length" else \
-            int(rng.choice([0, 7, 16, 23, 25, 32, 33]))
+        value = (
+            int(rng.choice([0, 1, 2, 3, 4, 8, 31, 32, 33, 512]))
+            if field != "max_code_length"
+            else int(rng.choice([0, 7, 16, 23, 25, 32, 33]))
+        )
         return f"{field}={value}", replace(ct, **{field: value}, _cache={})
     if field == "code_kind":
-        return "code_kind", replace(ct, code_kind="df11-lut" if ct.code_kind == "canonical" else "canonical",
-                                    _cache={})
+        return "code_kind", replace(
+            ct, code_kind="df11-lut" if ct.code_kind == "canonical" else "canonical", _cache={}
+        )
     if field == "dtype":
-        return "dtype", replace(ct, dtype=torch.float16 if ct.dtype == torch.bfloat16 else torch.bfloat16, _cache={})
+        return "dtype", replace(
+            ct, dtype=torch.float16 if ct.dtype == torch.bfloat16 else torch.bfloat16, _cache={}
+        )
     return "mode", replace(ct, mode="raw" if ct.is_coded else "huffman", _cache={})
 
 
 def mutate_unit(ct, rng: np.random.Generator):
     if rng.random() < 0.25:
         return mutate_meta(ct, rng)
-    arrays = {"raw": "raw"} if not ct.is_coded else {
-        "encoded_exponent": "encoded_exponent", "sign_mantissa": "sign_mantissa", "gaps": "gaps",
-        "output_positions": "output_positions", "code": "code"}
+    arrays = (
+        {"raw": "raw"}
+        if not ct.is_coded
+        else {
+            "encoded_exponent": "encoded_exponent",
+            "sign_mantissa": "sign_mantissa",
+            "gaps": "gaps",
+            "output_positions": "output_positions",
+            "code": "code",
+        }
+    )
     name = str(rng.choice(list(arrays)))
     op, t = mutate_array(getattr(ct, name), rng)
     return f"{name}:{op}", replace(ct, **{name: t}, _cache={})
@@ -186,11 +237,11 @@ def decode_guarded(ct, backend: str | None, device: str) -> tuple[str, torch.Ten
     esize = torch.empty((), dtype=dtype).element_size()
     start = GUARD * 8  # bytes of guard on each side, aligned for any dtype
     raw = torch.full((n * esize + 2 * start,), FILL & 0xFF, dtype=torch.uint8, device=device)
-    out = raw[start: start + n * esize].view(dtype)  # the output over the middle of the guarded buffer
+    out = raw[start : start + n * esize].view(dtype)  # the output over the middle of the guarded buffer
     dfloat.decompress_tensor(ct, device=device, backend=backend, out=out, check=True)
     if device != "cpu":
         torch.cuda.synchronize()
-    if not ((raw[:start] == FILL & 0xFF).all() and (raw[start + n * esize:] == FILL & 0xFF).all()):
+    if not ((raw[:start] == FILL & 0xFF).all() and (raw[start + n * esize :] == FILL & 0xFF).all()):
         return "outside", None
     return "ok", out.detach().cpu().reshape(-1).view(torch.uint8).clone()
 
@@ -200,7 +251,9 @@ def classify(kind: str, ct_or_err, reference: torch.Tensor, backend, device) -> 
 
     try:
         ct = ct_or_err() if callable(ct_or_err) else ct_or_err
-        if kind == "unchecked":  # as `load_compressed_tensors(verify=False)` gives: structure checked, sums not
+        if (
+            kind == "unchecked"
+        ):  # as `load_compressed_tensors(verify=False)` gives: structure checked, sums not
             from dfloat.format import check_structure, mark_trusted
 
             check_structure(ct)
@@ -226,11 +279,14 @@ def file_case(rng, units, tmp: Path, i: int):
     import dfloat
 
     path = tmp / f"case{i}.safetensors"
-    dfloat.save_compressed_tensors({k: ct for k, (kind, ct) in units.items() if kind == "dfloat"}, path,
-                                   extra_tensors={"norm": torch.arange(64, dtype=torch.bfloat16)})
+    dfloat.save_compressed_tensors(
+        {k: ct for k, (kind, ct) in units.items() if kind == "dfloat"},
+        path,
+        extra_tensors={"norm": torch.arange(64, dtype=torch.bfloat16)},
+    )
     data = bytearray(path.read_bytes())
     header = 8 + int.from_bytes(data[:8], "little")
-    where = rng.choice(["header", "data", "truncate"], p=[.4, .5, .1])
+    where = rng.choice(["header", "data", "truncate"], p=[0.4, 0.5, 0.1])
     if where == "header":
         i0 = int(rng.integers(8, header))
         data[i0] = (data[i0] + int(rng.integers(1, 256))) % 256
@@ -256,7 +312,8 @@ def run_file_case(path: Path, references: dict, backend, device) -> str:
             if name not in references or not torch.equal(got, references[name]):
                 return "undetected"
         if set(units) != set(references) or not torch.equal(
-                plain.get("norm", torch.empty(0)), torch.arange(64, dtype=torch.bfloat16)):
+            plain.get("norm", torch.empty(0)), torch.arange(64, dtype=torch.bfloat16)
+        ):
             return "undetected"
     except DFloatError as e:
         return f"error:{type(e).__name__}"
@@ -318,9 +375,11 @@ def plan(n_cases: int, with_files: bool = True) -> list[str]:
     if with_files:
         cycle += ["file", "file"]
     kinds = [cycle[i % len(cycle)] for i in range(n_cases)]
-    if with_files:  # whole-model loads are slow (transformers): the last 1 in 50 cases, in a child of their own
+    if (
+        with_files
+    ):  # whole-model loads are slow (transformers): the last 1 in 50 cases, in a child of their own
         n_model = max(1, n_cases // 50)
-        kinds[n_cases - n_model:] = ["model"] * n_model
+        kinds[n_cases - n_model :] = ["model"] * n_model
     return kinds
 
 
@@ -330,8 +389,10 @@ def worker(args) -> None:
 
     torch.manual_seed(0)
     units = base_units()
-    references = {name: unit_reference(ct if kind == "dfloat" else official_unit(ct))
-                  for name, (kind, ct) in units.items()}
+    references = {
+        name: unit_reference(ct if kind == "dfloat" else official_unit(ct))
+        for name, (kind, ct) in units.items()
+    }
     kinds = plan(args.cases, not args.no_files)
     fixture = None
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -350,19 +411,27 @@ def worker(args) -> None:
                 key = str(rng.choice(sorted(arrays)))
                 op, arrays[key] = mutate_array(arrays[key], rng)
                 what = f"{key}:{op}"
-                result = classify(kind, lambda a=arrays: official_unit(a), references[name], args.backend,
-                                  args.device)
+                result = classify(
+                    kind, lambda a=arrays: official_unit(a), references[name], args.backend, args.device
+                )
             elif kind == "file":
                 name = "file"
                 what, path = file_case(rng, units, tmp, i)
-                result = run_file_case(path, {n: r for n, r in references.items() if units[n][0] == "dfloat"},
-                                       args.backend, args.device)
+                result = run_file_case(
+                    path,
+                    {n: r for n, r in references.items() if units[n][0] == "dfloat"},
+                    args.backend,
+                    args.device,
+                )
             else:
                 name = "model"
                 if fixture is None:
                     fixture = model_fixture(tmp)
                 what, result = run_model_case(rng, fixture, args.backend, args.device)
-            print(json.dumps({"i": i, "kind": kind, "unit": name, "mutation": what, "result": result}), flush=True)
+            print(
+                json.dumps({"i": i, "kind": kind, "unit": name, "mutation": what, "result": result}),
+                flush=True,
+            )
 
 
 def run_all(args) -> dict:
@@ -376,8 +445,21 @@ def run_all(args) -> dict:
         stop = min(args.cases, start + args.batch)
         if kinds[start] != "model" and "model" in kinds[start:stop]:
             stop = kinds.index("model", start)
-        cmd = [sys.executable, __file__, "--worker", "--start", str(start), "--stop", str(stop),
-               "--cases", str(args.cases), "--seed", str(args.seed), "--device", args.device]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            "--start",
+            str(start),
+            "--stop",
+            str(stop),
+            "--cases",
+            str(args.cases),
+            "--seed",
+            str(args.seed),
+            "--device",
+            args.device,
+        ]
         if args.backend:
             cmd += ["--backend", args.backend]
         if args.no_files:
@@ -389,13 +471,19 @@ def run_all(args) -> dict:
             results[r["i"]] = r
         done = max([r["i"] for r in got], default=start - 1) + 1
         if done < stop:  # the child died on case `done`
-            results[done] = {"i": done, "kind": kinds[done], "unit": "?", "mutation": "?",
-                             "result": f"crash: exit {proc.returncode}: {proc.stderr[-300:]}"}
+            results[done] = {
+                "i": done,
+                "kind": kinds[done],
+                "unit": "?",
+                "mutation": "?",
+                "result": f"crash: exit {proc.returncode}: {proc.stderr[-300:]}",
+            }
             start = done + 1
         else:
             if proc.returncode != 0:  # e.g. compute-sanitizer reporting errors at exit
-                child_failures.append({"cases": [start, stop], "result": f"child exit {proc.returncode}: "
-                                                                        f"{proc.stderr[-600:]}"})
+                child_failures.append(
+                    {"cases": [start, stop], "result": f"child exit {proc.returncode}: {proc.stderr[-600:]}"}
+                )
             start = stop
     counts: dict[str, dict[str, int]] = {}
     failures = []
@@ -406,8 +494,13 @@ def run_all(args) -> dict:
         if outcome not in ALLOWED[r["kind"]]:
             failures.append(r)
     failures += child_failures
-    return {"cases": len(results), "seconds": round(time.time() - t0, 1), "counts": counts,
-            "failures": failures[:50], "n_failures": len(failures)}
+    return {
+        "cases": len(results),
+        "seconds": round(time.time() - t0, 1),
+        "counts": counts,
+        "failures": failures[:50],
+        "n_failures": len(failures),
+    }
 
 
 def main() -> int:
@@ -418,8 +511,12 @@ def main() -> int:
     p.add_argument("--backend", default="cpu", help="cpu, triton (TRITON_INTERPRET=1 on CPU) or cuda")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-files", action="store_true", help="units only (no file or whole-model cases)")
-    p.add_argument("--wrap", default="", help="run each child under this command (e.g. compute-sanitizer ...)")
-    p.add_argument("--json", default=None, help="where to write the summary [benchmarks/results/fuzz_<backend>.json]")
+    p.add_argument(
+        "--wrap", default="", help="run each child under this command (e.g. compute-sanitizer ...)"
+    )
+    p.add_argument(
+        "--json", default=None, help="where to write the summary [benchmarks/results/fuzz_<backend>.json]"
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--stop", type=int, default=0, help=argparse.SUPPRESS)
@@ -431,9 +528,15 @@ def main() -> int:
     import dfloat
 
     summary.update(
-        command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), seed=args.seed, backend=args.backend,
-        device=args.device, machine=platform.machine(), python=platform.python_version(), torch=torch.__version__,
-        dfloat=dfloat.__version__, cpu_count=os.cpu_count(),
+        command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        seed=args.seed,
+        backend=args.backend,
+        device=args.device,
+        machine=platform.machine(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        dfloat=dfloat.__version__,
+        cpu_count=os.cpu_count(),
     )
     path = Path(args.json or ROOT / "benchmarks" / "results" / f"fuzz_{args.backend}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -441,8 +544,10 @@ def main() -> int:
     print(f"{'kind':<10} " + " ".join(f"{k:>10}" for k in ("cases", "error", "exact", "undetected", "other")))
     for kind, c in sorted(summary["counts"].items()):
         other = sum(v for k, v in c.items() if k not in ("error", "exact", "undetected"))
-        print(f"{kind:<10} {sum(c.values()):>10} {c.get('error', 0):>10} {c.get('exact', 0):>10} "
-              f"{c.get('undetected', 0):>10} {other:>10}")
+        print(
+            f"{kind:<10} {sum(c.values()):>10} {c.get('error', 0):>10} {c.get('exact', 0):>10} "
+            f"{c.get('undetected', 0):>10} {other:>10}"
+        )
     print(f"{summary['cases']} cases in {summary['seconds']} s, {summary['n_failures']} failures -> {path}")
     for f in summary["failures"][:10]:
         print("FAIL", json.dumps(f))

@@ -21,8 +21,14 @@ FUZZ = ROOT / "scripts" / "fuzz.py"
 
 def run_fuzzer(tmp_path, *args, env=None) -> dict:
     out = tmp_path / "fuzz.json"
-    res = subprocess.run([sys.executable, str(FUZZ), "--json", str(out), *args], capture_output=True, text=True,
-                         timeout=1200, cwd=ROOT, env={**os.environ, **(env or {})})
+    res = subprocess.run(
+        [sys.executable, str(FUZZ), "--json", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
     assert out.is_file(), res.stderr[-3000:]
     summary = json.loads(out.read_text())
     assert res.returncode == 0 and summary["n_failures"] == 0, res.stdout[-4000:] + res.stderr[-2000:]
@@ -43,6 +49,7 @@ def test_fuzzer_cpu_decoder_files_and_models(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_fuzzer_triton_decoder_under_the_interpreter(tmp_path):
-    summary = run_fuzzer(tmp_path, "--backend", "triton", "--cases", "16", "--no-files",
-                         env={"TRITON_INTERPRET": "1"})
+    summary = run_fuzzer(
+        tmp_path, "--backend", "triton", "--cases", "16", "--no-files", env={"TRITON_INTERPRET": "1"}
+    )
     assert summary["cases"] == 16 and "official" in summary["counts"]

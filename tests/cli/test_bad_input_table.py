@@ -49,8 +49,16 @@ def folders(tmp_path_factory):
 
     copy("damaged", damage)
     torch.manual_seed(0)
-    encoder = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                   intermediate_size=64, max_position_embeddings=32)).to(torch.bfloat16)
+    encoder = BertModel(
+        BertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=32,
+        )
+    ).to(torch.bfloat16)
     encoder.save_pretrained(root / "bert-src")
     dfloat.compress_model(root / "bert-src", root / "bert")
     f["bert"] = root / "bert"

@@ -19,8 +19,9 @@ from dfloat.testing import bits, weights_like
 @pytest.fixture(scope="module")
 def units():
     return {
-        "a": dfloat.compress_tensors({"w1": weights_like((60, 100), seed=1), "w2": weights_like((60, 100), seed=2)},
-                                     allow_raw=False),
+        "a": dfloat.compress_tensors(
+            {"w1": weights_like((60, 100), seed=1), "w2": weights_like((60, 100), seed=2)}, allow_raw=False
+        ),
         "b": dfloat.compress_tensor(weights_like(9000, seed=3), allow_raw=False, name="w3"),
     }
 
@@ -49,8 +50,9 @@ def test_saved_units_carry_checksums_and_load_checked(tmp_path, units):
     assert torch.equal(plain["norm"], torch.ones(16, dtype=torch.bfloat16))
 
 
-@pytest.mark.parametrize("array", ["encoded_exponent", "sign_mantissa", "gaps", "output_positions",
-                                   "code_lengths"])
+@pytest.mark.parametrize(
+    "array", ["encoded_exponent", "sign_mantissa", "gaps", "output_positions", "code_lengths"]
+)
 def test_a_flipped_byte_in_any_array_names_file_unit_and_array(tmp_path, units, array):
     path = tmp_path / "u.safetensors"
     tensors, meta = _save(path, units)
@@ -93,7 +95,9 @@ def test_swapped_member_names_and_a_dropped_unit_are_caught(tmp_path, units):
     text = json.dumps(units_json, separators=(",", ":"))
     import zlib
 
-    save_file(tensors, str(path), metadata={**meta, "units": text, "units_crc32": str(zlib.crc32(text.encode()))})
+    save_file(
+        tensors, str(path), metadata={**meta, "units": text, "units_crc32": str(zlib.crc32(text.encode()))}
+    )
     with pytest.raises(ChecksumError, match="unit 'a': metadata .* checksum"):
         dfloat.load_compressed_tensors(path)
 
@@ -114,17 +118,19 @@ def test_in_memory_units_are_checked_on_their_first_decode(units):
 
 def test_wrong_numel_never_writes_outside_out(units):
     ct = units["b"]
-    bad = replace(ct, numel=ct.numel - 500, array_crc32=None)  # no checksums: the structure check must catch it
+    bad = replace(
+        ct, numel=ct.numel - 500, array_crc32=None
+    )  # no checksums: the structure check must catch it
     buf = torch.full((ct.numel + 64,), 7.0, dtype=torch.bfloat16)
     with pytest.raises((CorruptStreamError, ShapeMismatchError)):
         dfloat.decompress_tensor(bad, out=buf[: ct.numel - 500])
-    assert (buf[ct.numel - 500:] == 7.0).all()
+    assert (buf[ct.numel - 500 :] == 7.0).all()
     from dfloat.kernels import cpu
 
     out = buf[: ct.numel - 500]  # the decoder itself, handed the bad unit directly, stays inside out
     with pytest.raises(CorruptStreamError):
         cpu.decode(bad, out)
-    assert (buf[ct.numel - 500:] == 7.0).all()
+    assert (buf[ct.numel - 500 :] == 7.0).all()
 
 
 def test_format_1_0_units_are_checked_against_member_crcs_on_first_decode(units):

@@ -23,8 +23,12 @@ WINDOW_BYTES, WINDOWS_PER_BLOCK = 4, 16
 
 
 def base_unit():
-    return dfloat.compress_tensor(weights_like(800, seed=3), allow_raw=False, bytes_per_window=WINDOW_BYTES,
-                                  windows_per_block=WINDOWS_PER_BLOCK)
+    return dfloat.compress_tensor(
+        weights_like(800, seed=3),
+        allow_raw=False,
+        bytes_per_window=WINDOW_BYTES,
+        windows_per_block=WINDOWS_PER_BLOCK,
+    )
 
 
 def gaps_of(ct) -> np.ndarray:
@@ -35,7 +39,7 @@ def gaps_of(ct) -> np.ndarray:
 
 def with_gap(ct, w: int, value: int):
     bits = np.unpackbits(ct.gaps.numpy())
-    bits[GAP_BITS * w: GAP_BITS * (w + 1)] = [(value >> (GAP_BITS - 1 - k)) & 1 for k in range(GAP_BITS)]
+    bits[GAP_BITS * w : GAP_BITS * (w + 1)] = [(value >> (GAP_BITS - 1 - k)) & 1 for k in range(GAP_BITS)]
     return replace(ct, gaps=torch.from_numpy(np.packbits(bits)), _cache={})
 
 
@@ -62,7 +66,7 @@ def outcome(ct, backend: str) -> str:
         module.decode(ct, buf[: ct.numel].view(torch.bfloat16), check=True)
     except dfloat.CorruptStreamError:
         return "error"
-    if not (buf[ct.numel:] == 0x5A5A).all():
+    if not (buf[ct.numel :] == 0x5A5A).all():
         return "outside"
     return hashlib.sha256(buf[: ct.numel].numpy().tobytes()).hexdigest()[:16]
 

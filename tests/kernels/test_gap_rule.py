@@ -44,8 +44,14 @@ def triton_outcomes():
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, str(Path(__file__).parent / "gap_cases.py"), "triton"], env=env,
-                         capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[2])
+    res = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "gap_cases.py"), "triton"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).parents[2],
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -54,7 +60,9 @@ LATER_GAP = pytest.mark.xfail(strict=False, reason="Triton gap rule lands with i
 
 
 @pytest.mark.parametrize(
-    "name", [n if n == "intact" or n.startswith("window0_") else pytest.param(n, marks=LATER_GAP) for n in CASES])
+    "name",
+    [n if n == "intact" or n.startswith("window0_") else pytest.param(n, marks=LATER_GAP) for n in CASES],
+)
 def test_triton_agrees_with_the_cpu(triton_outcomes, name):
     assert triton_outcomes[name] != "outside", f"{name}: the Triton decoder wrote outside out"
     assert triton_outcomes[name] == CPU[name], name
