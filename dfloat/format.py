@@ -710,10 +710,12 @@ def load_compressed_tensors(
         unit_where = f"{where}: unit {name!r}"
         if has_sums and isinstance(meta, dict) and isinstance(meta.get("array_crc32"), dict):
             for k, key in keys.items():  # damaged bytes are named as such, before any structural complaint
-                if meta["array_crc32"].get(k) != crcs[key]:
+                want = meta["array_crc32"].get(k)
+                if want != crcs[key]:
+                    shown = f"{want:08x}" if isinstance(want, int) else repr(want)
                     raise ChecksumError(
-                        f"{unit_where}: array {k!r} checksum {crcs[key]:08x} != stored "
-                        f"{meta['array_crc32'].get(k)}; the compressed data is damaged"
+                        f"{unit_where}: array {k!r} checksum {crcs[key]:08x} != stored {shown}; "
+                        "the compressed data is damaged"
                     )
         ct = CompressedTensor.from_parts(meta, parts, where=unit_where)
         if not verify:
