@@ -32,7 +32,9 @@ MIN_STAGE = 256
 # (bytes_per_window, windows_per_block) -> the kernel specialised for it; anything else runs dfloat_decode_any
 SPECIALISED = {(32, 256): "dfloat_decode_w32_t256", (8, 512): "dfloat_decode_w8_t512"}
 GENERIC = "dfloat_decode_any"
-STATUS_BAD_POSITIONS, STATUS_BAD_CODE, STATUS_BAD_COUNT = 1, 2, 4
+STATUS_BAD_POSITIONS, STATUS_BAD_CODE, STATUS_BAD_COUNT, STATUS_BAD_GAP = 1, 2, 4, 8
+LUT_BITS = 12  # DF_LUT_BITS in decode.cu
+LUT_BYTES = (4 + 2) << LUT_BITS  # lut_sym (uint32) + lut_info (uint16) in shared memory
 
 _MODULES: dict[tuple, object] = {}
 _FUNCTIONS: dict[tuple, object] = {}
@@ -68,6 +70,54 @@ def multi_symbol_tables(tables: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         msym[p] = syms
         minfo[p] = n | (used << 4) | (n2 << 8) | (len2 << 12)
     return msym, minfo
+
+
+def lut_tables(tables: np.ndarray, bits: int = LUT_BITS) -> tuple[np.ndarray, np.ndarray]:
+    """For each ``bits``-bit pattern, the whole codes it holds: the CUDA kernel's one-lookup multi-code tables.
+
+    Returns ``(lut_sym uint32[2**bits], lut_info uint16[2**bits])`` (see the header of decode.cu): lut_sym packs
+    the first up to 4 symbols (first in the lowest byte); lut_info is ``nc | lc << 4 | nd << 8 | ld << 11`` with
+    nc whole codes of total length lc, and nd = min(nc, 4) of total length ld. Vectorised over all patterns, one
+    step per code.
+    """
+    t = np.asarray(tables, dtype=np.int64).reshape(-1, 256)
+    n_tab = t.shape[0]
+    flat = t.reshape(-1)
+    size = 1 << bits
+    mask = size - 1
+    pattern = np.arange(size, dtype=np.int64)
+    used = np.zeros(size, np.int64)
+    n = np.zeros(size, np.int64)
+    syms = np.zeros(size, np.int64)
+    nd = np.zeros(size, np.int64)
+    ld = np.zeros(size, np.int64)
+    live = np.ones(size, bool)
+    for _ in range(bits):
+        x = (((pattern << used) & mask) << (32 - bits)) & 0xFFFFFFFF  # the unknown bits after the pattern are 0
+        e = t[0][x >> 24]
+        for d in range(1, 4):  # a code of up to 12 bits needs at most two levels; the walk is df_lookup's
+            nxt = -e
+            deeper = (e < 0) & (nxt > 0) & (nxt < n_tab)
+            e = np.where(deeper, flat[np.where(deeper, nxt, 0) * 256 + ((x >> (24 - 8 * d)) & 0xFF)], e)
+        length = e >> 8
+        live &= (e > 0) & (length <= bits - used)
+        syms = np.where(live & (n < 4), syms | ((e & 0xFF) << (8 * np.minimum(n, 3))), syms)
+        used = np.where(live, used + length, used)
+        n = np.where(live, n + 1, n)
+        nd = np.where(live & (n <= 4), n, nd)
+        ld = np.where(live & (n <= 4), used, ld)
+    info = n | (used << 4) | (nd << 8) | (ld << 11)
+    return syms.astype(np.uint32), info.astype(np.uint16)
+
+
+def cuda_tables(ct) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tables int32 (k, 256), lut_sym, lut_info) for a unit: what the CUDA kernel reads; built once, cached."""
+    got = ct._cache.get("cuda_host_tables")
+    if got is None:
+        tables = host_tables(ct)[0]
+        got = (tables, *lut_tables(tables))
+        ct._cache["cuda_host_tables"] = got
+    return got
 
 
 def host_tables(ct) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -112,7 +162,7 @@ def plan(bytes_per_window: int, windows_per_block: int, n_blocks: int, n_tables:
     kernel = kernel or GENERIC
     nts = min(n_tables, MAX_TABLES_IN_SMEM)
     words = n_slots * slot_words(bytes_per_window * wpt)
-    fixed = nts * 1024 + 2 * 1024 + SCAN_WORDS * 4 + ((words + 3) & ~3) * 4
+    fixed = nts * 1024 + LUT_BYTES + SCAN_WORDS * 4 + ((words + 3) & ~3) * 4
     limit = smem_limit
     if limit - fixed - 16 < MIN_STAGE:
         limit = max(smem_optin, limit)
@@ -211,14 +261,14 @@ def _stream(cupy, ptr: int, device_index: int):
     return s
 
 
-def launch_args(ct, p: LaunchPlan, enc, sm, gaps, positions, tables, msym, minfo, out, status) -> tuple:
+def launch_args(ct, p: LaunchPlan, enc, sm, gaps, positions, tables, lut_sym, lut_info, out, status) -> tuple:
     """The kernels' parameters (DF_PARAMS in decode.cu), in order, as sized numpy scalars; tensors by data_ptr()."""
     vec = out.data_ptr() % 16 == 0 and sm.data_ptr() % 8 == 0
     return (
         np.uint64(enc.data_ptr()), np.int64(enc.numel()), np.uint64(sm.data_ptr()),
         np.uint64(gaps.data_ptr()), np.int64(gaps.numel()), np.uint64(positions.data_ptr()),
         np.int32(ct.n_blocks), np.uint64(tables.data_ptr()), np.int32(tables.numel() // 256),
-        np.int32(p.n_tables_smem), np.uint64(msym.data_ptr()), np.uint64(minfo.data_ptr()),
+        np.int32(p.n_tables_smem), np.uint64(lut_sym.data_ptr()), np.uint64(lut_info.data_ptr()),
         np.uint64(out.data_ptr()), np.int64(ct.numel), np.int32(ct.bytes_per_window),
         np.int32(ct.windows_per_block), np.int32(p.windows_per_thread), np.int32(p.stage_cap),
         np.int32(1 if vec else 0), np.uint64(status.data_ptr()),

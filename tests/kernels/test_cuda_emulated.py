@@ -59,9 +59,10 @@ def emu_decode(emu, ct, *, offset: int = GUARD, smem_limit: int = cuda_decode.SM
                smem_optin: int = cuda_decode.SMEM_DEFAULT):
     """Decode with the emulated kernel into the middle of a guarded buffer; returns (words, status).
 
-    The launch plan and the argument list are cuda_decode's own (plan, host_tables, launch_args).
+    The launch plan and the argument list are cuda_decode's own (plan, cuda_tables, launch_args).
     """
-    tables, msym, minfo = (torch.from_numpy(a.view(np.int32).reshape(-1)) for a in cuda_decode.host_tables(ct))
+    tables, lut_sym, lut_info = (torch.from_numpy(a.view(np.int32).reshape(-1)).clone()  # clone: 16-byte aligned
+                                 for a in cuda_decode.cuda_tables(ct))
     plan = cuda_decode.plan(ct.bytes_per_window, ct.windows_per_block, ct.n_blocks, tables.numel() // 256,
                             smem_limit=smem_limit, smem_optin=smem_optin)
     buf = torch.full((ct.numel + offset + GUARD,), FILL, dtype=torch.int16)
@@ -70,7 +71,7 @@ def emu_decode(emu, ct, *, offset: int = GUARD, smem_limit: int = cuda_decode.SM
     if ct.numel and ct.n_blocks:
         arrays = [t.reshape(-1).contiguous() for t in
                   (ct.encoded_exponent, ct.sign_mantissa, ct.gaps, ct.output_positions)]
-        args = cuda_decode.launch_args(ct, plan, *arrays, tables, msym, minfo, out, status)
+        args = cuda_decode.launch_args(ct, plan, *arrays, tables, lut_sym, lut_info, out, status)
         rc = emu.emu_launch(plan.kernel.encode(), plan.grid, plan.block, plan.smem, *(int(a) for a in args))
         assert rc == 0
     assert bool((buf[:offset] == FILL).all()) and bool((buf[offset + ct.numel:] == FILL).all()), \
