@@ -52,7 +52,7 @@ SOURCE = ROOT / "kernels" / "cuda" / "decode.cu"
 KERNELS = ("dfloat_decode_w32_t256", "dfloat_decode_w8_t512")
 # hot loop -> a regex for its header line in decode.cu (old and new kernels alike)
 HOT_LOOPS = {
-    "count": r"while \(pos \+ (8|DF_LUT_BITS) <= end_bits\)",
+    "count": r"while \(pos \+ (8|DF_LUT_BITS) <= (end_bits|wend)\)",
     "decode": r"while \(k \+ 4 <= k_end\)",
     "write": r"for \(i64 c = \(ga >> 3\) \+ tid;",
 }

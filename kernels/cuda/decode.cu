@@ -264,31 +264,45 @@ __device__ __forceinline__ void df_decode(const DecodeArgs& a) {
     int pos = gap;  // slot bit of my next code
     int count = 0;
     bool bad = false;
-    while (pos + DF_LUT_BITS <= end_bits) {  // every whole code in the next 12 bits, in one lookup
-        const u32 x = df_peek(slot, pos);
-        const u32 info = s_info[x >> (32 - DF_LUT_BITS)];
-        int n = (int)(info & 15u);
-        int len = (int)((info >> 4) & 15u);
-        if (n == 0) {  // a code longer than 12 bits, or no code
-            const int e = df_lookup(x, s_tab, a.tables, a.n_tables_smem, a.n_tables);
+    // Several windows per thread (the generic kernel only): count window by window, and check the gap rule at
+    // each inner window's start too; bad_gap_at = my local index of the first code that broke it.
+    int bad_gap_at = -1;
+    int wend = end_bits;  // the end of the window being counted
+    if constexpr (BPW == 0) {
+        if (a.wpt > 1 && a.bpw * 8 < end_bits) wend = a.bpw * 8;
+    }
+    for (int wi = 1;; ++wi) {
+        while (pos + DF_LUT_BITS <= wend) {  // every whole code in the next 12 bits, in one lookup
+            const u32 x = df_peek(slot, pos);
+            const u32 info = s_info[x >> (32 - DF_LUT_BITS)];
+            int n = (int)(info & 15u);
+            int len = (int)((info >> 4) & 15u);
+            if (n == 0) {  // a code longer than 12 bits, or no code
+                const int e = df_lookup(x, s_tab, a.tables, a.n_tables_smem, a.n_tables);
+                if (e <= 0) {
+                    bad = true;
+                    break;
+                }
+                n = 1;
+                len = e >> 8;
+            }
+            pos += len;
+            count += n;
+        }
+        while (!bad && pos < wend) {  // the last few bits one code at a time
+            const int e = df_lookup(df_peek(slot, pos), s_tab, a.tables, a.n_tables_smem, a.n_tables);
             if (e <= 0) {
                 bad = true;
                 break;
             }
-            n = 1;
-            len = e >> 8;
+            pos += e >> 8;
+            count += 1;
         }
-        pos += len;
-        count += n;
-    }
-    while (!bad && pos < end_bits) {  // the last few bits one code at a time
-        const int e = df_lookup(df_peek(slot, pos), s_tab, a.tables, a.n_tables_smem, a.n_tables);
-        if (e <= 0) {
-            bad = true;
-            break;
-        }
-        pos += e >> 8;
-        count += 1;
+        if (bad || wend >= end_bits) break;
+        if (bad_gap_at < 0 &&
+            pos != wi * a.bpw * 8 + df_gap(a.gaps, a.n_gaps, (i64)b * a.wpb + (i64)tid * a.wpt + wi))
+            bad_gap_at = count;
+        wend = (wi + 1) * a.bpw * 8 < end_bits ? (wi + 1) * a.bpw * 8 : end_bits;
     }
 
     int total = 0;
@@ -298,6 +312,7 @@ __device__ __forceinline__ void df_decode(const DecodeArgs& a) {
         df_report(a.status, DF_STATUS_BAD_COUNT, b);
     // The gap rule: my counting stopped at the first code start at or after my bytes' end; if that code is an
     // output (index < numel), it is the first code of the next window and must start at that window's offset.
+    if (bad_gap_at >= 0 && p0 + first + bad_gap_at < a.numel) df_report(a.status, DF_STATUS_BAD_GAP, b);
     if (end_bits > 0 && !bad && p0 + first + count < a.numel) {
         const i64 wn = (i64)b * a.wpb + (i64)tid * a.wpt + my_windows;  // the next window (maybe the next block's)
         if (wn * a.bpw < a.n_enc && pos != my_windows * a.bpw * 8 + df_gap(a.gaps, a.n_gaps, wn))
