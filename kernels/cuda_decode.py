@@ -34,6 +34,10 @@ MIN_STAGE = 256
 # (bytes_per_window, windows_per_block) -> the kernel specialised for it; anything else runs dfloat_decode_any
 SPECIALISED = {(32, 256): "dfloat_decode_w32_t256", (8, 512): "dfloat_decode_w8_t512"}
 GENERIC = "dfloat_decode_any"
+# blocks per SM the specialised kernels' __launch_bounds__ allow (45 and 39 registers on sm_90: 62.5% and 75%
+# occupancy) if their shared memory lets them
+BLOCKS_PER_SM = {"dfloat_decode_w32_t256": 5, "dfloat_decode_w8_t512": 3}
+SMEM_RESERVED_PER_BLOCK = 1024  # what the driver keeps per resident block (sm_80 and later)
 STATUS_BAD_POSITIONS, STATUS_BAD_CODE, STATUS_BAD_COUNT, STATUS_BAD_GAP = 1, 2, 4, 8
 LUT_BITS = 12  # DF_LUT_BITS in decode.cu
 LUT_BYTES = (4 + 2) << LUT_BITS  # lut_sym (uint32) + lut_info (uint16) in shared memory
@@ -150,12 +154,14 @@ def slot_words(bytes_per_thread: int) -> int:
 
 
 def plan(bytes_per_window: int, windows_per_block: int, n_blocks: int, n_tables: int,
-         smem_limit: int = SMEM_DEFAULT, smem_optin: int = SMEM_DEFAULT) -> LaunchPlan:
+         smem_limit: int = SMEM_DEFAULT, smem_optin: int = SMEM_DEFAULT, smem_per_sm: int | None = None) -> LaunchPlan:
     """Kernel, launch shape and shared-memory layout for a unit's parameters.
 
-    The staging area takes whatever is left of ``smem_limit`` (48 KiB by default: the kernels are register-bound
-    at 4 blocks of 256 or 2 of 512 threads per SM, so a larger stage costs no occupancy); if the fixed parts do not
-    leave ``MIN_STAGE`` bytes, up to ``smem_optin`` (the device's opt-in maximum) is used.
+    The staging area takes whatever is left of ``smem_limit`` (48 KiB by default), and no more than lets as many
+    blocks share an SM as the kernel's registers allow (``BLOCKS_PER_SM``, given the device's ``smem_per_sm``):
+    shared memory must not be what caps occupancy. If the fixed parts do not leave ``MIN_STAGE`` bytes that way,
+    fewer blocks per SM it is; if not even ``smem_limit`` does, up to ``smem_optin`` (the device's opt-in
+    maximum) is used.
     """
     wpt = -(-windows_per_block // 1024)
     n_slots = -(-windows_per_block // wpt)
@@ -166,6 +172,10 @@ def plan(bytes_per_window: int, windows_per_block: int, n_blocks: int, n_tables:
     words = n_slots * slot_words(bytes_per_window * wpt)
     fixed = nts * 1024 + LUT_BYTES + SCAN_WORDS * 4 + ((words + 3) & ~3) * 4
     limit = smem_limit
+    if smem_per_sm and kernel in BLOCKS_PER_SM:
+        limit = min(limit, smem_per_sm // BLOCKS_PER_SM[kernel] - SMEM_RESERVED_PER_BLOCK)
+        if limit - fixed - 16 < MIN_STAGE:
+            limit = smem_limit
     if limit - fixed - 16 < MIN_STAGE:
         limit = max(smem_optin, limit)
     stage = (limit - fixed - 16) // 16 * 16
@@ -247,12 +257,14 @@ def _scratch_status(device: torch.device) -> torch.Tensor:
 
 
 def _plan_for(ct, n_tables: int, device: torch.device) -> LaunchPlan:
-    key = ("gpu_plan", str(device))
+    key = ("cuda_plan", str(device))
     p = ct._cache.get(key)
     if p is None:
         props = torch.cuda.get_device_properties(device)
         optin = getattr(props, "shared_memory_per_block_optin", SMEM_DEFAULT)
-        p = plan(ct.bytes_per_window, ct.windows_per_block, ct.n_blocks, n_tables, smem_optin=optin)
+        per_sm = getattr(props, "shared_memory_per_multiprocessor", None)
+        p = plan(ct.bytes_per_window, ct.windows_per_block, ct.n_blocks, n_tables, smem_optin=optin,
+                 smem_per_sm=per_sm)
         ct._cache[key] = p
     return p
 

@@ -23,8 +23,11 @@ CUDA_ERROR_INVALID_CONTEXT = 201
 _DRIVER: ctypes.CDLL | None | bool = None
 _CONTEXTS: dict[int, ctypes.c_void_p] = {}
 _LOCK = threading.Lock()
-_CTYPE = {np.dtype(np.uint64): ctypes.c_uint64, np.dtype(np.int64): ctypes.c_int64,
-          np.dtype(np.int32): ctypes.c_int32}
+_CTYPE = {
+    np.dtype(np.uint64): ctypes.c_uint64,
+    np.dtype(np.int64): ctypes.c_int64,
+    np.dtype(np.int32): ctypes.c_int32,
+}
 
 
 def driver() -> ctypes.CDLL | None:
@@ -55,8 +58,10 @@ def _make_primary_context_current(lib, device_index: int) -> None:
     ctx = _CONTEXTS.get(device_index)
     if ctx is None:
         dev, ctx = ctypes.c_int(), ctypes.c_void_p()
-        for rc in (lib.cuDeviceGet(ctypes.byref(dev), device_index),
-                   lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev)):  # kept for the process's lifetime
+        for rc in (
+            lib.cuDeviceGet(ctypes.byref(dev), device_index),
+            lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev),
+        ):  # kept for the process's lifetime
             if rc != CUDA_SUCCESS:
                 raise RuntimeError(f"CUDA driver: cannot use device {device_index}: {_error_name(lib, rc)}")
         _CONTEXTS[device_index] = ctx
@@ -74,8 +79,16 @@ class PackedLaunch:
 
     __slots__ = ("_lib", "_launch", "_function", "_grid", "_block", "_smem", "_values", "_params", "_device")
 
-    def __init__(self, lib: ctypes.CDLL, function_ptr: int, device_index: int, grid: int, block: int, smem: int,
-                 args: tuple) -> None:
+    def __init__(
+        self,
+        lib: ctypes.CDLL,
+        function_ptr: int,
+        device_index: int,
+        grid: int,
+        block: int,
+        smem: int,
+        args: tuple,
+    ) -> None:
         self._lib = lib
         self._launch = lib.cuLaunchKernel
         self._function = ctypes.c_void_p(function_ptr)
@@ -88,11 +101,15 @@ class PackedLaunch:
         self._values[i].value = value
 
     def launch(self, stream: int) -> None:
-        rc = self._launch(self._function, self._grid, 1, 1, self._block, 1, 1, self._smem, stream, self._params,
-                          None)
+        rc = self._launch(
+            self._function, self._grid, 1, 1, self._block, 1, 1, self._smem, stream, self._params, None
+        )
         if rc == CUDA_ERROR_INVALID_CONTEXT:
             _make_primary_context_current(self._lib, self._device)
-            rc = self._launch(self._function, self._grid, 1, 1, self._block, 1, 1, self._smem, stream,
-                              self._params, None)
+            rc = self._launch(
+                self._function, self._grid, 1, 1, self._block, 1, 1, self._smem, stream, self._params, None
+            )
         if rc != CUDA_SUCCESS:
-            raise RuntimeError(f"cuLaunchKernel failed on device {self._device}: {_error_name(self._lib, rc)}")
+            raise RuntimeError(
+                f"cuLaunchKernel failed on device {self._device}: {_error_name(self._lib, rc)}"
+            )

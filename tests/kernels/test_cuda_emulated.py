@@ -56,7 +56,7 @@ def emu(tmp_path_factory):
 
 
 def emu_decode(emu, ct, *, offset: int = GUARD, smem_limit: int = cuda_decode.SMEM_DEFAULT,
-               smem_optin: int = cuda_decode.SMEM_DEFAULT):
+               smem_optin: int = cuda_decode.SMEM_DEFAULT, smem_per_sm: int | None = None):
     """Decode with the emulated kernel into the middle of a guarded buffer; returns (words, status).
 
     The launch plan and the argument list are cuda_decode's own (plan, cuda_tables, launch_args).
@@ -64,7 +64,7 @@ def emu_decode(emu, ct, *, offset: int = GUARD, smem_limit: int = cuda_decode.SM
     tables, lut_sym, lut_info = (torch.from_numpy(a.view(np.int32).reshape(-1)).clone()  # clone: 16-byte aligned
                                  for a in cuda_decode.cuda_tables(ct))
     plan = cuda_decode.plan(ct.bytes_per_window, ct.windows_per_block, ct.n_blocks, tables.numel() // 256,
-                            smem_limit=smem_limit, smem_optin=smem_optin)
+                            smem_limit=smem_limit, smem_optin=smem_optin, smem_per_sm=smem_per_sm)
     buf = torch.full((ct.numel + offset + GUARD,), FILL, dtype=torch.int16)
     out = buf[offset:offset + ct.numel]
     status = torch.tensor([0, 2**31 - 1], dtype=torch.int32)
@@ -140,6 +140,19 @@ def test_staging_in_rounds(emu):
     small = full.smem - full.stage_cap + cuda_decode.MIN_STAGE
     for offset in (GUARD, GUARD + 5):
         words, status = emu_decode(emu, ct, offset=offset, smem_limit=small)
+        assert status[0] == 0 and torch.equal(words, bits(t))
+
+
+def test_h100_plan_five_blocks_per_sm(emu):
+    # on an H100 (228 KiB per SM) the plan shrinks staging so 5 blocks of our layout fit: more rounds per block
+    t = weights_like(150_000, seed=13)
+    ct = dfloat.compress_tensor(t, allow_raw=False)
+    h100_per_sm = 233_472
+    p = cuda_decode.plan(32, 256, ct.n_blocks, cuda_decode.cuda_tables(ct)[0].shape[0], smem_per_sm=h100_per_sm)
+    assert 5 * (p.smem + cuda_decode.SMEM_RESERVED_PER_BLOCK) <= h100_per_sm
+    assert p.stage_cap < ct.numel // ct.n_blocks  # several rounds per block
+    for offset in (GUARD, GUARD + 3):
+        words, status = emu_decode(emu, ct, offset=offset, smem_per_sm=h100_per_sm)
         assert status[0] == 0 and torch.equal(words, bits(t))
 
 
