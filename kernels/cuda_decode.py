@@ -339,6 +339,7 @@ class UnitLaunch:
         self.sm_aligned = sm.data_ptr() % 8 == 0
         self.args = list(launch_args(ct, self.plan, *arrays, *self.tables, enc, self.scratch))  # out: set per call
         self.out_ptr = -1
+        self.lock = threading.Lock()
         lib = cuda_launch.driver()
         self.packed = None
         if lib is not None and hasattr(self.function, "ptr"):
@@ -351,17 +352,18 @@ class UnitLaunch:
                 and ct.output_positions is s[3]())
 
     def launch(self, out_ptr: int, stream: int, status: torch.Tensor | None = None) -> None:
-        if out_ptr != self.out_ptr:
-            vec = np.int32(1 if out_ptr % 16 == 0 and self.sm_aligned else 0)
-            self.args[self.OUT], self.args[self.VEC] = np.uint64(out_ptr), vec
-            if self.packed is not None:
-                self.packed.set(self.OUT, out_ptr)
-                self.packed.set(self.VEC, int(vec))
-            self.out_ptr = out_ptr
-        if status is not None or self.packed is None:
-            self._launch_cupy(stream, status)
-            return
-        self.packed.launch(stream)
+        with self.lock:  # the packed arguments are shared: one thread at a time sets the output and launches
+            if out_ptr != self.out_ptr:
+                vec = np.int32(1 if out_ptr % 16 == 0 and self.sm_aligned else 0)
+                self.args[self.OUT], self.args[self.VEC] = np.uint64(out_ptr), vec
+                if self.packed is not None:
+                    self.packed.set(self.OUT, out_ptr)
+                    self.packed.set(self.VEC, int(vec))
+                self.out_ptr = out_ptr
+            if status is not None or self.packed is None:
+                self._launch_cupy(stream, status)
+            else:
+                self.packed.launch(stream)  # the driver copies the arguments before it returns
 
     def _launch_cupy(self, stream: int, status: torch.Tensor | None) -> None:
         """CuPy's own launch: where the driver library is not at hand, and for checked decodes."""
