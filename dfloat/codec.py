@@ -202,6 +202,8 @@ def decode_tables(ct: CompressedTensor) -> np.ndarray:
 
 def canonical_device(device: torch.device | str) -> torch.device:
     """ "cuda" -> "cuda:<current>", so devices compare equal to the ones tensors report."""
+    if isinstance(device, torch.device) and (device.index is not None or device.type != "cuda"):
+        return device  # already canonical: the common case, on every decode
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
@@ -247,7 +249,8 @@ def decompress_tensor(
             f"out must be a contiguous {c.dtype} tensor of >= {c.numel} elements on {device}, "
             f"got {out.dtype}[{out.numel()}] on {out.device}"
         )
-    flat = out.reshape(-1)[: c.numel]
+    # views cost microseconds each: make none when out is already the flat buffer (the runtime's case)
+    flat = out if out.dim() == 1 and out.numel() == c.numel else out.reshape(-1)[: c.numel]
     if c.is_coded:
         registry.decode_into(c, flat, backend, check=check or check_output)
     else:
@@ -256,4 +259,6 @@ def decompress_tensor(
         c.verify(flat)
         mark_trusted(unit)
         mark_trusted(c)
-    return flat.view(c.shape) if len(c.members) == 1 else flat
+    if len(c.members) != 1 or flat.shape == c.shape:
+        return flat
+    return flat.view(c.shape)

@@ -23,6 +23,7 @@ class Backend(str, Enum):
 
 log = logging.getLogger(__name__)
 _FAILED: set[tuple[Backend, str]] = set()
+_CHOSEN: dict[tuple, tuple] = {}  # (backend argument, device, TRITON_INTERPRET) -> (backend, its decode function)
 
 _MODULES = {Backend.CPU: "dfloat.kernels.cpu", Backend.TRITON: "dfloat.kernels.triton_decode",
             Backend.CUDA: "dfloat.kernels.cuda_decode"}
@@ -92,8 +93,23 @@ def decode_into(ct, out: torch.Tensor, backend: str | Backend | None = None, che
     """Decode coded unit ``ct`` into ``out`` (flat BF16, ``ct.numel`` elements, on ct's device).
 
     ``check`` makes GPU backends wait for the kernel and raise on a corrupt stream (the CPU always checks)."""
+    key = (backend, out.device, os.environ.get("TRITON_INTERPRET"))
+    chosen = _CHOSEN.get(key)  # the decoder this choice resolved to before: no lookups per call
+    if chosen is not None:
+        try:
+            chosen[1](ct, out, check=check)
+            return
+        except BackendUnavailableError as e:
+            if backend not in (None, Backend.AUTO, "auto"):
+                raise
+            log.warning("backend %s cannot run on %s, using the next one: %s", chosen[0].value, out.device, e)
+            _FAILED.add((chosen[0], out.device.type))
+            _CHOSEN.pop(key, None)
     if backend not in (None, Backend.AUTO, "auto"):
-        importlib.import_module(_MODULES[resolve(backend, out.device)]).decode(ct, out, check=check)
+        named = resolve(backend, out.device)
+        decode = importlib.import_module(_MODULES[named]).decode
+        decode(ct, out, check=check)
+        _CHOSEN[key] = (named, decode)
         return
     # Automatic choice: a backend that turns out unable to run here (e.g. CuPy finds no CUDA toolkit to compile
     # with) is skipped from then on, and the next fastest one decodes.
@@ -101,10 +117,13 @@ def decode_into(ct, out: torch.Tensor, backend: str | Backend | None = None, che
     if not usable:
         resolve(None, out.device)  # nothing installed: raises with what to install
     for chosen in usable:
+        decode = importlib.import_module(_MODULES[chosen]).decode
         try:
-            importlib.import_module(_MODULES[chosen]).decode(ct, out, check=check)
-            return
+            decode(ct, out, check=check)
         except BackendUnavailableError as e:
             log.warning("backend %s cannot run on %s, using the next one: %s", chosen.value, out.device, e)
             _FAILED.add((chosen, out.device.type))
+            continue
+        _CHOSEN[key] = (chosen, decode)
+        return
     raise BackendUnavailableError(f"no decoder could run on {out.device}; see the warnings above")

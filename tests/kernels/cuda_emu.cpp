@@ -49,6 +49,10 @@ inline int atomicMin(int* p, int v) {
     while (v < old && !a.compare_exchange_weak(old, v)) {}
     return old;
 }
+inline unsigned int __funnelshift_l(unsigned int lo, unsigned int hi, unsigned int shift) {
+    const uint64_t v = ((uint64_t)hi << 32) | lo;
+    return (unsigned int)((v << (shift & 31)) >> 32);
+}
 inline unsigned int __byte_perm(unsigned int x, unsigned int y, unsigned int s) {
     const uint64_t v = ((uint64_t)y << 32) | x;
     unsigned int r = 0;
@@ -61,10 +65,10 @@ inline unsigned int __byte_perm(unsigned int x, unsigned int y, unsigned int s) 
 extern "C" int emu_launch(const char* kernel, int grid, int block, long long smem_bytes,
                           const unsigned char* enc, i64 n_enc, const unsigned char* sm, const unsigned char* gaps,
                           i64 n_gaps, const i64* positions, int n_blocks, const int* tables, int n_tables,
-                          int n_tables_smem, const u32* msym, const u32* minfo, unsigned short* out, i64 numel,
+                          int n_tables_smem, const u32* lut_sym, const unsigned short* lut_info, unsigned short* out, i64 numel,
                           int bpw, int wpb, int wpt, int stage_cap, int vec_out, int* status) {
     using K = void (*)(const unsigned char*, i64, const unsigned char*, const unsigned char*, i64, const i64*, int,
-                       const int*, int, int, const u32*, const u32*, unsigned short*, i64, int, int, int, int,
+                       const int*, int, int, const u32*, const unsigned short*, unsigned short*, i64, int, int, int, int,
                        int, int*);
     K k = nullptr;
     const std::string name(kernel);
@@ -92,8 +96,8 @@ extern "C" int emu_launch(const char* kernel, int grid, int block, long long sme
                     std::memset(raw, 0xCD, smem_size);  // no free zeros from the previous block
                 }
                 bar.arrive_and_wait();
-                k(enc, n_enc, sm, gaps, n_gaps, positions, n_blocks, tables, n_tables, n_tables_smem, msym, minfo,
-                  out, numel, bpw, wpb, wpt, stage_cap, vec_out, status);
+                k(enc, n_enc, sm, gaps, n_gaps, positions, n_blocks, tables, n_tables, n_tables_smem, lut_sym,
+                  lut_info, out, numel, bpw, wpb, wpt, stage_cap, vec_out, status);
                 bar.arrive_and_wait();
             }
         });

@@ -56,21 +56,22 @@ def emu(tmp_path_factory):
 
 
 def emu_decode(emu, ct, *, offset: int = GUARD, smem_limit: int = cuda_decode.SMEM_DEFAULT,
-               smem_optin: int = cuda_decode.SMEM_DEFAULT):
+               smem_optin: int = cuda_decode.SMEM_DEFAULT, smem_per_sm: int | None = None):
     """Decode with the emulated kernel into the middle of a guarded buffer; returns (words, status).
 
-    The launch plan and the argument list are cuda_decode's own (plan, host_tables, launch_args).
+    The launch plan and the argument list are cuda_decode's own (plan, cuda_tables, launch_args).
     """
-    tables, msym, minfo = (torch.from_numpy(a.view(np.int32).reshape(-1)) for a in cuda_decode.host_tables(ct))
+    tables, lut_sym, lut_info = (torch.from_numpy(a.view(np.int32).reshape(-1)).clone()  # clone: 16-byte aligned
+                                 for a in cuda_decode.cuda_tables(ct))
     plan = cuda_decode.plan(ct.bytes_per_window, ct.windows_per_block, ct.n_blocks, tables.numel() // 256,
-                            smem_limit=smem_limit, smem_optin=smem_optin)
+                            smem_limit=smem_limit, smem_optin=smem_optin, smem_per_sm=smem_per_sm)
     buf = torch.full((ct.numel + offset + GUARD,), FILL, dtype=torch.int16)
     out = buf[offset:offset + ct.numel]
     status = torch.tensor([0, 2**31 - 1], dtype=torch.int32)
     if ct.numel and ct.n_blocks:
         arrays = [t.reshape(-1).contiguous() for t in
                   (ct.encoded_exponent, ct.sign_mantissa, ct.gaps, ct.output_positions)]
-        args = cuda_decode.launch_args(ct, plan, *arrays, tables, msym, minfo, out, status)
+        args = cuda_decode.launch_args(ct, plan, *arrays, tables, lut_sym, lut_info, out, status)
         rc = emu.emu_launch(plan.kernel.encode(), plan.grid, plan.block, plan.smem, *(int(a) for a in args))
         assert rc == 0
     assert bool((buf[:offset] == FILL).all()) and bool((buf[offset + ct.numel:] == FILL).all()), \
@@ -139,6 +140,19 @@ def test_staging_in_rounds(emu):
     small = full.smem - full.stage_cap + cuda_decode.MIN_STAGE
     for offset in (GUARD, GUARD + 5):
         words, status = emu_decode(emu, ct, offset=offset, smem_limit=small)
+        assert status[0] == 0 and torch.equal(words, bits(t))
+
+
+def test_h100_plan_five_blocks_per_sm(emu):
+    # on an H100 (228 KiB per SM) the plan shrinks staging so 5 blocks of our layout fit: more rounds per block
+    t = weights_like(150_000, seed=13)
+    ct = dfloat.compress_tensor(t, allow_raw=False)
+    h100_per_sm = 233_472
+    p = cuda_decode.plan(32, 256, ct.n_blocks, cuda_decode.cuda_tables(ct)[0].shape[0], smem_per_sm=h100_per_sm)
+    assert 5 * (p.smem + cuda_decode.SMEM_RESERVED_PER_BLOCK) <= h100_per_sm
+    assert p.stage_cap < ct.numel // ct.n_blocks  # several rounds per block
+    for offset in (GUARD, GUARD + 3):
+        words, status = emu_decode(emu, ct, offset=offset, smem_per_sm=h100_per_sm)
         assert status[0] == 0 and torch.equal(words, bits(t))
 
 
@@ -218,3 +232,133 @@ def test_corrupt_positions_are_reported(emu):
     pos[2], pos[3] = pos[3].clone(), pos[2].clone()
     _, status = emu_decode(emu, with_positions(ct, pos))
     assert status[0] != 0 and status[1] <= 2
+
+
+# ---- the 12-bit multi-code tables, independently of the kernel -----------------------------------------------
+
+
+def _lut_by_walking_the_code(ct) -> tuple[np.ndarray, np.ndarray]:
+    """lut_sym / lut_info from the code words themselves, one pattern at a time (4096 patterns: a test oracle)."""
+    from dfloat.codec import code_of
+
+    codes, lengths = code_of(ct)
+    symbol_of = {(int(lengths[s]), int(codes[s])): s for s in range(256) if lengths[s] > 0}
+    syms, infos = np.zeros(4096, np.uint32), np.zeros(4096, np.uint16)
+    for p in range(4096):
+        bits = [(p >> (11 - i)) & 1 for i in range(12)]
+        found, used, code, length, nd, ld = [], 0, 0, 0, 0, 0
+        for i, bit in enumerate(bits):
+            code, length = (code << 1) | bit, length + 1
+            if (length, code) in symbol_of:
+                found.append(symbol_of[(length, code)])
+                used, code, length = i + 1, 0, 0
+                if len(found) <= 4:
+                    nd, ld = len(found), used
+        syms[p] = sum(s << (8 * k) for k, s in enumerate(found[:4]))
+        infos[p] = len(found) | (used << 4) | (nd << 8) | (ld << 11)
+    return syms, infos
+
+
+@pytest.mark.parametrize("case", ["weights", "one-bit", "staircase"])
+def test_lut_tables_match_the_code(case):
+    if case == "weights":
+        ct = dfloat.compress_tensor(weights_like(50_000, seed=2), allow_raw=False)
+    elif case == "one-bit":
+        ct = dfloat.compress_tensor(with_exponent_counts({120: 500, 121: 500}), allow_raw=False)
+    else:
+        ct = staircase()[1]
+    _, lut_sym, lut_info = cuda_decode.cuda_tables(ct)
+    want_sym, want_info = _lut_by_walking_the_code(ct)
+    assert np.array_equal(lut_info, want_info) and np.array_equal(lut_sym, want_sym)
+
+
+# ---- the gap rule ---------------------------------------------------------------------------------------------
+
+
+def with_gap(ct, window: int, value: int):
+    """A copy of a unit whose window ``window`` has start offset ``value`` (5 bits, packed MSB-first)."""
+    from dataclasses import replace
+
+    packed = np.unpackbits(ct.gaps.numpy())
+    packed[5 * window:5 * window + 5] = np.unpackbits(np.array([value << 3], np.uint8))[:5]
+    gaps = torch.from_numpy(np.packbits(packed)[:ct.gaps.numel()].copy())
+    return replace(ct, gaps=gaps, _cache={})
+
+
+def gap_of(ct, window: int) -> int:
+    bits = np.unpackbits(ct.gaps.numpy())[5 * window:5 * window + 5]
+    return int(np.packbits(np.concatenate([bits, np.zeros(3, np.uint8)]))[0] >> 3)
+
+
+@pytest.mark.parametrize("opts, window", [(dict(bytes_per_window=8, windows_per_block=16), 5),  # inside a block
+                                          (dict(bytes_per_window=8, windows_per_block=16), 32),  # a block's first
+                                          (dict(bytes_per_window=4, windows_per_block=2100), 2101),  # 3 per thread
+                                          ({}, 300)])  # our layout: block 1, window 44
+def test_a_damaged_later_gap_is_reported(emu, opts, window):
+    t = weights_like(30_000, seed=6)
+    ct = dfloat.compress_tensor(t, allow_raw=False, **opts)
+    assert window < ct.gaps.numel() * 8 // 5 and window * ct.bytes_per_window < ct.encoded_exponent.numel()
+    for delta in (1, 7):
+        bad = with_gap(ct, window, (gap_of(ct, window) + delta) % 32)
+        _, status = emu_decode(emu, bad)  # the guard regions are checked inside
+        assert status[0] & cuda_decode.STATUS_BAD_GAP, cuda_decode.explain(int(status[0]))
+        assert status[1] == window // ct.windows_per_block - (window % ct.windows_per_block == 0)
+
+
+def test_first_window_gap_is_not_checked_by_the_gap_rule(emu):
+    # window 0 has no previous window; a wrong start there shows up as bad codes or counts, if at all
+    t = weights_like(5_000, seed=8)
+    ct = dfloat.compress_tensor(t, allow_raw=False, bytes_per_window=8, windows_per_block=16)
+    _, status = emu_decode(emu, with_gap(ct, 0, (gap_of(ct, 0) + 1) % 32))
+    assert not status[0] & cuda_decode.STATUS_BAD_GAP
+
+
+@pytest.mark.parametrize("opts, per_window, per_block", [({}, 256, 65536),
+                                                         (dict(bytes_per_window=8, windows_per_block=512), 64,
+                                                          32768)])
+def test_a_window_and_a_block_plus_minus_one(emu, opts, per_window, per_block):
+    # 1-bit codes: a window holds exactly `per_window` codes, a block `per_block`
+    for n in (per_window - 1, per_window, per_window + 1, per_block - 1, per_block + 1):
+        check_exact(emu, with_exponent_counts({120: n // 2, 121: n - n // 2}, seed=n), **opts)
+
+
+# ---- the launch path's packed arguments ------------------------------------------------------------------------
+
+
+def test_packed_launch_arguments_drive_the_kernel(emu):
+    """cuda_launch.PackedLaunch as decode() uses it, with the driver replaced by the emulator: the packed C
+    argument block, read back with DF_PARAMS's types, decodes bit-exact, and set() moves the output."""
+    import ctypes
+
+    from dfloat.kernels import cuda_launch
+
+    t = weights_like(9_000, seed=12)
+    ct = dfloat.compress_tensor(t, allow_raw=False, bytes_per_window=8, windows_per_block=16)
+    tables, lut_sym, lut_info = (torch.from_numpy(a.view(np.int32).reshape(-1)).clone()
+                                 for a in cuda_decode.cuda_tables(ct))
+    plan = cuda_decode.plan(ct.bytes_per_window, ct.windows_per_block, ct.n_blocks, tables.numel() // 256)
+    arrays = [a.reshape(-1).contiguous() for a in (ct.encoded_exponent, ct.sign_mantissa, ct.gaps,
+                                                   ct.output_positions)]
+    bufs = [torch.full((ct.numel + 2 * GUARD,), FILL, dtype=torch.int16) for _ in range(2)]
+    status = torch.tensor([0, 2**31 - 1], dtype=torch.int32)
+    args = cuda_decode.launch_args(ct, plan, *arrays, tables, lut_sym, lut_info, bufs[0][GUARD:], status)
+    kinds = [ctypes.c_uint64 if isinstance(a, np.uint64) else ctypes.c_int64 if isinstance(a, np.int64)
+             else ctypes.c_int32 for a in args]
+    launches = []
+
+    def fake_launch(function, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
+        values = [ctypes.cast(params[i], ctypes.POINTER(k)).contents.value for i, k in enumerate(kinds)]
+        launches.append((function.value, stream))
+        return emu.emu_launch(plan.kernel.encode(), gx, bx, smem, *values)
+
+    class FakeDriver:
+        cuLaunchKernel = staticmethod(fake_launch)
+
+    packed = cuda_launch.PackedLaunch(FakeDriver(), 1234, 0, plan.grid, plan.block, plan.smem, args)
+    packed.launch(99)
+    packed.set(cuda_decode.UnitLaunch.OUT, bufs[1][GUARD:].data_ptr())
+    packed.launch(98)
+    assert launches == [(1234, 99), (1234, 98)] and status[0] == 0
+    for buf in bufs:
+        assert torch.equal(buf[GUARD:GUARD + ct.numel], bits(t))
+        assert bool((buf[:GUARD] == FILL).all()) and bool((buf[GUARD + ct.numel:] == FILL).all())

@@ -23,6 +23,7 @@ def test_automatic_choice_falls_back_when_a_backend_cannot_run(monkeypatch):
     monkeypatch.setattr(registry, "available_backends", lambda device: [registry.Backend.TRITON,
                                                                         registry.Backend.CPU])
     monkeypatch.setattr(registry, "_FAILED", set())
+    monkeypatch.setattr(registry, "_CHOSEN", {})  # forget earlier choices
 
     def broken(ct, out, check=False):
         raise BackendUnavailableError("no toolkit")
@@ -32,3 +33,30 @@ def test_automatic_choice_falls_back_when_a_backend_cannot_run(monkeypatch):
     monkeypatch.setattr(triton_decode, "decode", broken)
     out = dfloat.decompress_tensor(ct)
     assert torch.equal(bits(out), bits(t)) and (registry.Backend.TRITON, "cpu") in registry._FAILED
+
+
+def test_a_choice_is_remembered_and_redone_when_it_stops_working(monkeypatch):
+    t = weights_like(5_000)
+    ct = dfloat.compress_tensor(t)
+    monkeypatch.setattr(registry, "_FAILED", set())
+    monkeypatch.setattr(registry, "_CHOSEN", {})
+    monkeypatch.setattr(registry, "available_backends", lambda device: [registry.Backend.TRITON,
+                                                                        registry.Backend.CPU])
+    import dfloat.kernels.triton_decode as triton_decode
+
+    calls = []
+
+    def works_once(ct, out, check=False):
+        calls.append(1)
+        if len(calls) > 1:
+            raise BackendUnavailableError("lost its toolkit")
+        out.copy_(t)
+
+    monkeypatch.setattr(triton_decode, "decode", works_once)
+    assert torch.equal(bits(dfloat.decompress_tensor(ct)), bits(t))
+    assert list(registry._CHOSEN.values()) == [(registry.Backend.TRITON, works_once)]
+    assert torch.equal(bits(dfloat.decompress_tensor(ct)), bits(t))  # the remembered one fails: the CPU decodes
+    assert len(calls) == 2 and (registry.Backend.TRITON, "cpu") in registry._FAILED
+    from dfloat.kernels import cpu
+
+    assert list(registry._CHOSEN.values()) == [(registry.Backend.CPU, cpu.decode)]
