@@ -3,12 +3,13 @@
 Kept apart from the launcher (triton_decode.py) so that scripts/triton_aot_check.py can compile this very source
 ahead of time in a venv that holds only triton and numpy (CI does that under Triton 3.6.0).
 
-Written to compile with every Triton from 3.3 on, for NVIDIA and AMD targets. The layout passes of some versions
-abort on loops that carry tensors of different shapes or many values (Triton 3.6 crashed in
-TritonGPURemoveLayoutConversions on the previous version, which carried a 64-bit bit buffer, its fill level and read
-pointer, and stored [lanes, 4] tiles inside the loop). So every tensor here is one-dimensional [LANES], each decode
-loop carries two or three int32 vectors, and the stream is re-read at the code's bit position on every step (4
-byte loads that hit L1) instead of being kept in a refilled buffer.
+Written to compile with every Triton from 3.3 on, for NVIDIA and AMD targets. Triton 3.6 aborted (assertion in
+TritonGPURemoveLayoutConversions) on the previous version, whose `while busy > 0:` loops carried the scalar
+`busy` next to the lanes' tensors: for an scf.while that pass indexed the loop's results by the position of the
+yielded value, which runs past the end when a value after the condition is a tensor (fixed upstream later). So the
+while conditions here are computed from the carried tensors themselves (`while tl.max(...) > 0:`), every tensor is
+one-dimensional [LANES], and each decode loop carries two or three int32 vectors: the stream is re-read at the
+code's bit position on every step (4 byte loads that hit L1) instead of being kept in a refilled 64-bit buffer.
 
 Layout (see docs/kernels.md): one program per block; lane l of round r decodes window ``b * wpb + r * LANES + l``
 (rounds = ceil(wpb / LANES), one unless a block has more than 1024 windows). Per round, phase 1 counts the codes
