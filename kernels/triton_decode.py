@@ -25,7 +25,7 @@ import os
 import numpy as np
 import torch
 
-from dfloat.errors import BackendUnavailableError
+from dfloat.errors import BackendUnavailableError, CorruptStreamError
 from dfloat.kernels import triton_kernel
 from dfloat.kernels.gpu_common import launch_arrays, new_status, raise_if_flagged, wants_check
 
@@ -79,14 +79,32 @@ def explain(flags: int) -> str:
     return "; ".join(why) or f"status {flags:#x}"
 
 
-def _device_tables(ct, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The unit's decode tables and multi-symbol tables on ``device``, cached on the unit."""
+def subtable_depth(tables: np.ndarray) -> int:
+    """How many subtable lookups the longest code needs after the first table (0 to 3): the kernel's EXTRA."""
+    depth = {0: 0}
+    todo = [0]
+    while todo:
+        t = todo.pop()
+        for p in {int(-e) for e in tables[t] if 0 < -e < len(tables)}:
+            if p not in depth:
+                depth[p] = depth[t] + 1
+                todo.append(p)
+    return max(depth.values())
+
+
+def _device_tables(ct, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The unit's decode tables and multi-symbol tables on ``device`` and their depth, cached on the unit."""
     key = ("triton_tables", str(device))
     got = ct._cache.get(key)
     if got is None:
         from dfloat.kernels.cuda_decode import host_tables  # pure numpy: no CuPy needed
 
-        got = tuple(torch.from_numpy(a.view(np.int32).reshape(-1)).to(device) for a in host_tables(ct))
+        arrays = host_tables(ct)
+        depth = subtable_depth(arrays[0])
+        if depth > 3:
+            raise CorruptStreamError(f"unit {ct.members[0].name if ct.members else '?'}: its code tables nest "
+                                     f"{depth} deep (codes of more than 32 bits)")
+        got = (*(torch.from_numpy(a.view(np.int32).reshape(-1)).to(device) for a in arrays), depth)
         ct._cache[key] = got
     return got
 
@@ -115,7 +133,7 @@ def decode(ct, out: torch.Tensor, check: bool = False) -> None:
     enc, sm, gaps, positions = prepared
     check = wants_check(check)
     kernel = _kernel()
-    tables, msym, minfo = _device_tables(ct, device)
+    tables, msym, minfo, extra = _device_tables(ct, device)
     lanes = _lanes(ct.windows_per_block)
     status = new_status(device) if check else _scratch_status(device)
     num_warps = min(16, max(1, lanes // 32))
@@ -124,7 +142,7 @@ def decode(ct, out: torch.Tensor, check: bool = False) -> None:
         kernel[(ct.n_blocks,)](
             enc, enc.numel(), sm, gaps, gaps.numel(), positions, ct.n_blocks, tables, tables.numel() // 256, msym,
             minfo, out.view(torch.int16), ct.numel, status, ct.bytes_per_window, ct.windows_per_block,
-            LANES=lanes, UNROLL=UNROLL, num_warps=num_warps,
+            LANES=lanes, UNROLL=UNROLL, EXTRA=extra, num_warps=num_warps,
         )
     if check:
         raise_if_flagged(ct, status, explain, "triton")

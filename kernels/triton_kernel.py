@@ -36,12 +36,12 @@ SIGNATURE = {
     "n_blocks": "i64", "tab_ptr": "*i32", "n_tab": "i32", "msym_ptr": "*i32", "minfo_ptr": "*i32",
     "out_ptr": "*i16", "numel": "i64", "status_ptr": "*i32", "bpw": "i32", "wpb": "i32",
 }
-CONSTEXPRS = ("LANES", "UNROLL")
+CONSTEXPRS = ("LANES", "UNROLL", "EXTRA")
 
 
 def decode_kernel(enc_ptr, n_enc, sm_ptr, gaps_ptr, n_gaps, pos_ptr, n_blocks, tab_ptr, n_tab, msym_ptr,
                   minfo_ptr, out_ptr, numel, status_ptr, bpw, wpb,
-                  LANES: tl.constexpr, UNROLL: tl.constexpr):
+                  LANES: tl.constexpr, UNROLL: tl.constexpr, EXTRA: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     p0 = tl.load(pos_ptr + b)
     p1 = tl.load(pos_ptr + b + 1)
@@ -84,10 +84,10 @@ def decode_kernel(enc_ptr, n_enc, sm_ptr, gaps_ptr, n_gaps, pos_ptr, n_blocks, t
             for _u in tl.static_range(UNROLL):
                 act = (pos < end_bits) & (bad == 0)
                 at = pos >> 3
-                word = zero
-                for q in tl.static_range(4):
+                word = zero  # the stream from my next code's byte on: 2 bytes, one more per subtable level, at most 4
+                for q in tl.static_range(2 + EXTRA - EXTRA // 3):
                     x = tl.load(lane_enc + at + q, mask=act & (at + q < avail), other=0).to(tl.int32)
-                    word = (word << 8) | x
+                    word = word | (x << (24 - 8 * q))
                 word = word << (pos & 7)  # the next code's first bit is now bit 31
                 top = (word >> 24) & 0xFF
                 info = tl.load(minfo_ptr + top, mask=act, other=0)
@@ -95,7 +95,7 @@ def decode_kernel(enc_ptr, n_enc, sm_ptr, gaps_ptr, n_gaps, pos_ptr, n_blocks, t
                 multi = act & (n1 > 0) & (pos + 8 <= end_bits)  # whole codes in the next 8 bits, all mine
                 single = act & ~multi
                 e = tl.load(tab_ptr + top, mask=single, other=0)
-                for d in tl.static_range(1, 4):
+                for d in tl.static_range(1, EXTRA + 1):
                     follow = single & (e < 0) & (-e < n_tab)
                     if d < 3:
                         nxt = (word >> (24 - 8 * d)) & 0xFF
@@ -127,10 +127,10 @@ def decode_kernel(enc_ptr, n_enc, sm_ptr, gaps_ptr, n_gaps, pos_ptr, n_blocks, t
             for _u in tl.static_range(UNROLL):
                 act = k < kend
                 at = pos >> 3
-                word = zero
-                for q in tl.static_range(4):
+                word = zero  # the stream from my next code's byte on: 2 bytes, one more per subtable level, at most 4
+                for q in tl.static_range(2 + EXTRA - EXTRA // 3):
                     x = tl.load(lane_enc + at + q, mask=act & (at + q < avail), other=0).to(tl.int32)
-                    word = (word << 8) | x
+                    word = word | (x << (24 - 8 * q))
                 word = word << (pos & 7)
                 top = (word >> 24) & 0xFF
                 info = tl.load(minfo_ptr + top, mask=act, other=0)
@@ -138,7 +138,7 @@ def decode_kernel(enc_ptr, n_enc, sm_ptr, gaps_ptr, n_gaps, pos_ptr, n_blocks, t
                 multi = act & (n2 > 0)
                 single = act & (n2 == 0)
                 e = tl.load(tab_ptr + top, mask=single, other=0)
-                for d in tl.static_range(1, 4):
+                for d in tl.static_range(1, EXTRA + 1):
                     follow = single & (e < 0) & (-e < n_tab)
                     if d < 3:
                         nxt = (word >> (24 - 8 * d)) & 0xFF

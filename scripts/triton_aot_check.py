@@ -2,10 +2,11 @@
 
 Loads kernels/triton_kernel.py from this checkout by path (so it runs in a venv with only triton and numpy: no
 torch, no dfloat) and calls ``triton.compile(ASTSource(...), target=GPUTarget(...))`` for each target and each
-LANES the launcher uses. Used by tests/kernels/test_triton_aot.py (the installed Triton) and by .ci/run (a second
-venv with Triton 3.6.0, the version torch 2.11 ships).
+variant (LANES lanes per program, EXTRA subtable levels: the launcher picks both per unit). Used by
+tests/kernels/test_triton_aot.py (the installed Triton) and by .ci/run (a second venv with Triton 3.6.0, the version
+torch 2.11 ships).
 
-    python scripts/triton_aot_check.py [--targets cuda:80,cuda:90,hip:gfx942] [--lanes 256,1024] [--json out.json]
+    python scripts/triton_aot_check.py [--targets cuda:80,cuda:90,hip:gfx942] [--variants 256:2,1024:3] [--json f]
 
 Prints one line per compile and exits 1 if any failed. The compiled binaries' sizes (instructions in PTX / AMDGCN)
 are printed as a rough size proxy.
@@ -25,7 +26,7 @@ from pathlib import Path
 
 KERNEL_SOURCE = Path(__file__).resolve().parents[1] / "kernels" / "triton_kernel.py"
 DEFAULT_TARGETS = "cuda:80,cuda:90,hip:gfx942"
-DEFAULT_LANES = "256,1024"
+DEFAULT_VARIANTS = "256:2,1024:3"
 UNROLL = 2  # as in kernels/triton_decode.py
 
 
@@ -70,13 +71,13 @@ def lld_stub(folder: str) -> Path | None:
     return stub
 
 
-def compile_once(mod, target, lanes: int) -> dict:
+def compile_once(mod, target, lanes: int, extra: int) -> dict:
     """Compile for one target; {"ok", "seconds", "asm_lines", "error"}."""
     import triton
     from triton.compiler import ASTSource
 
     fn = triton.jit(mod.decode_kernel)
-    constexprs = {"LANES": lanes, "UNROLL": UNROLL}
+    constexprs = {"LANES": lanes, "UNROLL": UNROLL, "EXTRA": extra}
     signature = dict(mod.SIGNATURE)
     signature.update({k: "constexpr" for k in mod.CONSTEXPRS})
     num_warps = min(16, max(1, lanes // 32))
@@ -96,7 +97,8 @@ def compile_once(mod, target, lanes: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--targets", default=DEFAULT_TARGETS)
-    ap.add_argument("--lanes", default=DEFAULT_LANES, help="LANES values to compile (the launcher uses 16..1024)")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS,
+                    help="LANES:EXTRA pairs to compile (the launcher uses LANES 16..1024, EXTRA 0..3)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     import triton
@@ -110,16 +112,16 @@ def main(argv: list[str] | None = None) -> int:
         stub = lld_stub(cache)
         for target_text in args.targets.split(","):
             target = parse_target(target_text.strip())
-            for lanes in (int(x) for x in args.lanes.split(",")):
-                row = {"triton": triton.__version__, "target": target_text.strip(), "lanes": lanes,
-                       **compile_once(mod, target, lanes)}
+            for lanes, extra in (map(int, v.split(":")) for v in args.variants.split(",")):
+                row = {"triton": triton.__version__, "target": target_text.strip(), "lanes": lanes, "extra": extra,
+                       **compile_once(mod, target, lanes, extra)}
                 if stub is not None and Path(f"{stub}.ran").exists():
                     Path(f"{stub}.ran").unlink()
                     row["note"] = "compiled to AMDGCN; the final hsaco link needs ld.lld (not installed): not run"
                 rows.append(row)
                 what = f"{row.get('asm_lines', '?')} asm lines" if row["ok"] else row["error"]
                 what += f" ({row['note']})" if "note" in row else ""
-                print(f"triton {triton.__version__} {row['target']:<11} LANES={lanes:<5} "
+                print(f"triton {triton.__version__} {row['target']:<11} LANES={lanes:<5} EXTRA={extra} "
                       f"{'ok' if row['ok'] else 'FAILED':<6} {row['seconds']:5.1f} s  {what}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({
