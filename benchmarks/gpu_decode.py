@@ -35,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,6 +160,7 @@ class OfficialKernel:
             f.write(ptx)
         self.fn = cupy.RawModule(path=f.name).get_function("decode")
         self._shapes: dict[int, tuple] = {}
+        self._streams: dict[int, object] = {}
 
     def decode(self, a: dict, out: torch.Tensor) -> None:
         key = id(a)
@@ -176,7 +178,12 @@ class OfficialKernel:
                     np.uint32(n_bytes), np.uint32(a["sign_mantissa"].numel()))
             shape = self._shapes[key] = (grid, smem, args)
         grid, smem, args = shape
-        stream = self.cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+        ptr = torch.cuda.current_stream().cuda_stream
+        stream = self._streams.get(ptr)
+        if stream is None:
+            with warnings.catch_warnings():  # CuPy 14 deprecates ExternalStream in favour of Stream.from_external
+                warnings.simplefilter("ignore", DeprecationWarning)
+                stream = self._streams[ptr] = self.cupy.cuda.ExternalStream(ptr)
         with stream:
             self.fn((grid,), (self.THREADS,), args, shared_mem=smem)
 
