@@ -9,7 +9,11 @@ torch 2.11 ships).
     python scripts/triton_aot_check.py [--targets cuda:80,cuda:90,hip:gfx942] [--variants 256:2,1024:3] [--json f]
 
 Prints one line per compile and exits 1 if any failed. The compiled binaries' sizes (instructions in PTX / AMDGCN)
-are printed as a rough size proxy.
+are printed as a rough size proxy. To record a version matrix, run it once per Triton venv with --json, then
+
+    python scripts/triton_aot_check.py --merge part1.json part2.json ... --json benchmarks/results/triton_aot_matrix.json
+
+which prints the matrix as a Markdown table (Triton version x target) and writes all rows with each part's command.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -59,7 +65,6 @@ while [ $# -gt 0 ]; do [ "$1" = "-o" ] && : > "$2"; shift; done
 def lld_stub(folder: str) -> Path | None:
     """Older Triton wheels link the AMD binary with an external ld.lld: where none is found, point Triton at a stub
     so that every compile stage up to AMDGCN assembly still runs (the rows then say the link was not run)."""
-    import os
     import shutil
 
     if os.environ.get("TRITON_HIP_LLD_PATH") or shutil.which("ld.lld") or Path("/opt/rocm/llvm/bin/ld.lld").exists():
@@ -94,20 +99,49 @@ def compile_once(mod, target, lanes: int, extra: int) -> dict:
     return {"ok": True, "seconds": time.perf_counter() - t0, "asm_lines": lines}
 
 
+def merge(parts: list[str], out: str | None) -> int:
+    """Combine per-version JSON files into one matrix; print it as Markdown."""
+    docs = [json.loads(Path(p).read_text()) for p in parts]
+    rows = [r for d in docs for r in d["rows"]]
+    versions = sorted({r["triton"] for r in rows}, key=lambda v: tuple(int(x) for x in re.findall(r"\d+", v)))
+    targets = list(dict.fromkeys(r["target"] for r in rows))
+    print("| Triton | " + " | ".join(targets) + " |")
+    print("|---|" + "---|" * len(targets))
+    for v in versions:
+        cells = []
+        for t in targets:
+            got = [r for r in rows if r["triton"] == v and r["target"] == t]
+            if not got:
+                cells.append("-")
+            elif not all(r["ok"] for r in got):
+                cells.append("FAILS")
+            else:
+                cells.append("ok (AMDGCN)" if any("note" in r for r in got) else "ok")
+        print(f"| {v} | " + " | ".join(cells) + " |")
+    if out:
+        Path(out).write_text(json.dumps({
+            "benchmark": "triton_aot_matrix", "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "parts": [{"command": d["command"], "python": d["python"]} for d in docs],
+            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}, indent=2) + "\n")
+    return 1 if not all(r["ok"] for r in rows) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--targets", default=DEFAULT_TARGETS)
     ap.add_argument("--variants", default=DEFAULT_VARIANTS,
                     help="LANES:EXTRA pairs to compile (the launcher uses LANES 16..1024, EXTRA 0..3)")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--merge", nargs="+", help="combine these per-version JSON files (compiles nothing)")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.json)
     import triton
 
     mod = load_kernel_module()
     rows = []
     with tempfile.TemporaryDirectory() as cache:  # a fresh cache: compile for real every time
-        import os
-
         os.environ["TRITON_CACHE_DIR"] = cache
         stub = lld_stub(cache)
         for target_text in args.targets.split(","):
