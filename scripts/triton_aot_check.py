@@ -76,6 +76,35 @@ def lld_stub(folder: str) -> Path | None:
     return stub
 
 
+def sass_facts(cubin: bytes) -> dict:
+    """Registers, local memory and the size of each loop (SASS instructions between a backward branch and its
+    target) of a compiled NVIDIA kernel, from the cuobjdump that Triton's wheel bundles; {} if there is none."""
+    import shutil
+    import subprocess
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    tool = str(tool) if tool.exists() else shutil.which("cuobjdump")
+    if not tool:
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    loops = []
+    for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))", sass):
+        here, target = int(m.group(1), 16), m.group(2)
+        if target is not None and int(target, 16) < here:
+            loops.append((here - int(target, 16)) // 16 + 1)
+    reg = re.search(r"REG:(\d+)", usage)
+    local = re.search(r"LOCAL:(\d+)", usage)
+    stack = re.search(r"STACK:(\d+)", usage)
+    return {"registers": int(reg.group(1)) if reg else None, "local_bytes": int(local.group(1)) if local else None,
+            "stack_bytes": int(stack.group(1)) if stack else None, "loop_instructions": loops}
+
+
 def compile_once(mod, target, lanes: int, extra: int) -> dict:
     """Compile for one target; {"ok", "seconds", "asm_lines", "error"}."""
     import triton
@@ -96,7 +125,10 @@ def compile_once(mod, target, lanes: int, extra: int) -> dict:
                 "traceback": traceback.format_exc()[-2000:]}
     asm = k.asm.get("ptx") or k.asm.get("amdgcn") or ""
     lines = sum(1 for ln in asm.splitlines() if ln.strip() and not ln.strip().startswith(("//", ".", "$", ";")))
-    return {"ok": True, "seconds": time.perf_counter() - t0, "asm_lines": lines}
+    row = {"ok": True, "seconds": time.perf_counter() - t0, "asm_lines": lines}
+    if k.asm.get("cubin"):
+        row.update(sass_facts(k.asm["cubin"]))
+    return row
 
 
 def merge(parts: list[str], out: str | None) -> int:
@@ -154,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
                     row["note"] = "compiled to AMDGCN; the final hsaco link needs ld.lld (not installed): not run"
                 rows.append(row)
                 what = f"{row.get('asm_lines', '?')} asm lines" if row["ok"] else row["error"]
+                if row.get("registers") is not None:
+                    what += (f", {row['registers']} registers, {row['local_bytes']} B local, SASS loops of "
+                             f"{row['loop_instructions']} instructions")
                 what += f" ({row['note']})" if "note" in row else ""
                 print(f"triton {triton.__version__} {row['target']:<11} LANES={lanes:<5} EXTRA={extra} "
                       f"{'ok' if row['ok'] else 'FAILED':<6} {row['seconds']:5.1f} s  {what}", flush=True)
