@@ -136,7 +136,7 @@ def decode(ct, out: torch.Tensor, check: bool = False) -> None:
     tables, msym, minfo, extra = _device_tables(ct, device)
     lanes = _lanes(ct.windows_per_block)
     status = new_status(device) if check else _scratch_status(device)
-    num_warps = min(16, max(1, lanes // 32))
+    num_warps = triton_kernel.num_warps(lanes, 64 if device.type == "cuda" and torch.version.hip else 32)
     ctx = torch.cuda.device(device) if device.type == "cuda" else _null()
     with ctx:
         kernel[(ct.n_blocks,)](

@@ -39,6 +39,11 @@ SIGNATURE = {
 CONSTEXPRS = ("LANES", "UNROLL", "EXTRA")
 
 
+def num_warps(lanes: int, warp_size: int) -> int:
+    """Warps per program: one lane per thread (NVIDIA warps are 32 threads, AMD wavefronts 64)."""
+    return max(1, lanes // warp_size)
+
+
 def decode_kernel(enc_ptr, n_enc, sm_ptr, gaps_ptr, n_gaps, pos_ptr, n_blocks, tab_ptr, n_tab, msym_ptr,
                   minfo_ptr, out_ptr, numel, status_ptr, bpw, wpb,
                   LANES: tl.constexpr, UNROLL: tl.constexpr, EXTRA: tl.constexpr):

@@ -114,7 +114,7 @@ def compile_once(mod, target, lanes: int, extra: int) -> dict:
     constexprs = {"LANES": lanes, "UNROLL": UNROLL, "EXTRA": extra}
     signature = dict(mod.SIGNATURE)
     signature.update({k: "constexpr" for k in mod.CONSTEXPRS})
-    num_warps = min(16, max(1, lanes // 32))
+    num_warps = mod.num_warps(lanes, target.warp_size)
     t0 = time.perf_counter()
     try:
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
