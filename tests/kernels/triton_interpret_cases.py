@@ -149,3 +149,30 @@ def test_tables_have_the_multi_symbol_entries():
     _, msym, minfo = host_tables(ct)
     assert (minfo & 15 == 8).all() and ((minfo >> 8) & 15 == 4).all()  # 1-bit codes: 8 per byte, 4 stored
     assert np.all((msym & 0xFF) >= 120)
+
+
+def with_gap(ct, window: int, value: int):
+    """A copy of a unit whose window ``window`` claims its first code starts at bit ``value`` of the window."""
+    from dataclasses import replace
+
+    bits = np.unpackbits(ct.gaps.numpy())
+    bits[5 * window:5 * window + 5] = [(value >> (4 - i)) & 1 for i in range(5)]
+    return replace(ct, gaps=torch.from_numpy(np.packbits(bits)[:ct.gaps.numel()]), _cache={})
+
+
+def gap_of(ct, window: int) -> int:
+    bits = np.unpackbits(ct.gaps.numpy())[5 * window:5 * window + 5]
+    return int("".join(map(str, bits)), 2)
+
+
+@pytest.mark.parametrize("windows_per_block, window", [(64, 5), (64, 64), (2048, 1024), (2048, 1100)])
+def test_a_damaged_later_gap_is_reported(windows_per_block, window):
+    # window 5: inside block 0; 64: the first window of block 1 (checked by block 0's last lane); 1024: the first
+    # window of the second round of a 2048-window block; 1100: inside that round
+    t = weights_like(2_000 if windows_per_block < 1024 else 14_000, seed=5)
+    ct = dfloat.compress_tensor(t, allow_raw=False, bytes_per_window=4, windows_per_block=windows_per_block)
+    assert (window + 2) * 4 < ct.encoded_exponent.numel()
+    bad = with_gap(ct, window, (gap_of(ct, window) + 7) % 32)
+    with pytest.raises(CorruptStreamError, match="window start offsets disagree with the codes") as e:
+        triton_decode(bad, check=True)
+    assert f"block {window // windows_per_block - (window % windows_per_block == 0)} " in str(e.value)
