@@ -13,12 +13,14 @@ The same plan is computed from a loaded model (`load_compressed` logs it), from 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 # Room a chunk needs beyond its rows: the blocks at both ends hold elements of the neighbouring rows, and the
 # chunk's first row is placed on a 128-byte boundary.
 ALIGN_ELEMENTS = 64
+_NUMBERED = re.compile(r"(^|\.)\d+(\.|$)")  # a numbered module in the name: model.layers.7, transformer.h.0
 DEFAULT_CHUNK_NUMEL = 1 << 24  # when no unit must be decoded whole
 CHUNK_ROW_MULTIPLE = 128  # chunks of many rows are a multiple of this (GEMM tile sizes)
 
@@ -108,6 +110,13 @@ class MemoryPlan:
         )
 
 
+def in_block(unit: str) -> bool:
+    """A unit inside a numbered module (a transformer block, or one of its matrices with ``unit="matrix"``): it
+    is decoded whole, and the largest such unit sets the buffer's size. Only units outside blocks (embeddings,
+    lm_head) are used piecewise."""
+    return _NUMBERED.search(unit) is not None
+
+
 def chunk_rows(budget: int, cols: int, overhang: int) -> int:
     """Rows per chunk so that rows * cols plus the overhang of the blocks at both ends fits ``budget`` elements."""
     rows = max(1, (budget - overhang) // max(1, cols))
@@ -140,7 +149,7 @@ def plan_memory(
         if u.coded:
             by_device.setdefault(u.device, []).append(u)
     for device, group in by_device.items():
-        piecewise = [u for u in group if chunking and u.chunkable and u.matrix is not None]
+        piecewise = [u for u in group if chunking and u.chunkable and u.matrix is not None and not in_block(u.name)]
         whole = max([u.numel for u in group if u not in piecewise], default=0)
         budget = chunk_numel if chunk_numel is not None else (whole or DEFAULT_CHUNK_NUMEL)
         need = whole

@@ -92,3 +92,20 @@ def test_row_chunked_linear_is_exact_on_cpu(cols, rows, chunk, m):
 
 def test_self_check_on_cpu():
     assert chunked.self_check(torch.device("cpu"), 3000, 256, 1024)
+
+
+def test_per_matrix_units_need_only_one_matrix_of_buffer(tmp_path):
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(**{**COMMON, "vocab_size": 4096}, tie_word_embeddings=True)
+    ref = save_bf16(config, tmp_path / "src")
+    report = dfloat.compress_model(tmp_path / "src", tmp_path / "out", unit="matrix", **SMALL_BLOCKS)
+    model = dfloat.load_compressed(tmp_path / "out", device="cpu")
+    names = set(model._dfloat_units)
+    assert "model.layers.0.mlp.down_proj" in names and "model.layers.0" not in names
+    assert report.units == 1 + 7 * config.num_hidden_layers  # (the tiny k/v matrices are stored raw)
+    biggest = config.intermediate_size * config.hidden_size  # gate / up / down
+    assert model._dfloat_plan.buffers == {"cpu": biggest}
+    _check_equal(model, ref, config.vocab_size)
+    with pytest.raises(dfloat.DFloatError, match="unit="):
+        dfloat.compress_model(tmp_path / "src", tmp_path / "bad", unit="layer")
