@@ -202,3 +202,44 @@ def units_from_checkpoint(
             UnitSize(name, int(meta["numel"]), int(arrays_nbytes[name]), coded, matrix, matrix is not None, block)
         )
     return out
+
+
+def plan_checkpoint(folder, chunk_numel: int | None = None, chunking: bool = True) -> MemoryPlan:
+    """The memory plan of a compressed folder on one device, from its shard headers and output positions only
+    (nothing is decoded or moved to a GPU). One-matrix units outside blocks count as used piecewise, as
+    embeddings and lm_head are when loaded."""
+    from safetensors import safe_open
+
+    from dfloat.format import check_version
+    from dfloat.runtime.checkpoint import CompressedCheckpoint
+
+    sizes = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
+    units: list[UnitSize] = []
+    plain = 0
+    for path in CompressedCheckpoint.open(folder).shard_files:
+        with safe_open(str(path), framework="pt") as f:
+            meta = check_version(f.metadata(), str(path))
+            nbytes: dict[str, int] = {}
+            positions = {}
+            owned = set()
+            for name in meta:
+                for key in f.keys():
+                    if key.startswith(name + ".") and key[len(name) + 1 :] in _UNIT_ARRAYS:
+                        s = f.get_slice(key)
+                        nbytes[name] = nbytes.get(name, 0) + math.prod(s.get_shape()) * sizes.get(s.get_dtype(), 1)
+                        owned.add(key)
+                if meta[name]["mode"] == "huffman":
+                    positions[name] = f.get_tensor(f"{name}.output_positions").numpy()
+            for key in f.keys():
+                if key not in owned:
+                    s = f.get_slice(key)
+                    plain += math.prod(s.get_shape()) * sizes.get(s.get_dtype(), 1)
+            units += units_from_checkpoint(meta, nbytes, positions)
+    coded = [u for u in units if u.coded]
+    plain += sum(u.stored_bytes for u in units if not u.coded)  # raw units load as plain tensors
+    plan = plan_memory(coded, plain, chunk_numel, chunking)
+    plan.buffers = {"device": n for n in plan.buffers.values()} if plan.buffers else {}
+    return plan
+
+
+_UNIT_ARRAYS = ("encoded_exponent", "sign_mantissa", "gaps", "output_positions", "code_lengths", "luts", "raw")
