@@ -70,6 +70,14 @@ if enough_time tests "$T"; then
   RC[tests]=${PIPESTATUS[0]}
 fi
 
+echo "== memory: big embedding / lm_head used piecewise, exact and as planned (issue 12)"
+T=$(step_limit 150)
+if enough_time memory "$T"; then
+  timeout "$T" "$PY" -m pytest -q -p no:cacheprovider -rs -m gpu tests/runtime/test_gpu_chunked.py 2>&1 \
+    | tee "$OUT/gpu_memory_tests.log"
+  RC[memory]=${PIPESTATUS[0]}
+fi
+
 echo "== benchmark"
 T=$(step_limit 240)
 if enough_time benchmark "$T"; then
@@ -134,7 +142,7 @@ echo
 echo "== summary ($(( $(date +%s) - t0 )) s)"
 printf '%-12s %s\n' step "exit status"
 fail=0
-for k in tests benchmark memcheck racecheck e2e; do
+for k in tests memory benchmark memcheck racecheck e2e; do
   [ -n "${RC[$k]+x}" ] || continue
   printf '%-12s %s\n' "$k" "${RC[$k]}"
   [ "${RC[$k]}" = 0 ] || [ "${RC[$k]}" = skipped ] || fail=1

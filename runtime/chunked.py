@@ -101,6 +101,9 @@ class ChunkedUnit:
                     f"{buffer.numel}"
                 )
             unit.chunks.append(_Chunk((r0, r1), (b0, b1), offset, offset + lead))
+        if buffer.device.type != "cpu":  # made once, so that decoding a chunk reads no host memory (CUDA graphs)
+            for c in unit.chunks:
+                c.sub = block_range(ct, *c.blocks)
         return unit
 
     @property
@@ -114,12 +117,8 @@ class ChunkedUnit:
             return
         from dfloat.kernels import registry
 
-        whole_chunk = chunk is not None and (b0, b1) == chunk.blocks
-        sub = chunk.sub if whole_chunk else None
-        if sub is None:
-            sub = block_range(self.ct, b0, b1)
-            if whole_chunk and sub.device == out.device:
-                chunk.sub = sub  # made once: a decode that reuses it reads no host memory (CUDA graphs)
+        whole_chunk = chunk is not None and (b0, b1) == chunk.blocks and chunk.sub is not None
+        sub = chunk.sub if whole_chunk else block_range(self.ct, b0, b1)
         if sub.device != out.device:  # cpu_offload: bring only these blocks over
             sub = sub.to(out.device, non_blocking=True)
         registry.decode_into(sub, out[: sub.numel], backend)
