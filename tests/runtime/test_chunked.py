@@ -76,6 +76,12 @@ def test_default_plan_sizes_the_buffer_to_one_block(tmp_path):
     assert mem["compressed"] == plan.compressed_bytes and mem["plain"] == plan.plain_bytes + computed
     _check_equal(model, ref, config.vocab_size)
 
+    mapped = dfloat.load_compressed(tmp_path / "out", device_map={"": "cpu", "model.embed_tokens": "cpu"})
+    assert set(mapped._dfloat_plan.chunked) == {"model.embed_tokens"}
+    ids = torch.randint(0, config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(mapped(ids).logits, ref(ids).logits)
+
     whole = dfloat.load_compressed(tmp_path / "out", device="cpu", chunking=False)
     assert whole._dfloat_plan.buffers == {"cpu": 4096 * 64} and not whole._dfloat_plan.chunked
 
