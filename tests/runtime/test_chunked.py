@@ -4,6 +4,7 @@ decode buffer is smaller than those units (so they are never decoded whole)."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +116,42 @@ def test_per_matrix_units_need_only_one_matrix_of_buffer(tmp_path):
     _check_equal(model, ref, config.vocab_size)
     with pytest.raises(dfloat.DFloatError, match="unit="):
         dfloat.compress_model(tmp_path / "src", tmp_path / "bad", unit="layer")
+
+
+DEMO = Path(dfloat.__file__).parent / "demo" / "model"
+
+
+def test_lookup_decodes_only_the_blocks_holding_the_rows(monkeypatch):
+    from dfloat.blocks import host_positions
+    from dfloat.kernels import cpu
+
+    model = dfloat.load_compressed(DEMO, device="cpu")
+    embed = model.get_input_embeddings()
+    unit = embed._dfloat_chunked
+    whole = dfloat.decompress_tensor(unit.ct).reshape(4096, 256)
+    decoded = []
+    real = cpu.decode_range
+    monkeypatch.setattr(cpu, "decode_range", lambda ct, b0, b1, out: (decoded.append((b0, b1)), real(ct, b0, b1, out)))
+    ids = torch.tensor([[7, 4000, 7, 1234]])
+    with torch.no_grad():
+        got = embed(ids)
+    assert torch.equal(got, F.embedding(ids, whole))
+    pos = host_positions(unit.ct)
+    n_decoded = sum(int(pos[b1] - pos[b0]) for b0, b1 in decoded)
+    assert 3 * 256 <= n_decoded <= 3 * (256 + 2 * 30_000) < unit.ct.numel // 4, decoded
+    assert embed.weight.shape == (4096, 256)  # the placeholder is back after the call
+
+
+def test_inexact_chunked_matmul_falls_back_to_whole_decode(monkeypatch, caplog):
+    monkeypatch.setattr(chunked, "chunked_linear_is_exact", lambda device, rows, cols, chunk: False)
+    model = dfloat.load_compressed(DEMO, device="cpu")
+    assert not model._dfloat_plan.chunked and "decoding ['model.embed_tokens'] whole" in caplog.text
+    assert model._dfloat_plan.buffers == {"cpu": 4096 * 256}
+    chunky = dfloat.load_compressed(DEMO, device="cpu", chunk_numel=100_000)
+    assert chunky._dfloat_plan.chunked == {}  # the tied unit also serves the lm_head: whole, as the check said
+    monkeypatch.undo()
+    ids = torch.randint(0, 4096, (1, 11), generator=torch.Generator().manual_seed(3))
+    chunky = dfloat.load_compressed(DEMO, device="cpu", chunk_numel=100_000)
+    assert len(chunky._dfloat_plan.chunked["model.embed_tokens"].chunks) >= 10
+    with torch.no_grad():
+        assert torch.equal(chunky(ids).logits, model(ids).logits)
