@@ -99,7 +99,9 @@ def block_range(ct: CompressedTensor, first_block: int, last_block: int) -> Comp
     if not ct.is_coded:
         raise ShapeMismatchError("block_range needs a coded unit")
     if not 0 <= first_block < last_block <= ct.n_blocks:
-        raise ShapeMismatchError(f"blocks [{first_block}, {last_block}) outside the unit's {ct.n_blocks} blocks")
+        raise ShapeMismatchError(
+            f"blocks [{first_block}, {last_block}) outside the unit's {ct.n_blocks} blocks"
+        )
     pos = host_positions(ct)
     wpb, bpw = ct.windows_per_block, ct.bytes_per_window
     n_enc = ct.encoded_exponent.numel()

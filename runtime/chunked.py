@@ -101,7 +101,9 @@ class ChunkedUnit:
                     f"{buffer.numel}"
                 )
             unit.chunks.append(_Chunk((r0, r1), (b0, b1), offset, offset + lead))
-        if buffer.device.type != "cpu":  # made once, so that decoding a chunk reads no host memory (CUDA graphs)
+        if (
+            buffer.device.type != "cpu"
+        ):  # made once, so that decoding a chunk reads no host memory (CUDA graphs)
             for c in unit.chunks:
                 c.sub = block_range(ct, *c.blocks)
         return unit

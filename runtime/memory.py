@@ -100,7 +100,9 @@ class MemoryPlan:
 
     def summary(self) -> str:
         mib = 2.0**20
-        chunks = ", ".join(f"{c.unit} in {len(c.chunks)} chunks of {c.rows} rows" for c in self.chunked.values())
+        chunks = ", ".join(
+            f"{c.unit} in {len(c.chunks)} chunks of {c.rows} rows" for c in self.chunked.values()
+        )
         return (
             f"weight memory {self.total_bytes / mib:,.1f} MiB = {self.pct_of_bf16:.2f}% of BF16 "
             f"({self.bf16_bytes / mib:,.1f} MiB): compressed {self.compressed_bytes / mib:,.1f} MiB, "
@@ -149,7 +151,9 @@ def plan_memory(
         if u.coded:
             by_device.setdefault(u.device, []).append(u)
     for device, group in by_device.items():
-        piecewise = [u for u in group if chunking and u.chunkable and u.matrix is not None and not in_block(u.name)]
+        piecewise = [
+            u for u in group if chunking and u.chunkable and u.matrix is not None and not in_block(u.name)
+        ]
         whole = max([u.numel for u in group if u not in piecewise], default=0)
         budget = chunk_numel if chunk_numel is not None else (whole or DEFAULT_CHUNK_NUMEL)
         need = whole
@@ -199,7 +203,9 @@ def units_from_checkpoint(
             else worst_block_numel(meta.get("bytes_per_window", 32), meta.get("windows_per_block", 256))
         )
         out.append(
-            UnitSize(name, int(meta["numel"]), int(arrays_nbytes[name]), coded, matrix, matrix is not None, block)
+            UnitSize(
+                name, int(meta["numel"]), int(arrays_nbytes[name]), coded, matrix, matrix is not None, block
+            )
         )
     return out
 
@@ -213,7 +219,18 @@ def plan_checkpoint(folder, chunk_numel: int | None = None, chunking: bool = Tru
     from dfloat.format import check_version
     from dfloat.runtime.checkpoint import CompressedCheckpoint
 
-    sizes = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
+    sizes = {
+        "BF16": 2,
+        "F16": 2,
+        "F32": 4,
+        "F64": 8,
+        "I64": 8,
+        "I32": 4,
+        "I16": 2,
+        "U8": 1,
+        "I8": 1,
+        "BOOL": 1,
+    }
     units: list[UnitSize] = []
     plain = 0
     for path in CompressedCheckpoint.open(folder).shard_files:
@@ -226,7 +243,9 @@ def plan_checkpoint(folder, chunk_numel: int | None = None, chunking: bool = Tru
                 for key in f.keys():
                     if key.startswith(name + ".") and key[len(name) + 1 :] in _UNIT_ARRAYS:
                         s = f.get_slice(key)
-                        nbytes[name] = nbytes.get(name, 0) + math.prod(s.get_shape()) * sizes.get(s.get_dtype(), 1)
+                        nbytes[name] = nbytes.get(name, 0) + math.prod(s.get_shape()) * sizes.get(
+                            s.get_dtype(), 1
+                        )
                         owned.add(key)
                 if meta[name]["mode"] == "huffman":
                     positions[name] = f.get_tensor(f"{name}.output_positions").numpy()
@@ -238,8 +257,16 @@ def plan_checkpoint(folder, chunk_numel: int | None = None, chunking: bool = Tru
     coded = [u for u in units if u.coded]
     plain += sum(u.stored_bytes for u in units if not u.coded)  # raw units load as plain tensors
     plan = plan_memory(coded, plain, chunk_numel, chunking)
-    plan.buffers = {"device": n for n in plan.buffers.values()} if plan.buffers else {}
+    plan.buffers = {"device": max(plan.buffers.values())} if plan.buffers else {}
     return plan
 
 
-_UNIT_ARRAYS = ("encoded_exponent", "sign_mantissa", "gaps", "output_positions", "code_lengths", "luts", "raw")
+_UNIT_ARRAYS = (
+    "encoded_exponent",
+    "sign_mantissa",
+    "gaps",
+    "output_positions",
+    "code_lengths",
+    "luts",
+    "raw",
+)

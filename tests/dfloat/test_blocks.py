@@ -47,17 +47,25 @@ def test_every_block_range_equals_the_whole_decode(layout):
 
 
 def test_sub_unit_is_views_and_shares_tables():
-    ct = dfloat.compress_tensor(weights_like(50_000), allow_raw=False, bytes_per_window=8, windows_per_block=4)
+    ct = dfloat.compress_tensor(
+        weights_like(50_000), allow_raw=False, bytes_per_window=8, windows_per_block=4
+    )
     sub = block_range(ct, 3, 9)
-    assert sub.encoded_exponent.untyped_storage().data_ptr() == ct.encoded_exponent.untyped_storage().data_ptr()
+    assert (
+        sub.encoded_exponent.untyped_storage().data_ptr() == ct.encoded_exponent.untyped_storage().data_ptr()
+    )
     assert sub.sign_mantissa.untyped_storage().data_ptr() == ct.sign_mantissa.untyped_storage().data_ptr()
     dfloat.decompress_tensor(sub)
     assert "cpu_tables" in ct._cache  # built once, in the parent's cache
-    assert "host_positions" not in sub._cache or sub._cache["host_positions"] is not ct._cache["host_positions"]
+    assert (
+        "host_positions" not in sub._cache or sub._cache["host_positions"] is not ct._cache["host_positions"]
+    )
 
 
 def test_blocks_covering_finds_the_holding_blocks():
-    ct = dfloat.compress_tensor(weights_like(20_000), allow_raw=False, bytes_per_window=8, windows_per_block=2)
+    ct = dfloat.compress_tensor(
+        weights_like(20_000), allow_raw=False, bytes_per_window=8, windows_per_block=2
+    )
     pos = host_positions(ct)
     rng = np.random.default_rng(0)
     starts = rng.integers(0, ct.numel - 1, 200)
@@ -70,7 +78,9 @@ def test_blocks_covering_finds_the_holding_blocks():
 
 
 def test_bad_ranges_are_refused():
-    ct = dfloat.compress_tensor(weights_like(20_000), allow_raw=False, bytes_per_window=8, windows_per_block=2)
+    ct = dfloat.compress_tensor(
+        weights_like(20_000), allow_raw=False, bytes_per_window=8, windows_per_block=2
+    )
     with pytest.raises(dfloat.DFloatError, match="outside"):
         block_range(ct, 2, ct.n_blocks + 1)
     with pytest.raises(dfloat.DFloatError, match="elements"):

@@ -17,9 +17,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_cuda_emulated import emu, emu_decode  # noqa: E402, F401 - the emulator fixture
 
 
-@pytest.mark.parametrize("opts", [dict(bytes_per_window=8, windows_per_block=4),
-                                  dict(bytes_per_window=5, windows_per_block=3), {}],
-                         ids=["small-blocks", "offsets-mid-byte", "default"])
+@pytest.mark.parametrize(
+    "opts",
+    [dict(bytes_per_window=8, windows_per_block=4), dict(bytes_per_window=5, windows_per_block=3), {}],
+    ids=["small-blocks", "offsets-mid-byte", "default"],
+)
 def test_emulated_kernel_decodes_block_ranges(emu, opts):  # noqa: F811
     t = weights_like(30_000, seed=4)
     ct = dfloat.compress_tensor(t, allow_raw=False, **opts)

@@ -87,7 +87,9 @@ def test_default_plan_sizes_the_buffer_to_one_block(tmp_path):
     assert whole._dfloat_plan.buffers == {"cpu": 4096 * 64} and not whole._dfloat_plan.chunked
 
 
-@pytest.mark.parametrize("cols,rows,chunk,m", list(itertools.product([64, 2048], [5000], [128, 1024], [1, 7, 64])))
+@pytest.mark.parametrize(
+    "cols,rows,chunk,m", list(itertools.product([64, 2048], [5000], [128, 1024], [1, 7, 64]))
+)
 def test_row_chunked_linear_is_exact_on_cpu(cols, rows, chunk, m):
     """The tested-list entry for the CPU: F.linear over row chunks equals the whole matrix, bit for bit."""
     g = torch.Generator().manual_seed(rows + chunk + m)
@@ -131,7 +133,9 @@ def test_lookup_decodes_only_the_blocks_holding_the_rows(monkeypatch):
     whole = dfloat.decompress_tensor(unit.ct).reshape(4096, 256)
     decoded = []
     real = cpu.decode_range
-    monkeypatch.setattr(cpu, "decode_range", lambda ct, b0, b1, out: (decoded.append((b0, b1)), real(ct, b0, b1, out)))
+    monkeypatch.setattr(
+        cpu, "decode_range", lambda ct, b0, b1, out: (decoded.append((b0, b1)), real(ct, b0, b1, out))
+    )
     ids = torch.tensor([[7, 4000, 7, 1234]])
     with torch.no_grad():
         got = embed(ids)
@@ -148,7 +152,9 @@ def test_inexact_chunked_matmul_falls_back_to_whole_decode(monkeypatch, caplog):
     assert not model._dfloat_plan.chunked and "decoding ['model.embed_tokens'] whole" in caplog.text
     assert model._dfloat_plan.buffers == {"cpu": 4096 * 256}
     chunky = dfloat.load_compressed(DEMO, device="cpu", chunk_numel=100_000)
-    assert chunky._dfloat_plan.chunked == {}  # the tied unit also serves the lm_head: whole, as the check said
+    assert (
+        chunky._dfloat_plan.chunked == {}
+    )  # the tied unit also serves the lm_head: whole, as the check said
     monkeypatch.undo()
     ids = torch.randint(0, 4096, (1, 11), generator=torch.Generator().manual_seed(3))
     chunky = dfloat.load_compressed(DEMO, device="cpu", chunk_numel=100_000)

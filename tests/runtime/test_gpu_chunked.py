@@ -17,8 +17,15 @@ from dfloat.testing import save_random_model
 pytestmark = pytest.mark.gpu
 
 BACKENDS = [b for b, mod in (("cuda", "cupy"), ("triton", "triton")) if importlib.util.find_spec(mod)]
-TINY = dict(vocab_size=8192, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128)
+TINY = dict(
+    vocab_size=8192,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
 
 
 @pytest.mark.parametrize("cols,chunk", [(2048, 29_568), (2048, 8_064), (4096, 53_120), (4096, 14_208)])

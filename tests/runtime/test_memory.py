@@ -24,7 +24,9 @@ def test_checkpoint_plan_equals_loaded_plan_and_inspect():
     model = dfloat.load_compressed(DEMO, device="cpu")
     loaded = model._dfloat_plan.as_dict()
     _same_plan(plan_checkpoint(DEMO).as_dict(), loaded)
-    assert loaded["chunked"] == {"model.embed_tokens": {"rows_per_chunk": 3072, "chunks": 2, "shape": [4096, 256]}}
+    assert loaded["chunked"] == {
+        "model.embed_tokens": {"rows_per_chunk": 3072, "chunks": 2, "shape": [4096, 256]}
+    }
     from dfloat.cli.main import main
 
     r = CliRunner().invoke(main, ["inspect", str(DEMO), "--json"])
