@@ -58,3 +58,14 @@ def test_plan_rules_on_shapes():
     assert plan_memory(units, 0, chunk_numel=1 << 20).buffers["cpu"] == block  # blocks still decode whole
     total = plan.compressed_bytes + 2 * block
     assert plan.total_bytes == total and abs(plan.pct_of_bf16 - 100 * total / plan.bf16_bytes) < 1e-9
+
+
+def test_readme_memory_figures_come_from_the_benchmark_json():
+    root = Path(__file__).parents[2]
+    rows = json.loads((root / "benchmarks" / "results" / "memory_plan.json").read_text())["rows"]
+    readme = (root / "README.md").read_text()
+    pct = {(r["model"], r["units"], r.get("bits_from")): r["pct_of_bf16"] for r in rows}
+    for model in ("Llama-3.1-8B", "Llama-3.2-1B"):
+        for units in ("block", "matrix"):
+            cell = f"{pct[model, units, 'minilm']:.2f} / {pct[model, units, 'demo']:.2f}"
+            assert cell in readme, (model, units, cell)
