@@ -101,10 +101,8 @@ class ChunkedUnit:
                     f"{buffer.numel}"
                 )
             unit.chunks.append(_Chunk((r0, r1), (b0, b1), offset, offset + lead))
-        if (
-            buffer.device.type != "cpu"
-        ):  # made once, so that decoding a chunk reads no host memory (CUDA graphs)
-            for c in unit.chunks:
+        if buffer.device.type != "cpu":
+            for c in unit.chunks:  # made once, so that decoding a chunk reads no host memory (CUDA graphs)
                 c.sub = block_range(ct, *c.blocks)
         return unit
 
