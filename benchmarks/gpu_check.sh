@@ -114,6 +114,15 @@ step_sass_proxy() {
   return "$rc"
 }
 
+step_memory() {
+  # Issue 12: big embedding / lm_head used piecewise, exact and as planned.
+  timeout "$1" "$PY" -m pytest -q -p no:cacheprovider -rs -m gpu tests/runtime/test_gpu_chunked.py 2>&1 \
+    | tee "$OUT/gpu_memory_tests.log"
+  local rc=${PIPESTATUS[0]}
+  RESULT[memory]="$(grep -E "passed|failed|error|skipped" "$OUT/gpu_memory_tests.log" | tail -1)"
+  return "$rc"
+}
+
 SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)"
 write_sanitize_case() {
   cat >"$OUT/sanitize_case.py" <<'PYEOF'
@@ -196,6 +205,7 @@ run_step sass_proxy 90
 run_step memcheck 150
 run_step racecheck 90
 run_step fuzz 120
+run_step memory 90
 [ -z "${SKIP_E2E:-}" ] && run_step e2e 150
 
 echo

@@ -25,7 +25,14 @@ def default_out(source: str) -> Path:
 )
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO", help="Upload the result to this Hub repo.")
 @click.option("--revision", default=None, help="Hub revision of SOURCE.")
-def command(source, out, workers, no_verify, overwrite, push_to_hub, revision):
+@click.option(
+    "--unit",
+    type=click.Choice(["block", "matrix"]),
+    default="block",
+    show_default=True,
+    help="What shares one code: each transformer block, or each matrix (leanest decode buffer).",
+)
+def command(source, out, workers, no_verify, overwrite, push_to_hub, revision, unit):
     """Compress a BF16 model (Hub id or local folder) losslessly."""
     from tqdm.auto import tqdm
 
@@ -62,6 +69,7 @@ def command(source, out, workers, no_verify, overwrite, push_to_hub, revision):
             workers=workers,
             revision=revision,
             progress=progress,
+            unit=unit,
         )
     except Exception:
         if interrupted:

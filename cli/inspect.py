@@ -43,7 +43,8 @@ def unit_rows(path: str) -> list[dict]:
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def command(path, as_json):
-    """Show each unit: weights, bits per weight, entropy bound, % of BF16, longest code; and totals."""
+    """Show each unit: weights, bits per weight, entropy bound, % of BF16, longest code; totals; and the memory
+    plan (compressed + plain + decode buffer, % of BF16) without loading the model."""
     rows = unit_rows(path)
     weights = sum(r["weights"] for r in rows)
     stored = sum(r["stored_bytes"] for r in rows)
@@ -59,8 +60,11 @@ def command(path, as_json):
         "bits_per_weight": round(8 * stored / max(1, weights), 3),
         "bound_bits_per_weight": round(bound, 3),
     }
+    from dfloat.runtime.memory import plan_checkpoint
+
+    plan = plan_checkpoint(path)
     if as_json:
-        click.echo(json.dumps({"units": rows, "total": total}, indent=2))
+        click.echo(json.dumps({"units": rows, "total": total, "memory_plan": plan.as_dict()}, indent=2))
         return
     width = max([4, *(len(r["unit"]) for r in rows)])
     cols = [
@@ -94,3 +98,4 @@ def command(path, as_json):
         f"{total['pct_of_bf16']}% of BF16, {total['bits_per_weight']} bits/weight "
         f"(entropy bound of coded units {total['bound_bits_per_weight']})"
     )
+    click.echo(f"memory plan (one device, as load_compressed plans it): {plan.summary()}")

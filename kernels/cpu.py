@@ -50,17 +50,20 @@ def _window_start(gaps, w, window_bits):  # pragma: no cover - compiled
 
 @njit(parallel=True, cache=True, nogil=True)
 def decode_blocks(enc, sm, gaps, positions, tables, window_bytes, windows_per_block, out, status,
-                  sign_mantissa_bits):  # pragma: no cover
+                  sign_mantissa_bits, first_block, last_block):  # pragma: no cover
+    """Decode blocks [first_block, last_block); ``out[0]`` is the first output of ``first_block``."""
     numel = sm.size
-    n = min(sm.size, out.size)  # never write past out or read past sign_mantissa, whatever positions say
+    n = sm.size
     n_enc = enc.size
-    n_blocks = positions.size - 1
+    base = positions[first_block]
+    n_out = out.size  # never write past out or read past sign_mantissa, whatever positions say
     window_bits = np.int64(window_bytes) * 8
-    for b in prange(n_blocks):
+    for k in prange(last_block - first_block):
+        b = first_block + k
         start = positions[b]
         end = positions[b + 1]
-        if start < 0 or end < start or end > n:
-            status[b] = STATUS_BAD_POSITIONS
+        if base < 0 or start < base or end < start or end > n or end - base > n_out:
+            status[k] = STATUS_BAD_POSITIONS
             continue
         if start == end == numel:
             continue  # trailing blocks without codes
@@ -75,7 +78,7 @@ def decode_blocks(enc, sm, gaps, positions, tables, window_bytes, windows_per_bl
             p = byte * 8 - nbits  # where code i starts
             if p >= next_window:  # the first code in a new window: the gap rule
                 if p != _window_start(gaps, next_window // window_bits, window_bits):
-                    status[b] = STATUS_BAD_GAP
+                    status[k] = STATUS_BAD_GAP
                     break
                 next_window += window_bits
             if nbits < 32:  # codes are at most 32 bits long
@@ -89,22 +92,22 @@ def decode_blocks(enc, sm, gaps, positions, tables, window_bytes, windows_per_bl
                     e = tables[(-e) * 256 + ((buf >> (56 - 8 * depth)) & 0xFF)]
                     depth += 1
             if e <= 0:
-                status[b] = STATUS_BAD_CODE
+                status[k] = STATUS_BAD_CODE
                 break
-            out[i] = sign_mantissa_bits[sm[i]] | (e & 0x7F80)
+            out[i - base] = sign_mantissa_bits[sm[i]] | (e & 0x7F80)
             ln = e >> 16
             buf <<= ln
             nbits -= ln
-        if status[b] != 0:
+        if status[k] != 0:
             continue
         p = byte * 8 - nbits  # where the code after the block starts
         if p > n_enc * 8:
-            status[b] = STATUS_OVERRUN
+            status[k] = STATUS_OVERRUN
         elif end < numel:  # that code opens block b+1: it must start at the block's first window start, and
             # no window of this block may be left without a code start before it (it would be the first there)
             first_next = np.int64(b + 1) * windows_per_block
             if next_window != first_next * window_bits or p != _window_start(gaps, first_next, window_bits):
-                status[b] = STATUS_BAD_GAP
+                status[k] = STATUS_BAD_GAP
 
 
 # sign|mantissa byte -> its bits in place in the BF16 word
@@ -122,24 +125,33 @@ def cpu_tables(tables: np.ndarray) -> np.ndarray:
 
 def decode(ct, out: torch.Tensor, check: bool = True) -> None:
     """Decode into ``out``; corrupt blocks are always reported (checking costs nothing on the CPU)."""
+    decode_range(ct, 0, ct.n_blocks, out)
+
+
+def decode_range(ct, first_block: int, last_block: int, out: torch.Tensor) -> None:
+    """Decode only blocks [first_block, last_block) of ``ct`` into ``out`` (at least
+    ``output_positions[last_block] - output_positions[first_block]`` elements; its element 0 is the first output of
+    ``first_block``). The output positions tell which block holds which element (see `dfloat.blocks`)."""
     from dfloat.codec import decode_tables
 
     tables = ct._cache.get("cpu_tables")
     if tables is None:
         tables = ct._cache["cpu_tables"] = cpu_tables(decode_tables(ct))
-    if ct.numel == 0:
+    if ct.numel == 0 or last_block <= first_block:
         return
-    status = np.zeros(max(ct.n_blocks, 1), np.int8)
+    status = np.zeros(last_block - first_block, np.int8)
     decode_blocks(
         ct.encoded_exponent.numpy(), ct.sign_mantissa.numpy(), ct.gaps.numpy(), ct.output_positions.numpy(),
         tables, ct.bytes_per_window, ct.windows_per_block, out.view(torch.int16).numpy(), status, SIGN_MANTISSA_BITS,
+        first_block, last_block,
     )
     bad = np.flatnonzero(status)
     if bad.size:
-        b = int(bad[0])
+        k = int(bad[0])
+        b = first_block + k
         why = {STATUS_BAD_POSITIONS: "its output positions are out of order or out of range",
                STATUS_BAD_CODE: "it holds a bit pattern that is no code",
                STATUS_OVERRUN: "its codes run past the end of the stream",
                STATUS_BAD_GAP: "window start offsets disagree with the codes"}
         raise CorruptStreamError(f"unit {ct.members[0].name if ct.members else '?'}: block {b} of {ct.n_blocks} "
-                                 f"is corrupt: {why.get(int(status[b]), 'unknown error')}")
+                                 f"is corrupt: {why.get(int(status[k]), 'unknown error')}")

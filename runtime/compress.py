@@ -15,7 +15,13 @@ from pathlib import Path
 import torch
 
 from dfloat.codec import compress_tensors
-from dfloat.errors import ChecksumError, ModelSourceError, OutputExistsError, UnsupportedDtypeError
+from dfloat.errors import (
+    ChecksumError,
+    DFloatError,
+    ModelSourceError,
+    OutputExistsError,
+    UnsupportedDtypeError,
+)
 from dfloat.format import (
     DEFAULT_BYTES_PER_WINDOW,
     DEFAULT_MAX_CODE_LENGTH,
@@ -30,7 +36,7 @@ from dfloat.runtime.checkpoint import (
     CompressedCheckpoint,
     ShardWriter,
 )
-from dfloat.runtime.grouping import Grouping, grouping_from, plan_units
+from dfloat.runtime.grouping import UNIT_KINDS, Grouping, grouping_from, plan_units
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +165,7 @@ def compress_model(
     max_code_length: int = DEFAULT_MAX_CODE_LENGTH,
     allow_raw: bool = True,
     progress: ProgressFn | None = None,
+    unit: str = "block",
 ) -> CompressionReport:
     """Compress a BF16 checkpoint losslessly into ``out_dir``.
 
@@ -174,12 +181,17 @@ def compress_model(
         bytes_per_window, windows_per_block, max_code_length: stream parameters (docs/FORMAT.md).
         allow_raw: store units raw when tiny or when coding would not shrink them (False codes every unit).
         progress: called after each unit as ``progress(unit, done, total, weights)``.
+        unit: what shares one code: "block" (default: the weights of each transformer block; embeddings and
+            lm_head alone) or "matrix" (every weight alone: the decode buffer then holds one matrix, the leanest
+            memory at run time, for a slightly larger stored size). ``grouping`` overrides either.
     Returns:
         A CompressionReport with sizes and timing.
     Raises:
         ModelSourceError, UnsupportedDtypeError (not BF16), OutputExistsError, ChecksumError.
     """
     t0 = time.perf_counter()
+    if unit not in UNIT_KINDS:
+        raise DFloatError(f"unit={unit!r}: choose one of {', '.join(UNIT_KINDS)}")
     out_dir = Path(out_dir).expanduser().resolve()
     if out_dir.exists() and not overwrite:
         raise OutputExistsError(
@@ -197,7 +209,7 @@ def compress_model(
             raise ModelSourceError(f"{folder}: is already compressed")
         tensors = _scan(src.weight_files(folder))
         _check_lossless(config, tensors, folder)
-        unit_of = grouping_from(grouping)
+        unit_of = grouping_from(grouping) if grouping is not None else UNIT_KINDS[unit]
         plan = plan_units(((t.name, t.shape, t.dtype) for t in tensors), unit_of)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))

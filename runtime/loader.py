@@ -56,6 +56,13 @@ class DecodeBuffer:
     current: str | None = None
     decodes: int = 0
 
+    def scratch(self) -> torch.Tensor:
+        """The whole buffer, for a partial decode (runtime/chunked.py): it then holds no unit."""
+        if self.tensor is None:
+            self.tensor = torch.empty(self.numel, dtype=torch.bfloat16, device=self.device)
+        self.current = None
+        return self.tensor
+
     def ensure(self, unit: _Unit) -> None:
         if self.current == unit.name:
             return
@@ -160,8 +167,13 @@ def attach(
     backend: str | None = None,
     cpu_offload: bool = False,
     device_map: Mapping[str, str | torch.device] | None = None,
+    chunk_numel: int | None = None,
+    chunking: bool = True,
 ) -> dict[torch.device, DecodeBuffer]:
-    """Load plain tensors into ``model`` and hook every coded unit so it is decoded right before use."""
+    """Load plain tensors into ``model`` and hook every coded unit so it is decoded right before use.
+
+    Big embedding / lm_head units are used piecewise (runtime/memory.py, runtime/chunked.py); ``chunk_numel``
+    and ``chunking`` are `load_compressed`'s options."""
     device = canonical_device(device)
     aliases = _aliases(model)
     expected = dict(model.named_parameters(remove_duplicate=False))
@@ -186,9 +198,12 @@ def attach(
 
     buffers: dict[torch.device, DecodeBuffer] = {}
     hooked: dict[int, list[_Unit]] = {}
+    coded: list[_Unit] = []
+    raw_bytes = 0
     for uname, ct in units.items():
         udev = _device_for(uname, device, device_map)
         if not ct.is_coded:  # raw units are plain tensors in disguise
+            raw_bytes += ct.nbytes
             for m, view in ct.split(ct.raw).items():
                 check_shape(m, view.shape)
                 _set_plain(model, m, view, aliases, udev)
@@ -201,22 +216,32 @@ def attach(
             for m in ct.members
         ]
         stored = ct.pin_memory() if (cpu_offload and udev.type == "cuda") else ct.to(udev)
-        unit = _Unit(uname, stored, udev, slots)
-        buf = buffers.setdefault(udev, DecodeBuffer(udev, 0, backend))
-        buf.numel = max(buf.numel, ct.numel)
+        coded.append(_Unit(uname, stored, udev, slots))
+
+    plain_bytes = raw_bytes + sum(t.numel() * t.element_size() for t in plain.values())
+    plan = _memory_plan(coded, plain_bytes, chunk_numel, chunking)
+    for udev in {u.device for u in coded}:
+        buffers[udev] = DecodeBuffer(udev, plan.buffers[str(udev)], backend)
+    for unit in coded:
+        udev, ct, slots = unit.device, unit.ct, unit.slots
         for slot in slots:
             for module, attr in slot.places:
                 module._parameters[attr] = torch.nn.Parameter(
                     torch.empty(1, dtype=torch.bfloat16, device=udev).expand(slot.shape), requires_grad=False
                 )
-                hooked.setdefault(id(module), [module, []])[1].append(unit)
         for m in ct.members:
             filled.update(aliases.get(m.name, [m.name]))
         owner = _owner(model, [m.name for m in ct.members])
-        if owner is not None:
-            hooked.setdefault(id(owner), [owner, []])[1].append(unit)
-            if device_map:  # blocks on different devices: bring their inputs along
-                owner.register_forward_pre_hook(_inputs_to(udev), with_kwargs=True)
+        if unit.name in plan.chunked:
+            _install_chunked(unit, buffers[udev], plan.chunked[unit.name])
+        else:
+            for slot in slots:
+                for module, _ in slot.places:
+                    hooked.setdefault(id(module), [module, []])[1].append(unit)
+            if owner is not None:
+                hooked.setdefault(id(owner), [owner, []])[1].append(unit)
+        if owner is not None and device_map:  # blocks on different devices: bring their inputs along
+            owner.register_forward_pre_hook(_inputs_to(udev), with_kwargs=True)
 
     missing = [n for n in expected if n not in filled]
     if missing:
@@ -234,8 +259,53 @@ def attach(
     for module, unit_list in hooked.values():
         module.register_forward_pre_hook(_make_hook(unit_list, buffers))
     model._dfloat_buffers = buffers
-    model._dfloat_units = {u.name: u.ct for _, units_of in hooked.values() for u in units_of}
+    model._dfloat_units = {u.name: u.ct for u in coded}
+    model._dfloat_plan = plan
     return buffers
+
+
+def _memory_plan(coded: list[_Unit], plain_bytes: int, chunk_numel: int | None, chunking: bool):
+    """The memory plan for these units; a chunked linear the device's GEMM may not reproduce is decoded whole."""
+    from dfloat.blocks import host_positions
+    from dfloat.runtime import chunked, memory
+
+    def sizes(excluded: set[str]) -> list[memory.UnitSize]:
+        out = []
+        for u in coded:
+            places = [p for slot in u.slots for p in slot.places]
+            shape = u.slots[0].shape if len(u.slots) == 1 else ()
+            matrix = (shape[0], shape[1]) if len(shape) == 2 else None
+            ok = matrix is not None and u.name not in excluded and chunked.can_chunk(places)
+            block = memory.max_block_numel(host_positions(u.ct)) if ok else 0
+            out.append(memory.UnitSize(u.name, u.ct.numel, u.ct.nbytes, True, matrix, ok, block, str(u.device)))
+        return out
+
+    excluded: set[str] = set()
+    while True:
+        plan = memory.plan_memory(sizes(excluded), plain_bytes, chunk_numel, chunking)
+        inexact = {
+            name
+            for name, c in plan.chunked.items()
+            for u in coded
+            if u.name == name
+            and any(isinstance(m, torch.nn.Linear) for slot in u.slots for m, _ in slot.places)
+            and not chunked.chunked_linear_is_exact(u.device, c.total_rows, c.cols, c.rows)
+        }
+        if not inexact:
+            return plan
+        log.warning("row-chunked matmul is not bit-identical on this device: decoding %s whole", sorted(inexact))
+        excluded |= inexact
+
+
+def _install_chunked(unit: _Unit, buffer: DecodeBuffer, plan) -> None:
+    from dfloat.runtime import chunked
+
+    cu = chunked.ChunkedUnit.build(unit.name, unit.ct, buffer, plan)
+    for module, _ in unit.slots[0].places:
+        if isinstance(module, torch.nn.Linear):
+            chunked.install_linear(module, cu)
+        else:
+            chunked.install_embedding(module, cu)
 
 
 def _owner(model, names: list[str]) -> torch.nn.Module | None:
@@ -311,6 +381,8 @@ def load_compressed(
     token: str | bool | None = None,
     model_class=None,
     verify: bool = True,
+    chunk_numel: int | None = None,
+    chunking: bool = True,
     **kw,
 ):
     """Load a dfloat (or official DFloat11) checkpoint as a transformers model with bit-identical outputs.
@@ -325,6 +397,10 @@ def load_compressed(
         verify: check every unit's stored arrays and metadata and every plain tensor against the checksums in
             the files while reading them (format 1.1; units of 1.0 files on their first decode). ``False`` skips
             this, for checkpoints verified once. Official DFloat11 files carry no checksums.
+        chunk_numel: embedding / lm_head units bigger than this many weights are used piecewise (rows looked
+            up from only the blocks that hold them; the matmul a row chunk at a time), so the decode buffer needs
+            no room for them (default: the largest unit that must be decoded whole, i.e. a transformer block).
+        chunking: False decodes every unit whole (the decode buffer then holds the largest unit).
         **kw: passed to the model's construction (e.g. ``attn_implementation="sdpa"``).
     Returns:
         The model in eval mode; ``generate()`` works as usual.
@@ -355,8 +431,10 @@ def load_compressed(
     if device_map == "auto":
         device_map = _auto_device_map(units)
     buffers = attach(
-        model, units, plain, device, backend=backend, cpu_offload=cpu_offload, device_map=device_map
+        model, units, plain, device, backend=backend, cpu_offload=cpu_offload, device_map=device_map,
+        chunk_numel=chunk_numel, chunking=chunking,
     )
+    log.info("memory plan of %s: %s", folder, model._dfloat_plan.summary())
     log.info(
         "loaded %s: %d coded units, decode buffer(s) %s",
         folder,

@@ -1,0 +1,272 @@
+"""The memory plan of a compressed model: what its weights cost on each device, decode buffers included.
+
+Weight memory = compressed units + plain (uncoded) tensors + one decode buffer per device. The buffer holds the
+largest unit that must be decoded whole (by default a transformer block). A unit that is one matrix used as an
+embedding and/or a linear layer's weight (embeddings, lm_head) and is bigger than that is never decoded whole:
+the embedding looks up rows by decoding only the blocks that hold them, the linear layer multiplies a row chunk
+at a time (`dfloat.runtime.chunked`), so it needs only a chunk's room in the same buffer.
+
+The same plan is computed from a loaded model (`load_compressed` logs it), from a checkpoint's headers
+(`dfloat inspect`), or from shapes alone with an estimated bits/weight (`benchmarks/memory_plan.py`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+# Room a chunk needs beyond its rows: the blocks at both ends hold elements of the neighbouring rows, and the
+# chunk's first row is placed on a 128-byte boundary.
+ALIGN_ELEMENTS = 64
+_NUMBERED = re.compile(r"(^|\.)\d+(\.|$)")  # a numbered module in the name: model.layers.7, transformer.h.0
+DEFAULT_CHUNK_NUMEL = 1 << 24  # when no unit must be decoded whole
+CHUNK_ROW_MULTIPLE = 128  # chunks of many rows are a multiple of this (GEMM tile sizes)
+
+
+@dataclass(frozen=True)
+class UnitSize:
+    """What the plan needs to know about one unit."""
+
+    name: str
+    numel: int
+    stored_bytes: int
+    coded: bool = True
+    matrix: tuple[int, int] | None = None  # (rows, cols) when the unit is one 2-D matrix
+    chunkable: bool = False  # one matrix used only as an embedding and/or an nn.Linear weight
+    max_block_numel: int = 0  # most elements one block of windows holds (bounds a chunk's overhang)
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """How a big matrix is used piecewise: ``rows`` rows per chunk (the last one may be shorter)."""
+
+    unit: str
+    rows: int
+    total_rows: int
+    cols: int
+
+    @property
+    def chunks(self) -> list[tuple[int, int]]:
+        return [(r, min(r + self.rows, self.total_rows)) for r in range(0, self.total_rows, self.rows)]
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes of weight memory, per part and in all, against the BF16 model's weight bytes."""
+
+    units: list[UnitSize]
+    plain_bytes: int
+    buffers: dict[str, int] = field(default_factory=dict)  # device -> decode buffer elements (BF16)
+    chunked: dict[str, Chunking] = field(default_factory=dict)
+
+    @property
+    def compressed_bytes(self) -> int:
+        return sum(u.stored_bytes for u in self.units)
+
+    @property
+    def buffer_bytes(self) -> int:
+        return 2 * sum(self.buffers.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return self.compressed_bytes + self.plain_bytes + self.buffer_bytes
+
+    @property
+    def bf16_bytes(self) -> int:
+        """The uncompressed model's weight bytes (units at 2 bytes per weight, plain tensors as they are)."""
+        return 2 * sum(u.numel for u in self.units) + self.plain_bytes
+
+    @property
+    def pct_of_bf16(self) -> float:
+        return 100.0 * self.total_bytes / max(1, self.bf16_bytes)
+
+    def as_dict(self) -> dict:
+        return {
+            "compressed_bytes": self.compressed_bytes,
+            "plain_bytes": self.plain_bytes,
+            "decode_buffer_bytes": self.buffer_bytes,
+            "decode_buffers": {d: {"elements": n, "bytes": 2 * n} for d, n in self.buffers.items()},
+            "total_bytes": self.total_bytes,
+            "bf16_bytes": self.bf16_bytes,
+            "pct_of_bf16": round(self.pct_of_bf16, 2),
+            "chunked": {
+                c.unit: {"rows_per_chunk": c.rows, "chunks": len(c.chunks), "shape": [c.total_rows, c.cols]}
+                for c in self.chunked.values()
+            },
+        }
+
+    def summary(self) -> str:
+        mib = 2.0**20
+        chunks = ", ".join(
+            f"{c.unit} in {len(c.chunks)} chunks of {c.rows} rows" for c in self.chunked.values()
+        )
+        return (
+            f"weight memory {self.total_bytes / mib:,.1f} MiB = {self.pct_of_bf16:.2f}% of BF16 "
+            f"({self.bf16_bytes / mib:,.1f} MiB): compressed {self.compressed_bytes / mib:,.1f} MiB, "
+            f"plain {self.plain_bytes / mib:,.1f} MiB, decode buffer(s) {self.buffer_bytes / mib:,.1f} MiB "
+            f"({', '.join(f'{d}: {n:,} elements' for d, n in self.buffers.items()) or 'none'})"
+            + (f"; used piecewise: {chunks}" if chunks else "")
+        )
+
+
+def in_block(unit: str) -> bool:
+    """A unit inside a numbered module (a transformer block, or one of its matrices with ``unit="matrix"``): it
+    is decoded whole, and the largest such unit sets the buffer's size. Only units outside blocks (embeddings,
+    lm_head) are used piecewise."""
+    return _NUMBERED.search(unit) is not None
+
+
+def chunk_rows(budget: int, cols: int, overhang: int) -> int:
+    """Rows per chunk so that rows * cols plus the overhang of the blocks at both ends fits ``budget`` elements."""
+    rows = max(1, (budget - overhang) // max(1, cols))
+    if rows >= 2 * CHUNK_ROW_MULTIPLE:
+        rows -= rows % CHUNK_ROW_MULTIPLE
+    return rows
+
+
+def chunk_overhang(max_block_numel: int) -> int:
+    """Elements a chunk may need beyond its own: part of a block at each end, plus the alignment shift."""
+    return 2 * max_block_numel + ALIGN_ELEMENTS
+
+
+def plan_memory(
+    units: Iterable[UnitSize], plain_bytes: int, chunk_numel: int | None = None, chunking: bool = True
+) -> MemoryPlan:
+    """The decode buffer per device and which units are used piecewise.
+
+    Args:
+        units: every unit (raw units count as stored bytes only: they are loaded as plain tensors).
+        plain_bytes: bytes of tensors stored uncoded outside units.
+        chunk_numel: chunkable units with more elements than this are used piecewise, in chunks that fit it
+            (default: the largest unit on the device that must be decoded whole).
+        chunking: False decodes every unit whole (the buffer then holds the largest unit).
+    """
+    units = list(units)
+    plan = MemoryPlan(units, plain_bytes)
+    by_device: dict[str, list[UnitSize]] = {}
+    for u in units:
+        if u.coded:
+            by_device.setdefault(u.device, []).append(u)
+    for device, group in by_device.items():
+        piecewise = [
+            u for u in group if chunking and u.chunkable and u.matrix is not None and not in_block(u.name)
+        ]
+        whole = max([u.numel for u in group if u not in piecewise], default=0)
+        budget = chunk_numel if chunk_numel is not None else (whole or DEFAULT_CHUNK_NUMEL)
+        need = whole
+        for u in piecewise:
+            if u.numel <= budget:
+                need = max(need, u.numel)
+                continue
+            rows, cols = u.matrix
+            overhang = chunk_overhang(u.max_block_numel)
+            per_chunk = chunk_rows(budget, cols, overhang)
+            if per_chunk >= rows:
+                need = max(need, u.numel)
+                continue
+            plan.chunked[u.name] = Chunking(u.name, per_chunk, rows, cols)
+            need = max(need, min(u.numel, per_chunk * cols + overhang))
+        plan.buffers[device] = need
+    return plan
+
+
+def max_block_numel(output_positions) -> int:
+    """Most elements any block of a unit holds (from its output positions)."""
+    import numpy as np
+
+    pos = np.asarray(output_positions, dtype=np.int64)
+    return int(np.diff(pos).max()) if pos.size > 1 else 0
+
+
+def worst_block_numel(bytes_per_window: int, windows_per_block: int) -> int:
+    """A bound when the positions are not known: every code is at least one bit long."""
+    return 8 * bytes_per_window * windows_per_block
+
+
+def units_from_checkpoint(
+    units_meta: Mapping[str, dict], arrays_nbytes: Mapping[str, int], positions: Mapping[str, object]
+) -> list[UnitSize]:
+    """UnitSize rows from a checkpoint's unit metadata (``dfloat inspect``): one-matrix units count as chunkable
+    (the checkpoint alone does not say which module uses them; embeddings and lm_head are the ones that are)."""
+    out = []
+    for name, meta in units_meta.items():
+        members = meta["members"]
+        coded = meta["mode"] == "huffman"
+        shape = tuple(members[0]["shape"]) if len(members) == 1 else ()
+        matrix = (shape[0], math.prod(shape[1:])) if len(shape) == 2 else None
+        block = (
+            max_block_numel(positions[name])
+            if name in positions
+            else worst_block_numel(meta.get("bytes_per_window", 32), meta.get("windows_per_block", 256))
+        )
+        out.append(
+            UnitSize(
+                name, int(meta["numel"]), int(arrays_nbytes[name]), coded, matrix, matrix is not None, block
+            )
+        )
+    return out
+
+
+def plan_checkpoint(folder, chunk_numel: int | None = None, chunking: bool = True) -> MemoryPlan:
+    """The memory plan of a compressed folder on one device, from its shard headers and output positions only
+    (nothing is decoded or moved to a GPU). One-matrix units outside blocks count as used piecewise, as
+    embeddings and lm_head are when loaded."""
+    from safetensors import safe_open
+
+    from dfloat.format import check_version
+    from dfloat.runtime.checkpoint import CompressedCheckpoint
+
+    sizes = {
+        "BF16": 2,
+        "F16": 2,
+        "F32": 4,
+        "F64": 8,
+        "I64": 8,
+        "I32": 4,
+        "I16": 2,
+        "U8": 1,
+        "I8": 1,
+        "BOOL": 1,
+    }
+    units: list[UnitSize] = []
+    plain = 0
+    for path in CompressedCheckpoint.open(folder).shard_files:
+        with safe_open(str(path), framework="pt") as f:
+            meta = check_version(f.metadata(), str(path))
+            nbytes: dict[str, int] = {}
+            positions = {}
+            owned = set()
+            for name in meta:
+                for key in f.keys():
+                    if key.startswith(name + ".") and key[len(name) + 1 :] in _UNIT_ARRAYS:
+                        s = f.get_slice(key)
+                        nbytes[name] = nbytes.get(name, 0) + math.prod(s.get_shape()) * sizes.get(
+                            s.get_dtype(), 1
+                        )
+                        owned.add(key)
+                if meta[name]["mode"] == "huffman":
+                    positions[name] = f.get_tensor(f"{name}.output_positions").numpy()
+            for key in f.keys():
+                if key not in owned:
+                    s = f.get_slice(key)
+                    plain += math.prod(s.get_shape()) * sizes.get(s.get_dtype(), 1)
+            units += units_from_checkpoint(meta, nbytes, positions)
+    coded = [u for u in units if u.coded]
+    plain += sum(u.stored_bytes for u in units if not u.coded)  # raw units load as plain tensors
+    plan = plan_memory(coded, plain, chunk_numel, chunking)
+    plan.buffers = {"device": max(plan.buffers.values())} if plan.buffers else {}
+    return plan
+
+
+_UNIT_ARRAYS = (
+    "encoded_exponent",
+    "sign_mantissa",
+    "gaps",
+    "output_positions",
+    "code_lengths",
+    "luts",
+    "raw",
+)
