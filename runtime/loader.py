@@ -56,19 +56,23 @@ class DecodeBuffer:
     current: str | None = None
     decodes: int = 0
 
+    def bind(self, unit: _Unit) -> None:
+        """Point the unit's weights at fixed views of the buffer, once, at attach time: a forward captured in a
+        CUDA graph then records stable addresses, and the hook only has to decode."""
+        if self.tensor is None:
+            self.tensor = torch.empty(self.numel, dtype=torch.bfloat16, device=self.device)
+        for slot in unit.slots:
+            view = self.tensor[slot.offset : slot.offset + math.prod(slot.shape)].view(slot.shape)
+            for module, attr in slot.places:
+                module._parameters[attr] = torch.nn.Parameter(view, requires_grad=False)
+
     def ensure(self, unit: _Unit) -> None:
         if self.current == unit.name:
             return
-        if self.tensor is None:
-            self.tensor = torch.empty(self.numel, dtype=torch.bfloat16, device=self.device)
         ct = unit.ct
         if ct.device != self.device:  # cpu_offload: copy the compressed arrays in, then decode
             ct = ct.to(self.device, non_blocking=True)
-        flat = decompress_tensor(ct, device=self.device, backend=self.backend, out=self.tensor)
-        for slot in unit.slots:
-            view = flat[slot.offset : slot.offset + math.prod(slot.shape)].view(slot.shape)
-            for module, attr in slot.places:
-                module._parameters[attr] = torch.nn.Parameter(view, requires_grad=False)
+        decompress_tensor(ct, device=self.device, backend=self.backend, out=self.tensor)
         self.current = unit.name
         self.decodes += 1
 
@@ -181,6 +185,7 @@ def attach(
 
     buffers: dict[torch.device, DecodeBuffer] = {}
     hooked: dict[int, list[_Unit]] = {}
+    coded: list[_Unit] = []
     for uname, ct in units.items():
         udev = _device_for(uname, device, device_map)
         if not ct.is_coded:  # raw units are plain tensors in disguise
@@ -197,6 +202,7 @@ def attach(
         ]
         stored = ct.pin_memory() if (cpu_offload and udev.type == "cuda") else ct.to(udev)
         unit = _Unit(uname, stored, udev, slots)
+        coded.append(unit)
         buf = buffers.setdefault(udev, DecodeBuffer(udev, 0, backend))
         buf.numel = max(buf.numel, ct.numel)
         for slot in slots:
@@ -226,6 +232,8 @@ def attach(
         if buf.device != bdev:
             module, attr = _place(model, name)
             module._buffers[attr] = buf.to(bdev)
+    for unit in coded:  # buffers have their final sizes now
+        buffers[unit.device].bind(unit)
     for module, unit_list in hooked.values():
         module.register_forward_pre_hook(_make_hook(unit_list, buffers))
     model._dfloat_buffers = buffers
