@@ -66,7 +66,7 @@ echo "== GPU tests"
 T=$(step_limit 300)
 if enough_time tests "$T"; then
   timeout "$T" "$PY" -m pytest -q -p no:cacheprovider -rs --durations=8 -m gpu tests/kernels/test_gpu_decoders.py \
-    tests/runtime/test_gpu_runtime.py 2>&1 | tee "$OUT/gpu_tests.log"
+    tests/runtime/test_gpu_runtime.py tests/runtime/test_gpu_generate.py 2>&1 | tee "$OUT/gpu_tests.log"
   RC[tests]=${PIPESTATUS[0]}
 fi
 
@@ -120,13 +120,12 @@ else
 fi
 
 if [ -z "${SKIP_E2E:-}" ]; then
-  echo "== end to end: BF16 vs dfloat generation (Llama-3.1-8B layer, Llama-3.2-1B shapes)"
+  echo "== end to end: BF16 vs dfloat, eager generate vs CUDA-graph fast path (llama-4l, Llama-3.2-1B shapes)"
   T=$(step_limit 300)
   if enough_time e2e "$T"; then
-    timeout "$T" "$PY" benchmarks/e2e.py --device cuda --tmp "${TMPDIR:-/tmp}" 2>&1 | grep -v "it/s" \
-      | tee "$OUT/e2e.log"
+    timeout "$T" "$PY" benchmarks/e2e.py --device cuda --models llama-4l llama-3.2-1b --out "$OUT" \
+      --tmp "${TMPDIR:-/tmp}" 2>&1 | grep -v "it/s" | tee "$OUT/e2e.log"
     RC[e2e]=${PIPESTATUS[0]}
-    cp benchmarks/results/e2e_cuda.json "$OUT/" 2>/dev/null || true
   fi
 fi
 
