@@ -410,7 +410,10 @@ def generate_ids(
         if repetition_penalty != 1.0:
             seen = torch.zeros(rows, logits.shape[-1], dtype=torch.bool, device=device)
             seen.scatter_(1, input_ids, True)  # the whole prompt, padding included, as transformers does
-        choose = lambda lg: pick_next(lg, temperature, top_p, generator, top_k, repetition_penalty, seen)  # noqa: E731
+
+        def choose(lg: torch.Tensor) -> torch.Tensor:
+            return pick_next(lg, temperature, top_p, generator, top_k, repetition_penalty, seen)
+
         token = choose(logits)
         done = torch.zeros(rows, dtype=torch.bool, device=device)
         out = torch.empty(rows, max_new_tokens, dtype=torch.long, device=device)

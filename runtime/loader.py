@@ -1,9 +1,10 @@
 """load_compressed: a normal transformers model whose coded weights are decoded just before they are used.
 
 The model is built without allocating its BF16 weights (parameters on the meta device, buffers computed as
-usual). Plain tensors are loaded as they are. Each coded unit keeps only its compressed arrays; forward pre-hooks
-on the modules that own its weights decode it into one reusable buffer per device and point those weights at
-views of it. The math is the original model's, so outputs are bit-identical.
+usual). Plain tensors are loaded as they are. Each coded unit keeps only its compressed arrays; its weights are
+fixed views of one reusable buffer per device, set once at attach time (so a CUDA graph records stable addresses),
+and forward pre-hooks on the modules that own them decode the unit into that buffer when it is not already there.
+The math is the original model's, so outputs are bit-identical.
 """
 
 from __future__ import annotations

@@ -122,11 +122,11 @@ def test_demo_model_matches_generate_with_its_repetition_penalty(demo):
 
 def test_sampling_is_reproducible_with_a_seed(demo):
     model, tok = demo
-    run = lambda seed: (
-        dfloat.generate(  # noqa: E731
-            model, tok, PROMPTS, max_new_tokens=NEW, temperature=0.8, top_p=0.9, top_k=50, seed=seed
-        ).tokens
-    )
+
+    def run(seed):
+        options = dict(max_new_tokens=NEW, temperature=0.8, top_p=0.9, top_k=50, seed=seed)
+        return dfloat.generate(model, tok, PROMPTS, **options).tokens
+
     first = run(3)
     assert run(3) == first
     assert run(4) != first
