@@ -52,8 +52,13 @@ def load_for_generation(model_path, device, verify: bool = True):
 @click.option("--device", type=DEVICE, default=None, help="cpu, cuda, cuda:1 ... [default: cuda if present].")
 @click.option("--chat", is_flag=True, help="Apply the tokenizer's chat template to the prompt.")
 @click.option("--stats", is_flag=True, help="Print tokens/s, time to first token, peak memory and bandwidth.")
+@click.option(
+    "--no-graphs",
+    is_flag=True,
+    help="On CUDA, use transformers' eager generate instead of the static-cache, CUDA-graph fast path.",
+)
 @NO_VERIFY
-def command(model, prompt, max_new_tokens, temperature, top_p, seed, device, chat, stats, no_verify):
+def command(model, prompt, max_new_tokens, temperature, top_p, seed, device, chat, stats, no_graphs, no_verify):
     """Generate text with MODEL (Hub id or folder; default: the bundled demo model)."""
     import torch
     from transformers import TextStreamer
@@ -106,6 +111,9 @@ def command(model, prompt, max_new_tokens, temperature, top_p, seed, device, cha
         click.echo(prompt, nl=False)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    if device.startswith("cuda") and not no_graphs:
+        _fast(lm, tok, ids, max_new_tokens, temperature, top_p, seed, stats, t_load, device, compressed)
+        return
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = lm.generate(ids, streamer=_Streamer(tok, skip_prompt=True), **gen)
@@ -116,6 +124,42 @@ def command(model, prompt, max_new_tokens, temperature, top_p, seed, device, cha
             out.shape[1] - ids.shape[1],
             elapsed,
             (first[0] - t0) if first else elapsed,
+            t_load,
+            device,
+            compressed,
+        )
+
+
+def _fast(lm, tok, ids, max_new_tokens, temperature, top_p, seed, stats, t_load, device, compressed):
+    """The fast path (static cache, decode step replayed from a CUDA graph), with the model's sampling settings."""
+    from dfloat.runtime.generate import _text_streamer, generate_ids
+
+    cfg = lm.generation_config
+    sample = bool(cfg.do_sample) if temperature is None else temperature > 0
+    options = dict(
+        temperature=(temperature or getattr(cfg, "temperature", None) or 1.0) if sample else 0.0,
+        top_p=(top_p or getattr(cfg, "top_p", None) or 1.0) if sample else 1.0,
+        top_k=(getattr(cfg, "top_k", None) or 0) if sample else 0,
+        repetition_penalty=getattr(cfg, "repetition_penalty", None) or 1.0,
+    )
+    t0 = time.perf_counter()
+    result = generate_ids(
+        lm,
+        ids,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        on_tokens=_text_streamer(tok, 1, lambda row, text: click.echo(text, nl=False)),
+        **options,
+    )
+    elapsed = time.perf_counter() - t0
+    click.echo("")
+    if stats:
+        click.echo(f"--- path         {result.path} (graph capture {result.capture_s:.2f} s)", err=True)
+        _print_stats(
+            lm,
+            len(result.tokens[0]),
+            elapsed,
+            result.capture_s + result.prefill_s,
             t_load,
             device,
             compressed,

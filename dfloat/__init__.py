@@ -53,6 +53,7 @@ _RUNTIME = {
     "decompress_model": "dfloat.runtime.compress",
     "verify_checkpoint": "dfloat.runtime.compress",
     "load_compressed": "dfloat.runtime.loader",
+    "generate": "dfloat.runtime.generate",
 }
 __all__ += list(_RUNTIME)
 

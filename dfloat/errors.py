@@ -37,3 +37,7 @@ class ModelSourceError(DFloatError):
 
 class OutputExistsError(DFloatError, FileExistsError):
     """An output folder exists and the caller did not ask to overwrite it."""
+
+
+class GenerationError(DFloatError, ValueError):
+    """Generation was asked for with inputs or options it cannot honour (right-padded prompts, no CUDA for graphs)."""

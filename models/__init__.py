@@ -20,7 +20,7 @@ from .bottleneck import (
 from .masformer import MASFormerConfig, MASFormerForCausalLM, MASFormerModel, span_allowed
 from .nextlat import LatentHead, NextLatConfig, NextLatForCausalLM, NextLatModel, SpeculativeStats
 from .polycom import PolyComConfig, PolyComForCausalLM, PolyComMLP, PolyComModel, PolyNorm, PolyReLU
-from .skeleton import DecoderConfig, DecoderForCausalLM, DecoderModel
+from .skeleton import DecoderConfig, DecoderForCausalLM, DecoderModel, StaticKVCache
 
 ARCHITECTURES = {
     "polycom": (PolyComConfig, PolyComModel, PolyComForCausalLM),
@@ -64,6 +64,7 @@ __all__ = [
     "PolyReLU",
     "RewriteEvent",
     "SpeculativeStats",
+    "StaticKVCache",
     "newline_token_ids",
     "register_auto_classes",
     "span_allowed",

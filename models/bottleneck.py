@@ -196,6 +196,8 @@ class BottleneckedModel(DecoderModel):
 class BottleneckedForCausalLM(DecoderForCausalLM):
     config_class = BottleneckedConfig
     base_model_class = BottleneckedModel
+    # read by dfloat.runtime.generate, which then runs this model eagerly
+    static_cache_unsupported = "its Cache Processor rewrites past cache entries, which a static cache cannot replay"
 
     def build_extra_modules(self, config: BottleneckedConfig) -> None:
         self.cache_processor = CacheProcessor(config)

@@ -117,6 +117,46 @@ def output_cache(output: ModelOutput) -> DynamicCache | None:
     return getattr(output, CACHE_FIELD, None)
 
 
+class StaticKVCache:
+    """Pre-allocated keys and values for every layer, written at a slot counter kept on the device.
+
+    Why: a decode step over it has fixed shapes and addresses and does no host work, so it can be captured in a
+    CUDA graph and replayed (``dfloat.runtime.generate``). A forward writes its tokens at slots ``position ..
+    position + seq - 1`` and advances ``position`` itself; attention then sees all ``max_cache_len`` slots and the
+    2-D ``attention_mask`` (batch, max_cache_len) says which of them hold real tokens.
+    """
+
+    def __init__(
+        self, config, batch_size: int, max_cache_len: int, device, dtype: torch.dtype = torch.bfloat16
+    ):
+        shape = (batch_size, config.num_key_value_heads, max_cache_len, config.head_dim)
+        self.max_cache_len = max_cache_len
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [
+            torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)
+        ]
+        self.position = torch.zeros((), dtype=torch.long, device=device)
+
+    def slots(self, seq: int) -> torch.Tensor:
+        """Cache slots of the next ``seq`` tokens."""
+        return self.position + torch.arange(seq, device=self.position.device)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        slots = self.slots(k.shape[-2])
+        self.keys[layer_idx].index_copy_(2, slots, k)
+        self.values[layer_idx].index_copy_(2, slots, v)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def advance(self, seq: int) -> None:
+        self.position.add_(seq)
+
+    def reset(self) -> None:
+        """Empty the cache in place (addresses stay the same)."""
+        for t in (*self.keys, *self.values):
+            t.zero_()
+        self.position.zero_()
+
+
 class RMSNorm(nn.Module):
     """Llama RMSNorm: normalise in float32, scale in the input dtype (bit-compatible with LlamaRMSNorm)."""
 
@@ -380,11 +420,18 @@ class DecoderModel(DecoderPreTrainedModel):
         if not use_cache:
             cache = None
         batch, seq = inputs_embeds.shape[:2]
-        past = cache.get_seq_length() if cache is not None else 0
-        q_slots = torch.arange(past, past + seq, device=inputs_embeds.device)
+        if isinstance(cache, StaticKVCache):  # fixed shapes, no host sync: keys span every slot of the cache
+            q_slots, kv_len = cache.slots(seq), cache.max_cache_len
+            if attention_mask is None or attention_mask.shape != (batch, kv_len):
+                raise ValueError(
+                    "with a StaticKVCache, attention_mask must be the 2-D (batch, max_cache_len) mask"
+                )
+        else:
+            past = cache.get_seq_length() if cache is not None else 0
+            q_slots, kv_len = torch.arange(past, past + seq, device=inputs_embeds.device), past + seq
         if position_ids is None:
             position_ids = q_slots[None].expand(batch, -1)
-        if attention_mask is not None:
+        if attention_mask is not None and not isinstance(cache, StaticKVCache):
             if attention_mask.dim() != 2:
                 raise ValueError("attention_mask must be the 2-D (batch, past + seq) padding mask")
             if bool(attention_mask.all()):  # generate() always passes one; all ones = no padding
@@ -394,7 +441,7 @@ class DecoderModel(DecoderPreTrainedModel):
         )
         prepared = {}  # layers sharing a mask object share its conversion
         masks = []
-        for mask in self.build_attention_masks(q_slots, past + seq, attention_mask):
+        for mask in self.build_attention_masks(q_slots, kv_len, attention_mask):
             if id(mask) not in prepared:
                 prepared[id(mask)] = prepare_mask(mask, self.config.attention_backend, inputs_embeds.dtype)
             masks.append(prepared[id(mask)])
@@ -406,6 +453,8 @@ class DecoderModel(DecoderPreTrainedModel):
             if all_hidden is not None:
                 all_hidden.append(h)
         h = self.norm(h)
+        if isinstance(cache, StaticKVCache):
+            cache.advance(seq)
         if all_hidden is not None:
             all_hidden[-1] = h
         return make_output(

@@ -1,9 +1,10 @@
 """load_compressed: a normal transformers model whose coded weights are decoded just before they are used.
 
 The model is built without allocating its BF16 weights (parameters on the meta device, buffers computed as
-usual). Plain tensors are loaded as they are. Each coded unit keeps only its compressed arrays; forward pre-hooks
-on the modules that own its weights decode it into one reusable buffer per device and point those weights at
-views of it. The math is the original model's, so outputs are bit-identical.
+usual). Plain tensors are loaded as they are. Each coded unit keeps only its compressed arrays; its weights are
+fixed views of one reusable buffer per device, set once at attach time (so a CUDA graph records stable addresses),
+and forward pre-hooks on the modules that own them decode the unit into that buffer when it is not already there.
+The math is the original model's, so outputs are bit-identical.
 """
 
 from __future__ import annotations
@@ -63,19 +64,23 @@ class DecodeBuffer:
         self.current = None
         return self.tensor
 
+    def bind(self, unit: _Unit) -> None:
+        """Point the unit's weights at fixed views of the buffer, once, at attach time: a forward captured in a
+        CUDA graph then records stable addresses, and the hook only has to decode."""
+        if self.tensor is None:
+            self.tensor = torch.empty(self.numel, dtype=torch.bfloat16, device=self.device)
+        for slot in unit.slots:
+            view = self.tensor[slot.offset : slot.offset + math.prod(slot.shape)].view(slot.shape)
+            for module, attr in slot.places:
+                module._parameters[attr] = torch.nn.Parameter(view, requires_grad=False)
+
     def ensure(self, unit: _Unit) -> None:
         if self.current == unit.name:
             return
-        if self.tensor is None:
-            self.tensor = torch.empty(self.numel, dtype=torch.bfloat16, device=self.device)
         ct = unit.ct
         if ct.device != self.device:  # cpu_offload: copy the compressed arrays in, then decode
             ct = ct.to(self.device, non_blocking=True)
-        flat = decompress_tensor(ct, device=self.device, backend=self.backend, out=self.tensor)
-        for slot in unit.slots:
-            view = flat[slot.offset : slot.offset + math.prod(slot.shape)].view(slot.shape)
-            for module, attr in slot.places:
-                module._parameters[attr] = torch.nn.Parameter(view, requires_grad=False)
+        decompress_tensor(ct, device=self.device, backend=self.backend, out=self.tensor)
         self.current = unit.name
         self.decodes += 1
 
@@ -256,6 +261,9 @@ def attach(
         if buf.device != bdev:
             module, attr = _place(model, name)
             module._buffers[attr] = buf.to(bdev)
+    for unit in coded:  # buffers have their final sizes now; piecewise units have no whole view
+        if unit.name not in plan.chunked:
+            buffers[unit.device].bind(unit)
     for module, unit_list in hooked.values():
         module.register_forward_pre_hook(_make_hook(unit_list, buffers))
     model._dfloat_buffers = buffers
