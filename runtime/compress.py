@@ -27,6 +27,8 @@ from dfloat.runtime import source as src
 from dfloat.runtime.checkpoint import (
     CONFIG_KEY,
     DEFAULT_MAX_SHARD_BYTES,
+    INDEX_NAME,
+    TRANSFORMERS_INDEX,
     CompressedCheckpoint,
     ShardWriter,
 )
@@ -296,6 +298,10 @@ def _write(folder, tensors, plan, tmp, out_dir, origin, config, max_shard_bytes,
         "stored_bytes": report.stored_bytes,
         "shards": len(set(index["weight_map"].values())),
     }
+    # transformers integration (runtime/hf_quantizer.py): the quant method routes `from_pretrained` to dfloat's
+    # quantizer, which reads the index under the name transformers accepts.
+    config["quantization_config"] = {"quant_method": "dfloat", "format_version": FORMAT_VERSION}
+    shutil.copy2(tmp / INDEX_NAME, tmp / TRANSFORMERS_INDEX)
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (tmp / "README.md").write_text(_model_card(report, origin, config))
     return report
@@ -432,9 +438,9 @@ def decompress_model(
                 + "\n"
             )
         for f in src.side_files(folder):
-            if f.name != "dfloat.index.json":
+            if f.name not in (INDEX_NAME, TRANSFORMERS_INDEX):
                 shutil.copy2(f, tmp / f.name)
-        config = {k: v for k, v in ckpt.config.items() if k != CONFIG_KEY}
+        config = {k: v for k, v in ckpt.config.items() if k not in (CONFIG_KEY, "quantization_config")}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _replace_dir(tmp, out_dir)
     except BaseException:
