@@ -53,6 +53,7 @@ _RUNTIME = {
     "decompress_model": "dfloat.runtime.compress",
     "verify_checkpoint": "dfloat.runtime.compress",
     "load_compressed": "dfloat.runtime.loader",
+    "export_merged": "dfloat.runtime.peft_export",
 }
 __all__ += list(_RUNTIME)
 

@@ -66,3 +66,54 @@ def test_decompress_options_are_checked(tmp_path):
     assert r.exit_code == 2 and "--compress only applies with --adapter" in r.output
     r = run("decompress", tmp_path / "missing", "-o", tmp_path / "x")
     assert r.exit_code == 1 and "error" in r.output
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """huggingface_hub with its HTTP client answered in-process: records what `--push-to-hub` sends."""
+    import base64
+    import json
+
+    import huggingface_hub
+
+    httpx2 = pytest.importorskip("httpx2", reason="huggingface_hub's HTTP client (huggingface_hub >= 2)")
+    from huggingface_hub.utils._http import default_client_factory
+
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_token")
+    sent = {"auth": set(), "files": {}}
+
+    def handler(request):
+        path = request.url.path
+        if path.startswith(("/api/repos/", "/api/models/", "/api/validate-yaml")):
+            sent["auth"].add(request.headers.get("authorization"))
+        if path == "/api/repos/create":
+            return httpx2.Response(200, json={"url": "https://huggingface.co/someone/tiny-dfloat"})
+        if path == "/api/validate-yaml":
+            return httpx2.Response(200, json={"errors": [], "warnings": []})
+        if path.endswith("/preupload/main"):
+            files = json.loads(request.content)["files"]
+            modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
+            return httpx2.Response(200, json={"files": modes})
+        if path.endswith("/commit/main"):
+            for line in request.content.decode().splitlines():
+                op = json.loads(line)
+                if op["key"] == "file":
+                    sent["files"][op["value"]["path"]] = base64.b64decode(op["value"]["content"])
+            oid = "b" * 40
+            return httpx2.Response(
+                200, json={"commitUrl": f"https://huggingface.co/someone/tiny-dfloat/commit/{oid}", "commitOid": oid}
+            )
+        return httpx2.Response(404, json={"error": "not part of the fake"})
+
+    huggingface_hub.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(handler)))
+    yield sent
+    huggingface_hub.set_client_factory(default_client_factory)
+
+
+def test_push_to_hub_uploads_the_folder_with_the_users_token(official, tmp_path, fake_hub):
+    r = run("compress", official / "bf16", "-o", tmp_path / "out", "--push-to-hub", "someone/tiny-dfloat")
+    assert r.exit_code == 0, r.output
+    assert "pushed" in r.output
+    local = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    assert fake_hub["files"] == local
+    assert fake_hub["auth"] == {"Bearer hf_fake_token"}
