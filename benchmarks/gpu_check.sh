@@ -66,7 +66,7 @@ echo "== GPU tests"
 T=$(step_limit 300)
 if enough_time tests "$T"; then
   timeout "$T" "$PY" -m pytest -q -p no:cacheprovider -rs --durations=8 -m gpu tests/kernels/test_gpu_decoders.py \
-    tests/runtime/test_gpu_runtime.py 2>&1 | tee "$OUT/gpu_tests.log"
+    tests/runtime/test_gpu_runtime.py tests/runtime/test_transformers_integration.py 2>&1 | tee "$OUT/gpu_tests.log"
   RC[tests]=${PIPESTATUS[0]}
 fi
 

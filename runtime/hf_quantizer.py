@@ -45,7 +45,11 @@ class DFloatConfig(QuantizationConfigMixin):
     """
 
     def __init__(
-        self, format_version: str | None = None, backend: str | None = None, cpu_offload: bool = False, **kwargs
+        self,
+        format_version: str | None = None,
+        backend: str | None = None,
+        cpu_offload: bool = False,
+        **kwargs,
     ):
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
@@ -87,7 +91,9 @@ class DFloatHfQuantizer(HfQuantizer):
 
     def update_dtype(self, dtype):
         if dtype is not None and dtype != torch.bfloat16:
-            log.warning("dfloat: weights are BF16 and decode losslessly only as BF16; ignoring dtype=%s", dtype)
+            log.warning(
+                "dfloat: weights are BF16 and decode losslessly only as BF16; ignoring dtype=%s", dtype
+            )
         return torch.bfloat16
 
     def _point_at_weights(self, config):
@@ -148,7 +154,9 @@ class DFloatHfQuantizer(HfQuantizer):
             cpu_offload=bool(getattr(cfg, "cpu_offload", False)),
             device_map=self.device_map,
         )
-        model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected) - {_UNIT_ARRAYS}
+        model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected) - {
+            _UNIT_ARRAYS
+        }
         return model
 
     def is_serializable(self, safe_serialization=None):

@@ -47,7 +47,9 @@ def merge_adapters(
         raise ModelSourceError(f"{adapter_dir}: not a PEFT adapter folder (no adapter_config.json)")
     out_dir = Path(out_dir).expanduser().resolve()
     if out_dir.exists() and not overwrite:
-        raise OutputExistsError(f"{out_dir}: already exists (pass overwrite=True / --overwrite to replace it)")
+        raise OutputExistsError(
+            f"{out_dir}: already exists (pass overwrite=True / --overwrite to replace it)"
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".dfloat-merge-", dir=out_dir.parent) as work:
         work = Path(work)

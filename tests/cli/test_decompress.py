@@ -51,7 +51,10 @@ def test_official_checkpoint_converts_loads_and_decompresses_byte_identical(offi
 
     r = run("decompress", tmp_path / "dfloat", "-o", tmp_path / "back")
     assert r.exit_code == 0, r.output
-    want, got = load_file(official / "bf16" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    want, got = (
+        load_file(official / "bf16" / "model.safetensors"),
+        load_file(tmp_path / "back" / "model.safetensors"),
+    )
     assert want.keys() == got.keys()
     for k, v in want.items():
         assert got[k].dtype == v.dtype and torch.equal(got[k].view(torch.int16), v.view(torch.int16)), k
@@ -101,7 +104,11 @@ def fake_hub(monkeypatch):
                     sent["files"][op["value"]["path"]] = base64.b64decode(op["value"]["content"])
             oid = "b" * 40
             return httpx2.Response(
-                200, json={"commitUrl": f"https://huggingface.co/someone/tiny-dfloat/commit/{oid}", "commitOid": oid}
+                200,
+                json={
+                    "commitUrl": f"https://huggingface.co/someone/tiny-dfloat/commit/{oid}",
+                    "commitOid": oid,
+                },
             )
         return httpx2.Response(404, json={"error": "not part of the fake"})
 
