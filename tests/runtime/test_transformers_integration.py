@@ -41,6 +41,14 @@ def demo(tmp_path_factory):
     return root
 
 
+def test_startup_hook_is_installed_and_imports_nothing():
+    """dfloat-autoload.pth runs in every interpreter of the environment: it must not import torch or transformers."""
+    run = _python(
+        "import sys; print(*(m in sys.modules for m in ('_dfloat_autoload', 'dfloat', 'torch', 'transformers')))"
+    )
+    assert run.stdout.split() == ["True", "False", "False", "False"], run.stderr
+
+
 def test_compress_model_writes_quant_method_and_transformers_index(llama):
     config = json.loads((llama / "dfloat" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "dfloat"
