@@ -121,8 +121,8 @@ mantissa kept, so every weight decodes bit-identical to the original.
 | stored | {report.stored_bytes:,} ({100 * report.ratio:.2f}% of BF16, {report.bits_per_weight:.2f} bits/weight) |
 
 ```python
-import dfloat
-model = dfloat.load_compressed("{report.out_dir}")
+from transformers import AutoModelForCausalLM  # with `pip install dfloat`; no import of dfloat needed
+model = AutoModelForCausalLM.from_pretrained("{report.out_dir}")
 ```
 """
 

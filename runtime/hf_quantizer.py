@@ -100,15 +100,13 @@ class DFloatHfQuantizer(HfQuantizer):
         config.transformers_weights = TRANSFORMERS_INDEX
         return config
 
-    # Called with the config before transformers looks for weight files: 5.18+ / up to 5.17.
+    # transformers hands the quantizer the config before it looks for weight files: through
+    # update_attn_implementation in recent versions (5.24), update_tp_plan in older ones (5.17).
     def update_attn_implementation(self, config):
         return self._point_at_weights(config)
 
     def update_tp_plan(self, config):
         return self._point_at_weights(config)
-
-    def update_ep_plan(self, config):
-        return config
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, device_map=None, **kwargs):
         from dfloat.runtime.loader import describe_unit_layout
@@ -163,7 +161,7 @@ class DFloatHfQuantizer(HfQuantizer):
         log.warning(
             "dfloat: save_pretrained cannot write a compressed model as transformers shards. The folder it was "
             "loaded from already is the checkpoint; `dfloat decompress FOLDER -o OUT` writes the BF16 model, and "
-            "dfloat.runtime.peft_export.export_merged writes one with LoRA adapters merged."
+            "dfloat.export_merged writes one with LoRA adapters merged."
         )
         return False
 
