@@ -124,3 +124,8 @@ def test_push_to_hub_uploads_the_folder_with_the_users_token(official, tmp_path,
     local = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
     assert fake_hub["files"] == local
     assert fake_hub["auth"] == {"Bearer hf_fake_token"}
+
+
+def test_decompress_is_listed():
+    r = run("--help")
+    assert r.exit_code == 0 and "decompress" in r.output

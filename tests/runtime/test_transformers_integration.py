@@ -157,3 +157,31 @@ def test_from_pretrained_device_map_cuda_equals_bf16(llama):
         assert torch.equal(model(ids).logits, ref(ids).logits)
     kw = dict(max_new_tokens=8, do_sample=False)
     assert torch.equal(model.generate(ids, **kw), ref.generate(ids, **kw))
+
+
+def test_all_four_research_architectures_load_without_import_dfloat_models(tmp_path):
+    from dfloat.models.testing import ARCHS, tiny_model
+
+    for arch in ARCHS:
+        tiny_model(arch).to(torch.bfloat16).save_pretrained(tmp_path / arch / "bf16")
+        dfloat.compress_model(tmp_path / arch / "bf16", tmp_path / arch / "dfloat", allow_raw=False)
+    code = f"""
+import torch
+from transformers import AutoModelForCausalLM
+ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+for arch in {ARCHS!r}:
+    model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r} + f"/{{arch}}/dfloat")
+    ref = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r} + f"/{{arch}}/bf16", dtype=torch.bfloat16)
+    assert model._dfloat_units and type(model) is type(ref), arch
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits), arch
+    print(type(model).__name__)
+"""
+    run = _python(code)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == [
+        "PolyComForCausalLM",
+        "MASFormerForCausalLM",
+        "NextLatForCausalLM",
+        "BottleneckedForCausalLM",
+    ]
