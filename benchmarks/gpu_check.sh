@@ -93,7 +93,8 @@ PYEOF
 
 step_tests() {
   timeout "$1" "$PY" -m pytest -q -p no:cacheprovider -rs --durations=8 -m gpu tests/kernels/test_gpu_decoders.py \
-    tests/kernels/test_triton_gpu.py tests/runtime/test_gpu_runtime.py tests/runtime/test_gpu_generate.py 2>&1 | tee "$OUT/gpu_tests.log"
+    tests/kernels/test_triton_gpu.py tests/runtime/test_gpu_runtime.py tests/runtime/test_gpu_generate.py \
+    tests/runtime/test_transformers_integration.py 2>&1 | tee "$OUT/gpu_tests.log"
   local rc=${PIPESTATUS[0]}
   RESULT[tests]="$(grep -E "passed|failed|error|skipped" "$OUT/gpu_tests.log" | tail -1)"
   return "$rc"

@@ -69,6 +69,9 @@ def _register() -> None:
 
     for mod in (compress, generate, verify, inspect, bench):
         main.add_command(mod.command)
+    from dfloat.cli import decompress
+
+    main.add_command(decompress.command)
 
 
 _register()

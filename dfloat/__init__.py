@@ -54,6 +54,7 @@ _RUNTIME = {
     "verify_checkpoint": "dfloat.runtime.compress",
     "load_compressed": "dfloat.runtime.loader",
     "generate": "dfloat.runtime.generate",
+    "export_merged": "dfloat.runtime.peft_export",
 }
 __all__ += list(_RUNTIME)
 

@@ -2,6 +2,7 @@
 
 config.json                       the model's config + "dfloat": {format_version, parameters, source, sizes}
 dfloat.index.json                 {"metadata": {...}, "weight_map": {unit or tensor name: shard file}}
+dfloat.safetensors.index.json     a copy of it, read by transformers' from_pretrained (runtime/hf_quantizer.py)
 dfloat-00001-of-0000N.safetensors units ("{unit}.{array}") and plain tensors, metadata per docs/FORMAT.md
 tokenizer / generation files      copied from the source
 """
@@ -20,6 +21,7 @@ from dfloat.errors import CorruptStreamError, ModelSourceError
 from dfloat.format import CompressedTensor, load_compressed_tensors, save_compressed_tensors
 
 INDEX_NAME = "dfloat.index.json"
+TRANSFORMERS_INDEX = "dfloat.safetensors.index.json"  # the same index, under a name `transformers_weights` accepts
 CONFIG_KEY = "dfloat"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 

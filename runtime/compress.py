@@ -33,6 +33,8 @@ from dfloat.runtime import source as src
 from dfloat.runtime.checkpoint import (
     CONFIG_KEY,
     DEFAULT_MAX_SHARD_BYTES,
+    INDEX_NAME,
+    TRANSFORMERS_INDEX,
     CompressedCheckpoint,
     ShardWriter,
 )
@@ -125,8 +127,8 @@ mantissa kept, so every weight decodes bit-identical to the original.
 | stored | {report.stored_bytes:,} ({100 * report.ratio:.2f}% of BF16, {report.bits_per_weight:.2f} bits/weight) |
 
 ```python
-import dfloat
-model = dfloat.load_compressed("{report.out_dir}")
+from transformers import AutoModelForCausalLM  # with `pip install dfloat`; no import of dfloat needed
+model = AutoModelForCausalLM.from_pretrained("{report.out_dir}")
 ```
 """
 
@@ -147,6 +149,32 @@ def _resolve_source(source, revision, token, stack: list[tempfile.TemporaryDirec
         name = getattr(source.config, "_name_or_path", "") or type(source).__name__
         return Path(tmp.name), {"source": str(name), "revision": None}
     return src.resolve_folder(source, revision=revision, token=token)
+
+
+def _official_to_bf16(folder: Path, config: dict, stack: list[tempfile.TemporaryDirectory]) -> Path:
+    """An official DFloat11 checkpoint decoded into a temporary BF16 folder (held in memory while written).
+    The official format stores no checksums; the dfloat checkpoint made from it is verified against this folder."""
+    from safetensors.torch import save_file
+
+    from dfloat.codec import decompress_tensor
+    from dfloat.runtime.loader import _build_empty
+    from dfloat.runtime.official import read_official
+
+    units, tensors = read_official(folder, config, _build_empty(folder, None, {}))
+    for ct in units.values():
+        flat = decompress_tensor(ct, device="cpu").reshape(-1)
+        tensors.update({k: v.clone() for k, v in ct.split(flat).items()})
+    tmp = tempfile.TemporaryDirectory(prefix="dfloat-df11-")
+    stack.append(tmp)
+    out = Path(tmp.name)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(
+        json.dumps({k: v for k, v in config.items() if k != "dfloat11_config"}, indent=2) + "\n"
+    )
+    for f in src.side_files(folder):
+        shutil.copy2(f, out / f.name)
+    log.info("decoded official DFloat11 checkpoint %s (%d units)", folder, len(units))
+    return out
 
 
 def compress_model(
@@ -170,7 +198,9 @@ def compress_model(
     """Compress a BF16 checkpoint losslessly into ``out_dir``.
 
     Args:
-        source: a Hub id ("owner/name"), a local folder of safetensors, or an in-memory transformers model.
+        source: a Hub id ("owner/name"), a local folder of safetensors, an official DFloat11 checkpoint
+            (decoded and coded again as dfloat, verified byte for byte against the decoded weights), or an
+            in-memory transformers model.
         out_dir: the folder to create. Written to a temporary folder beside it and renamed when complete and
             verified; an existing folder is refused unless ``overwrite``.
         verify: decode every unit after writing and check it against the checksums of the original bytes.
@@ -205,8 +235,12 @@ def compress_model(
     try:
         folder, origin = _resolve_source(source, revision, token, stack)
         config = src.read_config(folder)
-        if CONFIG_KEY in config or "dfloat11_config" in config:
+        if CONFIG_KEY in config:
             raise ModelSourceError(f"{folder}: is already compressed")
+        official = "dfloat11_config" in config
+        if official:  # an official DFloat11 checkpoint: decode it, then code it as dfloat (with checksums)
+            folder = _official_to_bf16(folder, config, stack)
+            config = src.read_config(folder)
         tensors = _scan(src.weight_files(folder))
         _check_lossless(config, tensors, folder)
         unit_of = grouping_from(grouping) if grouping is not None else UNIT_KINDS[unit]
@@ -234,7 +268,7 @@ def compress_model(
                 t0,
             )
             if verify:
-                verify_checkpoint(tmp)
+                verify_checkpoint(tmp, against=folder if official else None)
             _replace_dir(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -308,6 +342,10 @@ def _write(folder, tensors, plan, tmp, out_dir, origin, config, max_shard_bytes,
         "stored_bytes": report.stored_bytes,
         "shards": len(set(index["weight_map"].values())),
     }
+    # transformers integration (runtime/hf_quantizer.py): the quant method routes `from_pretrained` to dfloat's
+    # quantizer, which reads the index under the name transformers accepts.
+    config["quantization_config"] = {"quant_method": "dfloat", "format_version": FORMAT_VERSION}
+    shutil.copy2(tmp / INDEX_NAME, tmp / TRANSFORMERS_INDEX)
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (tmp / "README.md").write_text(_model_card(report, origin, config))
     return report
@@ -470,9 +508,9 @@ def decompress_model(
                 + "\n"
             )
         for f in src.side_files(folder):
-            if f.name != "dfloat.index.json":
+            if f.name not in (INDEX_NAME, TRANSFORMERS_INDEX):
                 shutil.copy2(f, tmp / f.name)
-        config = {k: v for k, v in ckpt.config.items() if k != CONFIG_KEY}
+        config = {k: v for k, v in ckpt.config.items() if k not in (CONFIG_KEY, "quantization_config")}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _replace_dir(tmp, out_dir)
     except BaseException:

@@ -335,9 +335,28 @@ def _make_hook(unit_list: list[_Unit], buffers: dict[torch.device, DecodeBuffer]
 
     def hook(module, args):
         for unit in unique:
-            buffers[unit.device].ensure(unit)
+            if torch.is_grad_enabled() and module.training:
+                _decode_for_autograd(unit, buffers[unit.device])
+            else:
+                buffers[unit.device].ensure(unit)
+                # Weights saved for a backward pass are views of the shared buffer: mark it changed, so autograd
+                # refuses (instead of silently using the next unit's weights) when training in eval mode.
+                if torch.is_grad_enabled() and not buffers[unit.device].tensor.is_inference():
+                    torch.autograd.graph.increment_version(buffers[unit.device].tensor)
 
     return hook
+
+
+def _decode_for_autograd(unit: _Unit, buf: DecodeBuffer) -> None:
+    """Training (e.g. LoRA adapters on the frozen base): decode into a tensor of its own, which autograd may keep
+    for the backward pass while later units reuse the shared buffer."""
+    ct = unit.ct if unit.ct.device == buf.device else unit.ct.to(buf.device, non_blocking=True)
+    flat = decompress_tensor(ct, device=buf.device, backend=buf.backend).reshape(-1)
+    for slot in unit.slots:
+        view = flat[slot.offset : slot.offset + math.prod(slot.shape)].view(slot.shape)
+        for module, attr in slot.places:
+            module._parameters[attr] = torch.nn.Parameter(view, requires_grad=False)
+    buf.current = None  # the modules no longer point into the buffer
 
 
 def _inputs_to(device: torch.device):

@@ -1,0 +1,112 @@
+"""LoRA on a compressed base: adapters train (same gradients as on the BF16 model), the base stays untouched,
+adapters round-trip through PEFT's own save/load, and the merged export equals PEFT's merge on the BF16 model."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+import dfloat
+from dfloat.testing import save_random_model
+
+peft = pytest.importorskip("peft")
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("peft")
+    save_random_model(root / "bf16", trained_scale=True, seed=3)
+    dfloat.compress_model(root / "bf16", root / "dfloat")
+    return root
+
+
+def _lora(model, seed=0):
+    torch.manual_seed(seed)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0, init_lora_weights=True)
+    return peft.get_peft_model(model, cfg)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 128, (2, 12), generator=g)
+
+
+def _digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.safetensors"))}
+
+
+def _step(model, ids):
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss
+
+
+def test_lora_gradients_equal_bf16_and_only_adapters_train(folders):
+    base = _lora(AutoModelForCausalLM.from_pretrained(folders / "dfloat"))
+    ref = _lora(AutoModelForCausalLM.from_pretrained(folders / "bf16", dtype=torch.bfloat16))
+    for m in (base, ref):
+        m.train()
+        with torch.no_grad():  # non-zero B so every adapter matrix gets a gradient
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.fill_(0.01)
+    ids = _batch()
+    loss, ref_loss = _step(base, ids), _step(ref, ids)
+    assert torch.equal(loss, ref_loss)
+    trainable = {n: p for n, p in base.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    ref_params = dict(ref.named_parameters())
+    for n, p in trainable.items():
+        assert p.grad is not None and torch.equal(p.grad, ref_params[n].grad), n
+    assert all(p.grad is None for p in base.parameters() if not p.requires_grad)
+
+
+def test_training_lowers_loss_base_bytes_unchanged_adapters_roundtrip(folders, tmp_path):
+    before = _digest(folders / "dfloat")
+    model = _lora(AutoModelForCausalLM.from_pretrained(folders / "dfloat"))
+    units = model.get_base_model()._dfloat_units
+    stored = {u: {k: v.clone() for k, v in ct.stored_tensors().items()} for u, ct in units.items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    ids, losses = _batch(), []
+    for _ in range(6):
+        opt.zero_grad()
+        losses.append(_step(model, ids).item())
+        opt.step()
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert _digest(folders / "dfloat") == before
+    for u, ct in units.items():
+        assert all(torch.equal(v, stored[u][k]) for k, v in ct.stored_tensors().items()), u
+
+    model.save_pretrained(tmp_path / "adapter")  # PEFT's own format: adapters only
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    model.eval()
+    loaded = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(folders / "dfloat"), tmp_path / "adapter"
+    ).eval()
+    on_bf16 = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(folders / "bf16", dtype=torch.bfloat16), tmp_path / "adapter"
+    ).eval()
+    with torch.no_grad():
+        got, want, trained = loaded(ids).logits, on_bf16(ids).logits, model(ids).logits
+    assert torch.equal(got, want)
+    assert torch.equal(got, trained)
+
+    # Merged export: PEFT's merge on the decompressed base equals PEFT's merge on the BF16 original.
+    from dfloat.runtime.peft_export import export_merged
+
+    export_merged(model, tmp_path / "merged")
+    export_merged(model, tmp_path / "merged-dfloat", compress=True)
+    merged_ref = on_bf16.merge_and_unload()
+    with torch.no_grad():
+        want = merged_ref(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.bfloat16)
+        assert torch.equal(merged(ids).logits, want)
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "merged-dfloat")(ids).logits, want)
+    for name, p in merged_ref.state_dict().items():
+        assert torch.equal(merged.state_dict()[name], p), name
