@@ -169,8 +169,8 @@ def combine_padding(allowed: torch.Tensor, padding_mask: torch.Tensor | None) ->
 
 
 # A layer's mask is one of: NO_MASK (every cached key is visible: single-token decode with full attention),
-# CAUSAL (plain causal over a sequence with no past, so SDPA can use its is_causal kernels), or an explicit
-# boolean (batch|1, 1, q, kv) tensor. ``prepare_mask`` turns the tensor into what the backend consumes.
+# CAUSAL (plain causal over a sequence with no past, so SDPA can use its is_causal kernels), an explicit
+# boolean (batch|1, 1, q, kv) tensor, or an object with an ``attend`` method (see ``attention``). ``prepare_mask`` turns the tensor into what the backend consumes.
 NO_MASK = None
 CAUSAL = "causal"
 
@@ -197,8 +197,12 @@ def prepare_mask(mask, backend: str, dtype: torch.dtype):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, backend: str) -> torch.Tensor:
     """Masked softmax attention over (batch, heads, seq, head_dim); k/v already expanded to all heads.
 
-    ``mask`` comes from ``prepare_mask``: NO_MASK, CAUSAL, an additive bias (sdpa) or a boolean tensor (eager).
+    ``mask`` comes from ``prepare_mask``: NO_MASK, CAUSAL, an additive bias (sdpa) or a boolean tensor (eager),
+    or an object with ``attend(q, k, v, backend)`` that computes the layer's attention itself (MASFormer's sparse
+    layers, which skip the keys their span cannot see).
     """
+    if hasattr(mask, "attend"):
+        return mask.attend(q, k, v, backend)
     scale = q.shape[-1] ** -0.5
     if backend == "sdpa":
         if mask is CAUSAL:
