@@ -218,6 +218,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, backend: 
     return torch.matmul(probs, v)
 
 
+# A cache may carry ``observer(layer_idx, q, k, mask)``, called by every attention layer with its queries, the keys
+# it attends to (expanded to all heads) and its prepared mask (see ``attention_probabilities``).
+ATTENTION_OBSERVER_ATTR = "_dfloat_attention_observer"
+
+
+def attention_probabilities(q: torch.Tensor, k: torch.Tensor, mask) -> torch.Tensor:
+    """Softmax attention weights (batch, heads, q, kv) in float32, for any mask form ``attention`` takes."""
+    scores = torch.matmul(q.to(torch.float32), k.to(torch.float32).transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is CAUSAL:
+        n, kv = q.shape[-2], k.shape[-2]
+        mask = torch.ones(n, kv, dtype=torch.bool, device=q.device).tril(kv - n)
+    if isinstance(mask, torch.Tensor):
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
+        else:  # additive bias
+            scores = scores + mask.to(torch.float32)
+    return torch.softmax(scores, dim=-1)
+
+
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """(batch, kv_heads, seq, d) -> (batch, kv_heads * n_rep, seq, d) for grouped-query attention."""
     if n_rep == 1:
@@ -259,6 +278,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         n_rep = self.num_heads // self.num_kv_heads
+        observer = getattr(cache, ATTENTION_OBSERVER_ATTR, None)
+        if observer is not None:  # the Bottlenecked processor accumulates the step's attention probabilities
+            observer(self.layer_idx, q, repeat_kv(k, n_rep), mask)
         out = attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, self.backend)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
 
