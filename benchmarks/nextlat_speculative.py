@@ -1,12 +1,14 @@
-"""NextLat self-speculative decoding on a demo-sized model: acceptance rate and tokens per verifying forward.
+"""NextLat self-speculative decoding on the demo model: acceptance rate and tokens per verifying forward.
 
-The backbone is a demo-sized Llama trained by ``scripts/train_demo_model.py --arch llama`` (same module tree as
-NextLat's backbone, so its weights load as they are). Its weights are frozen and only the latent head is trained
-(latent smooth-L1 + KL, the authors' loss) for --head-steps steps on the Austen corpus; then greedy
-``generate_speculative`` runs on held-out prompts with fixed-length and variable-length drafting. Every
-speculative output is checked against plain greedy ``generate`` (it must be the same tokens).
+The backbone is the demo model that ships in dfloat (dfloat/demo/model: 4 x 256 PolyCom, trained on Austen,
+docs/demo_model.md), decompressed to BF16 and run in float32 as a NextLat model whose MLP is PolyCom's (a
+composition local to this script: NextLat's head and drafting over the same backbone). The backbone is checked to
+give the same greedy tokens as PolyComForCausalLM. Its weights are frozen and only the latent head is trained
+(smooth-L1 latent loss + KL, the authors' loss) for --head-steps steps on the corpus's training part; then greedy
+``generate_speculative`` runs on prompts from the held-out tail with fixed-length and variable-length drafting.
+Every speculative output is compared with plain greedy ``generate`` (they must be the same tokens).
 
-python benchmarks/nextlat_speculative.py --backbone /tmp/llama_demo --deb r-cran-janeaustenr_1.0.0-1_all.deb
+python benchmarks/nextlat_speculative.py --deb r-cran-janeaustenr_1.0.0-1_all.deb
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,37 +26,49 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from common import print_table, write_result  # noqa: E402
 
-from dfloat.models import NextLatConfig, NextLatForCausalLM  # noqa: E402
+import dfloat  # noqa: E402
+from dfloat.models import NextLatConfig, NextLatForCausalLM, PolyComForCausalLM  # noqa: E402
+from dfloat.models.nextlat import NextLatModel  # noqa: E402
+from dfloat.models.polycom import PolyComMLP  # noqa: E402
+
+DEMO = Path(dfloat.__file__).parent / "demo" / "model"
 
 
-def load_backbone(folder: Path, kl_weight: float) -> NextLatForCausalLM:
-    """A NextLat model whose backbone and lm_head are the Llama checkpoint's weights (head freshly initialised)."""
+class PolyComNextLatModel(NextLatModel):
+    def build_mlp(self, config, layer_idx):
+        return PolyComMLP(config)
+
+
+class PolyComNextLatForCausalLM(NextLatForCausalLM):
+    base_model_class = PolyComNextLatModel
+
+
+def load_backbone(folder: Path, kl_weight: float) -> tuple[NextLatForCausalLM, bool]:
+    """NextLat over the BF16 demo checkpoint in ``folder`` (head fresh); and whether its greedy tokens match."""
     from safetensors.torch import load_file
 
-    llama = json.loads((folder / "config.json").read_text())
-    cfg = NextLatConfig(
-        vocab_size=llama["vocab_size"],
-        hidden_size=llama["hidden_size"],
-        intermediate_size=llama["intermediate_size"],
-        num_hidden_layers=llama["num_hidden_layers"],
-        num_attention_heads=llama["num_attention_heads"],
-        num_key_value_heads=llama["num_key_value_heads"],
-        max_position_embeddings=llama["max_position_embeddings"],
-        rms_norm_eps=llama["rms_norm_eps"],
-        tie_word_embeddings=llama.get("tie_word_embeddings", False),
-        kl_loss_weight=kl_weight,
-    )
+    demo_cfg = json.loads((folder / "config.json").read_text())
+    keep = {k: v for k, v in demo_cfg.items() if k not in ("architectures", "model_type", "dtype", "dfloat")}
+    keep.pop("transformers_version", None)
+    cfg = NextLatConfig(**keep, kl_loss_weight=kl_weight)
     torch.manual_seed(0)
-    model = NextLatForCausalLM(cfg)
-    state = {k: v.float() for k, v in load_file(folder / "model.safetensors").items()}
+    model = PolyComNextLatForCausalLM(cfg)
+    state = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        state.update({k: v.float() for k, v in load_file(f).items()})
     if cfg.tie_word_embeddings:
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(not m.startswith("latent_head.") for m in missing):
-        raise SystemExit(
-            f"{folder}: not a demo Llama checkpoint (missing {missing}, unexpected {unexpected})"
-        )
-    return model.float()
+        raise SystemExit(f"{folder}: not the demo checkpoint (missing {missing}, unexpected {unexpected})")
+    model = model.float().eval()
+    reference = PolyComForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    probe = torch.arange(3, 40)[None]
+    same = torch.equal(
+        model.generate(probe, max_new_tokens=16, do_sample=False),
+        reference.generate(probe, max_new_tokens=16, do_sample=False),
+    )
+    return model, same
 
 
 def token_stream(folder: Path, deb: Path) -> torch.Tensor:
@@ -132,7 +147,6 @@ def measure(model, prompts, max_new: int, k: int, confidence: float) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbone", type=Path, required=True, help="folder of a demo-sized Llama checkpoint")
     ap.add_argument("--deb", type=Path, required=True, help="r-cran-janeaustenr .deb (the demo corpus)")
     ap.add_argument("--head-steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=8)
@@ -146,8 +160,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
-    model = load_backbone(args.backbone, args.kl_weight)
-    data = token_stream(args.backbone, args.deb)
+    tmp = tempfile.TemporaryDirectory(prefix="dfloat_nextlat_bench_")
+    folder = Path(tmp.name) / "demo_bf16"
+    dfloat.decompress_model(DEMO, folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "training_info.json"):
+        if not (folder / name).exists() and (DEMO / name).exists():
+            (folder / name).write_bytes((DEMO / name).read_bytes())
+    model, same = load_backbone(folder, args.kl_weight)
+    if not same:
+        raise SystemExit("the NextLat composition does not reproduce the demo model's greedy tokens")
+    data = token_stream(folder, args.deb)
     n_val = int(len(data) * 0.02)  # the demo training's validation tail, never trained on
     train, val = data[:-n_val], data[-n_val:]
     g = torch.Generator().manual_seed(1)
