@@ -194,6 +194,14 @@ class _ProcessorState:
         """Add this layer's attention probabilities from queries in the rows' current steps onto the key slots."""
         with torch.no_grad():
             n, kv = q.shape[-2], k.shape[-2]
+            skip = min(max(min(self.step_start) - (kv - n), 0), n)  # queries before every row's step (the prompt)
+            if skip == n:
+                return
+            if skip:
+                q = q[..., skip:, :]
+                if isinstance(mask, torch.Tensor):
+                    mask = mask[..., skip:, :]
+                n -= skip
             probs = attention_probabilities(q, k, mask).sum(1)  # (batch, n, kv), summed over heads
             q_slots = torch.arange(kv - n, kv, device=q.device)
             start = torch.tensor(self.step_start, device=q.device)
