@@ -4,26 +4,31 @@ A backbone decoder plus a small non-causal Transformer (the Cache Processor). Wh
 default) has been run through the backbone, so that its own KV entries are in the cache, the processor rewrites,
 for every layer, in place:
 - the entries of the step just finished: cache slots [start of step, trigger slot], the trigger included;
-- the top-k earlier entries (``reconsolidate_top_k``), chosen per layer by attention mass: queries are not cached,
-  so the step's keys stand in for them; mass(j) = sum over the step's keys i and KV heads of
-  softmax_j(k_i . k_j / sqrt(head_dim)) over earlier slots j. Ties go to torch.topk; indices are kept sorted.
+- the top-k earlier entries (``reconsolidate_top_k``), chosen per layer by the attention the step actually paid
+  them: while the step's tokens run through the backbone, every layer adds its softmax probabilities (summed over
+  query heads and the step's queries) onto the earlier slots; the k slots with the most mass are rewritten.
+  Ties go to torch.topk; indices are kept sorted.
 
 Processing: each entry is [key; value] flattened over KV heads (2 * kv_heads * head_dim), projected to the
 processor's width, plus a learned per-layer embedding, then ``processor_num_layers`` bidirectional pre-norm
 attention + MLP layers (no mask, no positional encoding: keys are rewritten post-RoPE, so they already carry
-their position), then projected back and added as a residual: new = old + out_proj(...). Layers are a batch
-dimension of one processor call. All processor matrices are nn.Linear / nn.Embedding weights.
+their position), then projected back and added as a residual: new = old + out_proj(...). ``out_proj`` starts at
+zero, so an untrained processor leaves the cache (and a frozen backbone's outputs) exactly as they were. Layers are
+a batch dimension of one processor call. All processor matrices are nn.Linear / nn.Embedding weights.
 
 Choices for what the paper leaves open (all config values): processor size, k, trigger ids, whether prompt
 newlines trigger (off by default), keys rewritten post-RoPE (fixed: the cache holds post-RoPE keys, so no
 un-rotation is needed and a rewritten key stays at its slot's position).
 
+One trigger rule for training and inference: a trigger counts from the end of the prompt on, unless
+``trigger_on_prompt``. At inference the prompt is the first call's input; with labels (training) it is each row's
+leading run of -100 labels (no such run: every trigger counts). Beam search is refused: beams would reorder a
+cache whose rewrites were made for another beam's history.
+
 Timing: the rewrite happens inside the forward that consumed the trigger, after the backbone wrote the trigger's
 entries, so the logits of that forward (predicting the token after the trigger) are the plain backbone's and every
 later position sees the rewritten cache. A forward over many tokens is split after each trigger, so a full
 forward of a sequence equals token-by-token cached decoding (``trigger_from`` tells it where the prompt ends).
-With labels (teacher forcing), every trigger counts unless ``trigger_from`` says otherwise, so training reaches
-the processor.
 """
 
 from __future__ import annotations
@@ -36,7 +41,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from .skeleton import DecoderConfig, DecoderForCausalLM, DecoderModel, RMSNorm
+from .skeleton import (
+    ATTENTION_OBSERVER_ATTR,
+    DecoderConfig,
+    DecoderForCausalLM,
+    DecoderModel,
+    RMSNorm,
+    attention_probabilities,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +160,7 @@ class CacheProcessor(nn.Module):
         self.layers = nn.ModuleList([ProcessorLayer(config) for _ in range(config.processor_num_layers)])
         self.norm = RMSNorm(w, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(w, entry, bias=False)
+        self.out_proj._zero_init = True  # untrained processor = identity (read by _init_weights)
 
     def forward(self, entries: torch.Tensor, layer_ids: torch.Tensor) -> torch.Tensor:
         x = self.in_proj(entries) + self.layer_embed(layer_ids)[:, None, :]
@@ -168,23 +181,47 @@ class RewriteEvent:
 
 @dataclass
 class _ProcessorState:
-    """Per-cache bookkeeping, stored on the cache object so it lives exactly as long as one generation."""
+    """Per-cache bookkeeping, stored on the cache object so it lives exactly as long as one generation.
 
-    trigger_from: int
+    ``mass[layer]`` (batch, slots): attention each slot has received from the current step's queries of each row.
+    """
+
+    trigger_from: list[int]
     step_start: list[int] = field(default_factory=list)
+    mass: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor, mask) -> None:
+        """Add this layer's attention probabilities from queries in the rows' current steps onto the key slots."""
+        with torch.no_grad():
+            n, kv = q.shape[-2], k.shape[-2]
+            skip = min(max(min(self.step_start) - (kv - n), 0), n)  # queries before every row's step (the prompt)
+            if skip == n:
+                return
+            if skip:
+                q = q[..., skip:, :]
+                if isinstance(mask, torch.Tensor):
+                    mask = mask[..., skip:, :]
+                n -= skip
+            probs = attention_probabilities(q, k, mask).sum(1)  # (batch, n, kv), summed over heads
+            q_slots = torch.arange(kv - n, kv, device=q.device)
+            start = torch.tensor(self.step_start, device=q.device)
+            in_step = (q_slots[None, :] >= start[:, None]).to(probs.dtype)
+            add = (probs * in_step[..., None]).sum(1)  # (batch, kv)
+            old = self.mass.get(layer)
+            if old is None or old.shape[1] < kv:
+                grown = torch.zeros(add.shape[0], kv, device=q.device)
+                if old is not None:
+                    grown[:, : old.shape[1]] = old
+                old = grown
+            old[:, :kv] += add
+            self.mass[layer] = old
 
 
 _STATE_ATTR = "_dfloat_cache_processor_state"
 
 
-def _select_earlier(
-    keys: torch.Tensor, step_idx: torch.Tensor, candidates: torch.Tensor, k: int
-) -> torch.Tensor:
-    """Top-k candidate slots by softmax attention mass from the step's keys (keys: (kv_heads, T, d))."""
-    q = keys[:, step_idx].to(torch.float32)
-    kk = keys[:, candidates].to(torch.float32)
-    scores = torch.matmul(q, kk.transpose(-1, -2)) * keys.shape[-1] ** -0.5
-    mass = torch.softmax(scores, dim=-1).sum(dim=(0, 1))
+def _select_earlier(mass: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
+    """The k candidate slots with the most attention mass from the step (mass: one value per candidate), sorted."""
     top = torch.topk(mass, k).indices
     return candidates[top].sort().values
 
@@ -221,8 +258,9 @@ class BottleneckedForCausalLM(DecoderForCausalLM):
         """As DecoderForCausalLM.forward, plus cache rewrites after triggers.
 
         trigger_from: first cache slot whose trigger tokens count, used when this call starts a sequence.
-            Default: 0 if ``trigger_on_prompt`` or labels are given, else the end of this first call's input
-            (the prompt). A cache that arrives without processor state counts its existing entries as prompt.
+            Default: 0 if ``trigger_on_prompt``; else the end of the prompt: this first call's input, or with
+            labels each row's leading run of -100 labels. A cache that arrives without processor state counts
+            its existing entries as prompt.
         """
         cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -243,18 +281,17 @@ class BottleneckedForCausalLM(DecoderForCausalLM):
         past = work_cache.get_seq_length()
         state = getattr(work_cache, _STATE_ATTR, None)
         if state is None or past == 0:
-            if trigger_from is None:
-                if self.config.trigger_on_prompt or labels is not None:
-                    trigger_from = 0
-                else:
-                    trigger_from = seq if past == 0 else past
-            state = _ProcessorState(trigger_from=trigger_from, step_start=[trigger_from] * batch)
+            starts = self._prompt_ends(trigger_from, labels, batch, seq, past)
+            state = _ProcessorState(trigger_from=starts, step_start=list(starts))
             setattr(work_cache, _STATE_ATTR, state)
+            if self.config.reconsolidate_top_k:
+                setattr(work_cache, ATTENTION_OBSERVER_ATTR, state.observe)
             self.rewrite_log = []
 
         slots = torch.arange(past, past + seq, device=input_ids.device)
         triggers = torch.tensor(self.config.trigger_token_ids, device=input_ids.device)
-        is_trigger = torch.isin(input_ids, triggers) & (slots >= state.trigger_from)[None, :]
+        counted_from = torch.tensor(state.trigger_from, device=input_ids.device)
+        is_trigger = torch.isin(input_ids, triggers) & (slots[None, :] >= counted_from[:, None])
         cut_cols = torch.nonzero(is_trigger.any(dim=0)).flatten().tolist()
         bounds = [0] + [c + 1 for c in cut_cols]
         if bounds[-1] != seq:
@@ -274,7 +311,7 @@ class BottleneckedForCausalLM(DecoderForCausalLM):
             if output_hidden_states:
                 layer_hiddens.append(out.hidden_states)
             for row in torch.nonzero(is_trigger[:, e - 1]).flatten().tolist():
-                self._rewrite(work_cache, row, state.step_start[row], past + e, attention_mask)
+                self._rewrite(work_cache, state, row, state.step_start[row], past + e, attention_mask)
                 state.step_start[row] = past + e
         hidden = torch.cat(hiddens, dim=1)
         all_hidden = None
@@ -283,8 +320,40 @@ class BottleneckedForCausalLM(DecoderForCausalLM):
         out_cache = work_cache if use_cache else None
         return self._lm_output(hidden, out_cache, all_hidden, labels, logits_to_keep)
 
+    def _prompt_ends(self, trigger_from, labels, batch: int, seq: int, past: int) -> list[int]:
+        """Per row, the first slot whose triggers count (the same rule with and without labels)."""
+        if trigger_from is not None:
+            return [int(trigger_from)] * batch
+        if self.config.trigger_on_prompt:
+            return [0] * batch
+        if past:
+            return [past] * batch
+        if labels is None:
+            return [seq] * batch
+        masked = (labels == -100).to(torch.int64)
+        return masked.cumprod(dim=1).sum(dim=1).tolist()  # leading -100 run per row
+
+    @torch.no_grad()
+    def generate(self, *args, **kwargs):
+        """GenerationMixin.generate, refusing beam search while the Cache Processor is on."""
+        config = kwargs.get("generation_config") or self.generation_config
+        beams = kwargs.get("num_beams", getattr(config, "num_beams", 1) or 1)
+        if self.config.use_cache_processor and beams > 1:
+            raise ValueError(
+                f"num_beams={beams}: beam search is not supported by the Bottlenecked Transformer's Cache "
+                "Processor (beams would reorder a cache rewritten for another beam's history); use greedy or "
+                "sampling, or set config.use_cache_processor=False"
+            )
+        return super().generate(*args, **kwargs)
+
     def _rewrite(
-        self, cache: DynamicCache, row: int, step_start: int, step_end: int, padding_mask: torch.Tensor | None
+        self,
+        cache: DynamicCache,
+        state: _ProcessorState,
+        row: int,
+        step_start: int,
+        step_end: int,
+        padding_mask: torch.Tensor | None,
     ) -> None:
         """Rewrite, in every layer, row ``row``'s step entries [step_start, step_end) and the top-k earlier ones."""
         cfg = self.config
@@ -303,11 +372,12 @@ class BottleneckedForCausalLM(DecoderForCausalLM):
         k = min(cfg.reconsolidate_top_k, candidates.numel())
         kv_heads, head_dim = cfg.num_key_value_heads, cfg.head_dim
         index_sets, entries = [], []
-        for layer in layers:
+        for li, layer in enumerate(layers):
             keys, values = layer.keys[row], layer.values[row]  # (kv_heads, T, head_dim)
-            idx = (
-                step_idx if k == 0 else torch.cat([_select_earlier(keys, step_idx, candidates, k), step_idx])
-            )
+            idx = step_idx
+            if k:
+                mass = state.mass[li][row, candidates]
+                idx = torch.cat([_select_earlier(mass, candidates, k), step_idx])
             index_sets.append(idx)
             n = idx.numel()
             entries.append(
@@ -319,6 +389,8 @@ class BottleneckedForCausalLM(DecoderForCausalLM):
                     dim=-1,
                 )
             )
+        for mass in state.mass.values():
+            mass[row] = 0  # the next step accumulates afresh
         layer_ids = torch.arange(len(layers), device=device)
         new = self.cache_processor(torch.stack(entries), layer_ids)
         kv_dim = kv_heads * head_dim

@@ -1,4 +1,4 @@
-"""NextLat (Microsoft Research, Nov 2025): next-latent prediction as an auxiliary loss and a speculative drafter.
+"""NextLat (Microsoft Research, arXiv 2511.05963): next-latent prediction as an auxiliary loss and a drafter.
 
 h(t) is the final hidden state after the last norm (the lm_head input), so a predicted latent can go straight
 into lm_head. The head predicts h(t+1) from h(t) and the embedding of token t+1:
@@ -7,12 +7,23 @@ into lm_head. The head predicts h(t+1) from h(t) and the embedding of token t+1:
 
 with fc3 zero-initialised (so an untrained head predicts "no change"). Training loss with labels:
 
-    CE + latent_loss_weight * MSE(h_hat(t+1), stopgrad(h(t+1))) + kl_loss_weight * KL(p(t+1) || p_hat(t+1))
+    CE + latent_loss_weight * D(h_hat(t+1), stopgrad h(t+1)) + kl_loss_weight * KL(p(t+1) || p_hat(t+1))
 
-where p = softmax(lm_head(h)) is detached and p_hat = softmax(lm_head(h_hat)). The KL self-distillation term's
-exact form is not public: this is our reading, off by default (weight 0). Pairs count where labels[t+1] != -100.
+D is smooth L1 (``latent_loss="smooth_l1"``, the authors' public code) or the mean squared error ("mse");
+p = softmax(lm_head(h(t+1))) is a detached target; p_hat = softmax(lm_head(h_hat(t+1))).
 
-The head is off the logits path: forward() logits and generate() are those of the plain decoder.
+What each loss trains is a config choice (defaults follow the authors' public code where it says):
+- ``kl_trains_lm_head`` (False): the KL term reads lm_head through a detached weight, so it trains the head and
+  the backbone's h(t), not lm_head.
+- ``latent_trains_embeddings`` (True): the embedding of x_{t+1} fed to the head is not detached, so the latent
+  loss also trains embed_tokens.
+- ``latent_pairs`` ("all"): every (t, t+1) pair counts; "labels" counts only pairs whose labels[t+1] != -100.
+The target h(t+1) and p(t+1) are always detached; h(t) never is (the latent loss shapes the backbone: the point).
+
+Speculative decoding drafts with the head (h -> head -> lm_head -> argmax -> embed -> head ...), optionally of
+variable length: drafting stops when the head's top probability drops below ``draft_confidence`` (our rule; the
+paper's exact stopping rule is not public here). The head is off the logits path: forward() logits and generate()
+are those of the plain decoder.
 """
 
 from __future__ import annotations
@@ -31,10 +42,19 @@ from .skeleton import DecoderConfig, DecoderForCausalLM, DecoderModel, make_outp
 logger = logging.getLogger(__name__)
 
 
+LATENT_LOSSES = ("smooth_l1", "mse")
+LATENT_PAIRS = ("all", "labels")
+
+
 class NextLatConfig(DecoderConfig):
-    """Args (beyond DecoderConfig):
-    latent_loss_weight: weight of the latent MSE in the training loss (default 1.0; the paper's value is unknown).
+    """Args (beyond DecoderConfig); the module docstring says which default comes from where:
+    latent_loss_weight: weight of the latent term (default 1.0; the paper's value is unknown here).
+    latent_loss: "smooth_l1" (default, the authors' code) or "mse".
     kl_loss_weight: weight of the KL self-distillation term (default 0.0 = off).
+    kl_trains_lm_head: whether the KL term sends gradient into lm_head (default False, as the authors' code).
+    latent_trains_embeddings: whether the latent loss trains embed_tokens through the head input (default True).
+    latent_pairs: "all" pairs count (default) or only those with labels[t+1] != -100 ("labels").
+    draft_confidence: default stop threshold of variable-length drafting (0.0 = always draft the full k).
     latent_head_eps: LayerNorm eps of the head (default 1e-5, torch's default).
     """
 
@@ -43,12 +63,28 @@ class NextLatConfig(DecoderConfig):
     def __init__(
         self,
         latent_loss_weight: float = 1.0,
+        latent_loss: str = "smooth_l1",
         kl_loss_weight: float = 0.0,
+        kl_trains_lm_head: bool = False,
+        latent_trains_embeddings: bool = True,
+        latent_pairs: str = "all",
+        draft_confidence: float = 0.0,
         latent_head_eps: float = 1e-5,
         **kwargs,
     ):
+        if latent_loss not in LATENT_LOSSES:
+            raise ValueError(f"latent_loss={latent_loss!r}: expected one of {LATENT_LOSSES}")
+        if latent_pairs not in LATENT_PAIRS:
+            raise ValueError(f"latent_pairs={latent_pairs!r}: expected one of {LATENT_PAIRS}")
+        if not 0.0 <= draft_confidence <= 1.0:
+            raise ValueError(f"draft_confidence={draft_confidence}: expected a probability in [0, 1]")
         self.latent_loss_weight = latent_loss_weight
+        self.latent_loss = latent_loss
         self.kl_loss_weight = kl_loss_weight
+        self.kl_trains_lm_head = kl_trains_lm_head
+        self.latent_trains_embeddings = latent_trains_embeddings
+        self.latent_pairs = latent_pairs
+        self.draft_confidence = draft_confidence
         self.latent_head_eps = latent_head_eps
         super().__init__(**kwargs)
 
@@ -158,35 +194,60 @@ class NextLatForCausalLM(DecoderForCausalLM):
     def latent_losses(
         self, hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """MSE(h_hat(t+1), stopgrad h(t+1)) and, if weighted, the KL term; averaged over counted pairs."""
+        """D(h_hat(t+1), stopgrad h(t+1)) and, if weighted, KL(p(t+1) || p_hat(t+1)), averaged over counted pairs."""
+        cfg = self.config
         h_t, h_next = hidden[:, :-1], hidden[:, 1:].detach()
-        h_hat = self.latent_head(h_t, self.model.embed_tokens(input_ids[:, 1:]))
-        keep = (labels[:, 1:] != -100).to(h_hat.device)
+        next_embed = self.model.embed_tokens(input_ids[:, 1:])
+        if not cfg.latent_trains_embeddings:
+            next_embed = next_embed.detach()
+        h_hat = self.latent_head(h_t, next_embed)
+        if cfg.latent_pairs == "labels":
+            keep = (labels[:, 1:] != -100).to(h_hat.device, torch.float32)
+        else:
+            keep = torch.ones(h_hat.shape[:2], device=h_hat.device)
         n = keep.sum().clamp(min=1)
-        sq = (h_hat.float() - h_next.float()).pow(2).mean(-1)
-        latent_loss = (sq * keep).sum() / n
+        if cfg.latent_loss == "mse":
+            per_pair = F.mse_loss(h_hat.float(), h_next.float(), reduction="none").mean(-1)
+        else:
+            per_pair = F.smooth_l1_loss(h_hat.float(), h_next.float(), reduction="none").mean(-1)
+        latent_loss = (per_pair * keep).sum() / n
         kl_loss = None
-        if self.config.kl_loss_weight:
+        if cfg.kl_loss_weight:
+            weight = self.lm_head.weight if cfg.kl_trains_lm_head else self.lm_head.weight.detach()
             with torch.no_grad():
                 target = F.log_softmax(self.lm_head(h_next).float(), dim=-1)
-            pred = F.log_softmax(self.lm_head(h_hat).float(), dim=-1)
-            kl = F.kl_div(pred, target, log_target=True, reduction="none").sum(-1)
+            pred = F.log_softmax(F.linear(h_hat, weight).float(), dim=-1)
+            kl = F.kl_div(pred, target, log_target=True, reduction="none").sum(
+                -1
+            )  # sum p (log p - log p_hat)
             kl_loss = (kl * keep).sum() / n
         return latent_loss, kl_loss
 
     @torch.no_grad()
-    def draft(self, h_last: torch.Tensor, token: torch.Tensor, draft_tokens: int) -> torch.Tensor:
-        """Greedy draft of ``draft_tokens`` tokens after ``token``: latent -> lm_head -> argmax -> embed -> latent.
+    def draft(
+        self, h_last: torch.Tensor, token: torch.Tensor, draft_tokens: int, min_confidence: float = 0.0
+    ) -> torch.Tensor:
+        """Greedy draft of up to ``draft_tokens`` tokens after ``token``: latent -> lm_head -> argmax -> embed.
 
-        ``h_last`` (batch, d) is the latent of the position before ``token`` (batch,). Returns (batch, k).
+        ``h_last`` (1, d) is the latent of the position before ``token`` (1,). Drafting stops before a token whose
+        softmax probability under the head's latent is below ``min_confidence``. Returns (1, <= k).
         """
         drafts = [token.new_empty(token.shape[0], 0)]
         z, tok = h_last, token
         for _ in range(draft_tokens):
             z = self.latent_head(z, self.model.embed_tokens(tok))
-            tok = self.lm_head(z).argmax(-1)
+            logits = self.lm_head(z).float()
+            tok = logits.argmax(-1)
+            if min_confidence > 0.0 and float(torch.softmax(logits, -1).max()) < min_confidence:
+                break
             drafts.append(tok[:, None])
         return torch.cat(drafts, dim=1)
+
+    @staticmethod
+    def _next_draft_inputs(hidden: torch.Tensor, block: torch.Tensor, greedy: torch.Tensor, accepted: int):
+        """After verifying ``block`` = [cur, d1..dk] with ``accepted`` drafts accepted: the latent h(t) of the last
+        accepted position (block index ``accepted``) and x_{t+1}, the token the model predicts after it."""
+        return hidden[:, accepted], greedy[accepted : accepted + 1]
 
     @torch.no_grad()
     def generate_speculative(
@@ -196,6 +257,7 @@ class NextLatForCausalLM(DecoderForCausalLM):
         draft_tokens: int = 4,
         eos_token_id: int | list[int] | None = None,
         return_stats: bool = False,
+        draft_confidence: float | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, SpeculativeStats]:
         """Greedy self-speculative decoding: the head drafts, one forward of the model verifies.
 
@@ -207,9 +269,11 @@ class NextLatForCausalLM(DecoderForCausalLM):
         Args:
             input_ids: (1, prompt_len) prompt.
             max_new_tokens: at most this many new tokens.
-            draft_tokens: k, tokens drafted per verification step.
+            draft_tokens: k, the most tokens drafted per verification step.
             eos_token_id: stop after emitting one of these; defaults to the generation config's.
             return_stats: also return the SpeculativeStats (also kept in ``self.last_speculative_stats``).
+            draft_confidence: stop a draft early when the head's top probability falls below this (variable-length
+                drafting); defaults to ``config.draft_confidence``.
 
         Returns:
             (1, prompt_len + n) token ids, n <= max_new_tokens, [and the stats].
@@ -220,6 +284,8 @@ class NextLatForCausalLM(DecoderForCausalLM):
             raise ValueError("draft_tokens and max_new_tokens must be >= 1")
         if eos_token_id is None and self.generation_config is not None:
             eos_token_id = self.generation_config.eos_token_id
+        if draft_confidence is None:
+            draft_confidence = self.config.draft_confidence
         eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
         stats = SpeculativeStats()
         cache = DynamicCache()
@@ -229,7 +295,8 @@ class NextLatForCausalLM(DecoderForCausalLM):
         new = [int(cur)]
         while len(new) < max_new_tokens and new[-1] not in eos:
             k = min(draft_tokens, max_new_tokens - len(new) - 1)  # no drafts past the last needed token
-            drafts = self.draft(h_last, cur, k)
+            drafts = self.draft(h_last, cur, k, draft_confidence)
+            k = drafts.shape[1]
             block = torch.cat([cur[:, None], drafts], dim=1)
             past = cache.get_seq_length()
             out = self.model(input_ids=block, cache=cache, use_cache=True)
@@ -248,8 +315,7 @@ class NextLatForCausalLM(DecoderForCausalLM):
                 new.append(t)
                 if t in eos or len(new) >= max_new_tokens:
                     break
-            h_last = out.last_hidden_state[:, m]
-            cur = greedy[m : m + 1]
+            h_last, cur = self._next_draft_inputs(out.last_hidden_state, block, greedy, m)
         new = new[:max_new_tokens]
         stats.new_tokens = len(new)
         self.last_speculative_stats = stats

@@ -20,6 +20,19 @@ from torch import nn
 from .skeleton import DecoderConfig, DecoderForCausalLM, DecoderModel
 
 POLY_ACTIVATIONS = ("polynorm", "polyrelu")
+
+# The reference training script (Megatron): a 32000-token tokenizer, the embedding padded to a multiple of 128
+# (make-vocab-size-divisible-by), and Megatron's norm epsilon 1e-5.
+REFERENCE_TOKENIZER_VOCAB = 32000
+REFERENCE_VOCAB_MULTIPLE = 128
+REFERENCE_NORM_EPS = 1e-5
+
+
+def padded_vocab_size(tokenizer_vocab: int, multiple: int = REFERENCE_VOCAB_MULTIPLE) -> int:
+    """Megatron's embedding size: the tokenizer's vocabulary rounded up to a multiple of ``multiple``."""
+    return -(-tokenizer_vocab // multiple) * multiple
+
+
 ACTIVATION_DTYPES = ("activation", "float32")
 
 
@@ -100,7 +113,8 @@ class PolyComMLP(nn.Module):
 
 
 class PolyComConfig(DecoderConfig):
-    """Defaults follow the paper's 1.3B dense model (24 x 2048, 16 heads, FFN 8256, untied); vocab unverified.
+    """Defaults follow the paper's 1.3B dense model (24 x 2048, 16 heads, FFN 8256, untied) and its reference
+    script (vocab 32000 padded to a multiple of 128, RMSNorm eps 1e-5); ``reference_preset`` builds that config.
 
     Args (beyond DecoderConfig):
         hidden_act: "polynorm" or "polyrelu".
@@ -117,7 +131,8 @@ class PolyComConfig(DecoderConfig):
         mlp_gated: bool = False,
         activation_dtype: str = "activation",
         activation_eps: float = 1e-6,
-        vocab_size: int = 50304,
+        vocab_size: int = padded_vocab_size(REFERENCE_TOKENIZER_VOCAB),
+        rms_norm_eps: float = REFERENCE_NORM_EPS,
         hidden_size: int = 2048,
         intermediate_size: int = 8256,
         num_hidden_layers: int = 24,
@@ -138,8 +153,23 @@ class PolyComConfig(DecoderConfig):
             intermediate_size=intermediate_size,
             num_hidden_layers=num_hidden_layers,
             num_attention_heads=num_attention_heads,
+            rms_norm_eps=rms_norm_eps,
             **kwargs,
         )
+
+    @classmethod
+    def reference_preset(cls, tokenizer_vocab: int = REFERENCE_TOKENIZER_VOCAB, **overrides) -> PolyComConfig:
+        """The reference script's 1B setup: vocab ``tokenizer_vocab`` padded to 128, eps 1e-5, untied, 24 x 2048."""
+        values = dict(
+            vocab_size=padded_vocab_size(tokenizer_vocab),
+            hidden_size=2048,
+            intermediate_size=8256,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            rms_norm_eps=REFERENCE_NORM_EPS,
+            tie_word_embeddings=False,
+        )
+        return cls(**{**values, **overrides})
 
 
 class PolyComModel(DecoderModel):

@@ -209,8 +209,8 @@ def combine_padding(allowed: torch.Tensor, padding_mask: torch.Tensor | None) ->
 
 
 # A layer's mask is one of: NO_MASK (every cached key is visible: single-token decode with full attention),
-# CAUSAL (plain causal over a sequence with no past, so SDPA can use its is_causal kernels), or an explicit
-# boolean (batch|1, 1, q, kv) tensor. ``prepare_mask`` turns the tensor into what the backend consumes.
+# CAUSAL (plain causal over a sequence with no past, so SDPA can use its is_causal kernels), an explicit
+# boolean (batch|1, 1, q, kv) tensor, or an object with an ``attend`` method (see ``attention``). ``prepare_mask`` turns the tensor into what the backend consumes.
 NO_MASK = None
 CAUSAL = "causal"
 
@@ -237,8 +237,12 @@ def prepare_mask(mask, backend: str, dtype: torch.dtype):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, backend: str) -> torch.Tensor:
     """Masked softmax attention over (batch, heads, seq, head_dim); k/v already expanded to all heads.
 
-    ``mask`` comes from ``prepare_mask``: NO_MASK, CAUSAL, an additive bias (sdpa) or a boolean tensor (eager).
+    ``mask`` comes from ``prepare_mask``: NO_MASK, CAUSAL, an additive bias (sdpa) or a boolean tensor (eager),
+    or an object with ``attend(q, k, v, backend)`` that computes the layer's attention itself (MASFormer's sparse
+    layers, which skip the keys their span cannot see).
     """
+    if hasattr(mask, "attend"):
+        return mask.attend(q, k, v, backend)
     scale = q.shape[-1] ** -0.5
     if backend == "sdpa":
         if mask is CAUSAL:
@@ -252,6 +256,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, backend: 
         scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(probs, v)
+
+
+# A cache may carry ``observer(layer_idx, q, k, mask)``, called by every attention layer with its queries, the keys
+# it attends to (expanded to all heads) and its prepared mask (see ``attention_probabilities``).
+ATTENTION_OBSERVER_ATTR = "_dfloat_attention_observer"
+
+
+def attention_probabilities(q: torch.Tensor, k: torch.Tensor, mask) -> torch.Tensor:
+    """Softmax attention weights (batch, heads, q, kv) in float32, for any mask form ``attention`` takes."""
+    scores = torch.matmul(q.to(torch.float32), k.to(torch.float32).transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is CAUSAL:
+        n, kv = q.shape[-2], k.shape[-2]
+        mask = torch.ones(n, kv, dtype=torch.bool, device=q.device).tril(kv - n)
+    if isinstance(mask, torch.Tensor):
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
+        else:  # additive bias
+            scores = scores + mask.to(torch.float32)
+    return torch.softmax(scores, dim=-1)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -295,6 +318,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         n_rep = self.num_heads // self.num_kv_heads
+        observer = getattr(cache, ATTENTION_OBSERVER_ATTR, None)
+        if observer is not None:  # the Bottlenecked processor accumulates the step's attention probabilities
+            observer(self.layer_idx, q, repeat_kv(k, n_rep), mask)
         out = attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask, self.backend)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import DynamicCache
 
@@ -14,8 +15,15 @@ PROMPT_LEN = 6
 N_LAYERS = 3
 
 
-def _model(**overrides):
-    return tiny_model("bottlenecked", **overrides)
+def _model(trained: bool = True, **overrides):
+    """The tiny model; ``trained`` gives out_proj random weights (it starts at zero, an identity processor)."""
+    model = tiny_model("bottlenecked", **overrides)
+    if trained:
+        g = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            w = model.cache_processor.out_proj.weight
+            w.copy_(torch.randn(w.shape, generator=g) * model.config.initializer_range)
+    return model
 
 
 def _trigger_slots(seq: torch.Tensor, start: int) -> list[int]:
@@ -186,3 +194,110 @@ def test_left_padded_batch_rewrites_each_row_at_its_own_trigger():
     assert all(i >= 3 for i in row1.indices)  # padding is never selected
     torch.testing.assert_close(out[0], ref_a[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(out[1, 3:], ref_b[0], rtol=0, atol=1e-5)
+
+
+# --- issue 15: identity at init, selection by the step's real attention, no beams, one trigger rule -------------
+
+
+def test_untrained_processor_leaves_a_frozen_backbone_unchanged():
+    """out_proj starts at zero: rewrites happen but write back exactly what was there."""
+    ids = prompt(seed=0, length=PROMPT_LEN)
+    fresh = _model(trained=False)
+    assert not fresh.cache_processor.out_proj.weight.any()
+    off = _model(trained=False, use_cache_processor=False)
+    seq = fresh.generate(ids, max_new_tokens=20, do_sample=False)
+    assert fresh.rewrite_log  # the processor ran
+    assert torch.equal(seq, off.generate(ids, max_new_tokens=20, do_sample=False))
+    assert torch.equal(_step_logits(fresh, seq, PROMPT_LEN), _step_logits(off, seq, PROMPT_LEN))
+
+
+def _hand_attention_mass(model, ids, step_start, trigger):
+    """Per layer, attention from the step's queries (slots step_start..trigger) onto slots < step_start,
+    recomputed from the plain backbone's q and k (no rewrite happens before the first trigger)."""
+    from dfloat.models.skeleton import apply_rotary, repeat_kv, rotary_cos_sin
+
+    inputs = {}
+    hooks = [
+        layer.self_attn.register_forward_hook(lambda mod, args, out, i=i: inputs.__setitem__(i, args[0]))
+        for i, layer in enumerate(model.model.layers)
+    ]
+    model.config.use_cache_processor = False
+    try:
+        with torch.no_grad():
+            model(ids[:, : trigger + 1], use_cache=False)
+    finally:
+        model.config.use_cache_processor = True
+        for h in hooks:
+            h.remove()
+    cfg = model.config
+    n = trigger + 1
+    cos, sin = rotary_cos_sin(torch.arange(n)[None], cfg.head_dim, cfg.rope_theta, torch.float32)
+    masses = []
+    for i, layer in enumerate(model.model.layers):
+        att, x = layer.self_attn, inputs[i]
+        q = apply_rotary(att.q_proj(x).view(1, n, cfg.num_attention_heads, -1).transpose(1, 2), cos, sin)
+        k = apply_rotary(att.k_proj(x).view(1, n, cfg.num_key_value_heads, -1).transpose(1, 2), cos, sin)
+        k = repeat_kv(k, cfg.num_attention_heads // cfg.num_key_value_heads)
+        scores = (q @ k.transpose(-1, -2)) * cfg.head_dim**-0.5
+        scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+        probs = torch.softmax(scores, -1)[0, :, step_start:, :step_start]  # heads, step queries, earlier keys
+        masses.append(probs.sum(dim=(0, 1)))
+    return masses
+
+
+def _selection_follows_the_step_attention(model, ids, step_start, trigger, k) -> bool:
+    with torch.no_grad():
+        model(ids[:, : trigger + 2], trigger_from=step_start)
+    ok = True
+    for layer, mass in enumerate(_hand_attention_mass(model, ids, step_start, trigger)):
+        event = next(e for e in model.rewrite_log if e.layer == layer and e.position == trigger)
+        ok &= set(event.indices[:k]) == set(torch.topk(mass, k).indices.tolist())
+    return ok
+
+
+def _most_recent(mass, candidates, k):
+    """Mutation: the k most recent earlier entries, whatever the attention."""
+    return candidates[-k:]
+
+
+def test_top_k_follows_the_steps_attention_not_recency(monkeypatch):
+    from dfloat.models import bottleneck
+
+    model = _model(reconsolidate_top_k=3)
+    ids = prompt(seed=4, length=16).clone()
+    step_start, trigger = 10, 13
+    ids[0, trigger] = TRIGGER
+    ids[0, :trigger] = torch.where(ids[0, :trigger] == TRIGGER, 0, ids[0, :trigger])
+    masses = _hand_attention_mass(model, ids, step_start, trigger)
+    recent = set(range(step_start - 3, step_start))
+    assert any(set(torch.topk(m, 3).indices.tolist()) != recent for m in masses)  # the fixture discriminates
+    assert _selection_follows_the_step_attention(model, ids, step_start, trigger, 3)
+    monkeypatch.setattr(bottleneck, "_select_earlier", _most_recent)
+    assert not _selection_follows_the_step_attention(model, ids, step_start, trigger, 3)
+
+
+def test_beam_search_is_refused_with_a_clear_error():
+    model = _model()
+    ids = prompt(seed=0, length=PROMPT_LEN)
+    with pytest.raises(ValueError, match="beam search is not supported"):
+        model.generate(ids, max_new_tokens=4, num_beams=2, do_sample=False)
+    model.config.use_cache_processor = False  # the plain backbone may use beams
+    assert model.generate(ids, max_new_tokens=4, num_beams=2, do_sample=False).shape == (1, PROMPT_LEN + 4)
+
+
+def test_training_and_inference_use_the_same_trigger_rule():
+    """A trigger inside the prompt (label -100 in training, the first call's input at inference) does not count
+    unless trigger_on_prompt; a trigger after it does, both ways."""
+    ids = prompt(seed=0, length=12).clone()
+    ids[0] = torch.where(ids[0] == TRIGGER, 0, ids[0])
+    ids[0, 2], ids[0, 8] = TRIGGER, TRIGGER
+    labels = ids.clone()
+    labels[0, :PROMPT_LEN] = -100
+    for on_prompt in (False, True):
+        model = _model(trigger_on_prompt=on_prompt)
+        with torch.no_grad():
+            model(ids, labels=labels)
+            trained = sorted({e.position for e in model.rewrite_log})
+            _step_logits(model, ids, prefill=PROMPT_LEN)
+            inferred = sorted({e.position for e in model.rewrite_log})
+        assert trained == inferred == ([2, 8] if on_prompt else [8])

@@ -110,8 +110,8 @@ def test_generate_with_cache_equals_greedy_recompute(sparse):
     assert torch.equal(cached, recomputed)
 
 
-def test_left_padded_batch_matches_unpadded_rows():
-    """A 2-D padding mask hides pad slots; masks are on cache slots, so pads shift windows like HF's sliding."""
+def test_left_padded_full_attention_batch_matches_unpadded_rows():
+    """A 2-D padding mask hides pad slots."""
     model = tiny_model("masformer", attention_spans=[FULL, FULL, FULL])
     a, b = prompt(seed=1, length=7), prompt(seed=2, length=4)
     pad = torch.zeros(1, 3, dtype=torch.long)
@@ -128,11 +128,133 @@ def test_left_padded_batch_matches_unpadded_rows():
 
 
 def test_config_has_no_layer_types_for_the_cache_to_misread():
-    """DynamicCache(config=...) must build plain full layers, which keep every entry for block attention."""
+    """DynamicCache(config=...) must not build transformers' own sliding layers (the model installs its own)."""
     cfg = tiny_config("masformer")
     assert getattr(cfg, "layer_types", None) is None and getattr(cfg, "sliding_window", None) is None
-    cache = DynamicCache(config=cfg)
-    model = tiny_model("masformer")
+
+
+# --- chunked sparse attention and the rolling cache (issue 15) -----------------------------------------------
+# The chunked path drops only keys whose softmax weight is exactly 0, but sums in another order than the dense
+# reference, so the two agree to float32 rounding: atol 1e-5 on logits of magnitude ~1 (measured gaps ~1e-7).
+ATOL = 1e-5
+
+
+def _pair(sparse, **kw):
+    """The same weights under the chunked implementation and the dense reference."""
+    chunked = tiny_model("masformer", sparse_attention_type=sparse, **kw)
+    dense = tiny_model("masformer", sparse_attention_type=sparse, sparse_attention_impl="dense", **kw)
+    dense.load_state_dict(chunked.state_dict())
+    return chunked, dense
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@pytest.mark.parametrize("sparse", ["sliding", "block"])
+def test_chunked_sparse_attention_equals_dense_reference(sparse, backend):
+    chunked, dense = _pair(sparse, attention_backend=backend, attention_window=5, attention_block_size=3,
+                           sparse_query_chunk=4)  # fmt: skip
+    for length in (1, 7, 29):
+        ids = prompt(seed=length, length=length, batch=2)
+        with torch.no_grad():
+            torch.testing.assert_close(chunked(ids).logits, dense(ids).logits, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("sparse,window,block,kept", [("sliding", 5, 3, 4), ("block", 5, 3, 5)])
+def test_sparse_layers_keep_only_a_rolling_window_of_cache(sparse, window, block, kept):
+    """Sliding keeps window - 1 entries, block 2 x block - 1; the full layer keeps all; positions still count all."""
+    model = tiny_model("masformer", sparse_attention_type=sparse, attention_window=window,
+                       attention_block_size=block)  # fmt: skip
+    ids = prompt(length=30)
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(ids[:, :20], cache=cache)
+        for i in range(20, 30):
+            model(ids[:, i : i + 1], cache=cache)
+    assert [layer.keys.shape[-2] for layer in cache.layers] == [30, kept, kept]
+    assert cache.get_seq_length() == 30
+
+
+def test_dense_reference_keeps_the_whole_cache():
+    model = tiny_model("masformer", sparse_attention_impl="dense")
+    cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(prompt(length=12), cache=cache)
     assert all(layer.keys.shape[-2] == 12 for layer in cache.layers)
+
+
+@pytest.mark.parametrize("sparse", ["sliding", "block"])
+def test_chunked_attention_only_computes_what_the_span_allows(sparse, monkeypatch):
+    """Every chunk's key range is at most chunk + lookback wide, not the whole sequence."""
+    from dfloat.models import masformer
+
+    seen = []
+    real = masformer._masked_attention
+
+    def spy(q, k, v, allowed, backend):
+        seen.append((q.shape[-2], k.shape[-2]))
+        return real(q, k, v, allowed, backend)
+
+    monkeypatch.setattr(masformer, "_masked_attention", spy)
+    model = tiny_model("masformer", sparse_attention_type=sparse, attention_window=4, attention_block_size=4,
+                       sparse_query_chunk=4)  # fmt: skip
+    with torch.no_grad():
+        model(prompt(length=64))
+    assert len(seen) == 2 * 16  # two sparse layers, 16 chunks of 4 queries each
+    widest = 4 + 3 if sparse == "sliding" else 2 * 4  # chunk + (window - 1); or own + previous block
+    assert max(k for _, k in seen) == widest
+
+
+def _left_padded(prompts):
+    width = max(p.shape[1] for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - p.shape[1] :] = p[0]
+        mask[row, width - p.shape[1] :] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("impl", ["chunked", "dense"])
+@pytest.mark.parametrize("sparse", ["sliding", "block"])
+def test_left_padded_batched_generate_equals_each_prompt_alone(sparse, impl):
+    """Padding 0-3 with block size 4 (the failing case of issue 15): boundaries sit on token positions."""
+    model = tiny_model("masformer", sparse_attention_type=sparse, attention_window=4, attention_block_size=4,
+                       sparse_attention_impl=impl, sparse_query_chunk=3)  # fmt: skip
+    prompts = [prompt(seed=s, length=n) for s, n in enumerate((9, 8, 7, 6))]  # padding 0, 1, 2, 3
+    ids, mask = _left_padded(prompts)
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    for row, p in enumerate(prompts):
+        ones = torch.ones_like(p)
+        alone = model.generate(p, attention_mask=ones, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert torch.equal(batched[row, ids.shape[1] :], alone[0, p.shape[1] :]), (sparse, row)
+
+
+@pytest.mark.parametrize("sparse", ["sliding", "block"])
+def test_left_padded_forward_logits_match_each_prompt_alone(sparse):
+    model = tiny_model("masformer", sparse_attention_type=sparse, attention_window=4, attention_block_size=4,
+                       sparse_query_chunk=3)  # fmt: skip
+    prompts = [prompt(seed=s, length=n) for s, n in enumerate((11, 9, 8))]
+    ids, mask = _left_padded(prompts)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        for row, p in enumerate(prompts):
+            ref = model(p).logits[0]
+            torch.testing.assert_close(out[row, ids.shape[1] - p.shape[1] :], ref, rtol=0, atol=ATOL)
+
+
+def test_chunked_path_refuses_padding_with_holes():
+    model = tiny_model("masformer")
+    ids = prompt(length=6)
+    mask = torch.tensor([[1, 1, 0, 1, 1, 1]])
+    with pytest.raises(ValueError, match="padding only at the ends"):
+        model(ids, attention_mask=mask)
+    dense = tiny_model("masformer", sparse_attention_impl="dense")
+    assert torch.isfinite(dense(ids, attention_mask=mask).logits).all()
+
+
+def test_rolling_cache_refuses_to_rewind_past_evicted_entries():
+    model = tiny_model("masformer", attention_window=4)
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(prompt(length=10), cache=cache)
+    with pytest.raises(RuntimeError, match="rewind"):
+        cache.crop(-2)

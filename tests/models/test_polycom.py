@@ -111,3 +111,24 @@ def test_config_rejects_unknown_values():
         PolyComConfig(hidden_act="gelu")
     with pytest.raises(ValueError, match="activation_dtype"):
         PolyComConfig(activation_dtype="bf16")
+
+
+def test_reference_preset_matches_the_reference_script():
+    """Vocab 32000 padded to a multiple of 128 (Megatron), RMSNorm eps 1e-5, the 1.3B shape, untied."""
+    from dfloat.models import PolyComConfig
+    from dfloat.models.polycom import padded_vocab_size
+
+    assert (
+        padded_vocab_size(32000) == 32000
+        and padded_vocab_size(32001) == 32128
+        and padded_vocab_size(50257) == 50304
+    )
+    cfg = PolyComConfig.reference_preset()
+    assert (cfg.vocab_size, cfg.rms_norm_eps, cfg.activation_eps) == (32000, 1e-5, 1e-6)
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_attention_heads) == (
+        2048, 8256, 24, 16,
+    )  # fmt: skip
+    assert cfg.tie_word_embeddings is False
+    assert PolyComConfig.reference_preset(tokenizer_vocab=32003).vocab_size == 32128
+    default = PolyComConfig()
+    assert (default.vocab_size, default.rms_norm_eps) == (32000, 1e-5)
