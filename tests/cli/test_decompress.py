@@ -66,7 +66,7 @@ def test_official_checkpoint_converts_loads_and_decompresses_byte_identical(offi
 
 def test_decompress_options_are_checked(tmp_path):
     r = run("decompress", tmp_path, "-o", tmp_path / "x", "--compress")
-    assert r.exit_code == 2 and "--compress only applies with --adapter" in r.output
+    assert r.exit_code == 1 and "--compress only applies with --adapter" in r.output
     r = run("decompress", tmp_path / "missing", "-o", tmp_path / "x")
     assert r.exit_code == 1 and "error" in r.output
 
