@@ -124,7 +124,7 @@ T=$(step_limit 200)
 if [ -n "$SANITIZER" ] && enough_time fuzz "$T"; then
   RC[fuzz]=0
   for b in cuda triton; do
-    timeout "$((T / 2))" "$PY" scripts/fuzz.py --device cuda --backend "$b" --cases 150 --batch 150 --no-files \
+    timeout "$((T / 2))" "$PY" scripts/fuzz.py --device cuda --backend "$b" --cases 100 --batch 100 --no-files \
       --wrap "$SANITIZER --tool memcheck --error-exitcode 9" --json "$OUT/fuzz_$b.json" 2>&1 | tail -12 \
       | tee -a "$OUT/fuzz.log"
     [ "${PIPESTATUS[0]}" = 0 ] || RC[fuzz]=1
