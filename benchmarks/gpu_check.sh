@@ -131,6 +131,14 @@ if [ -n "$SANITIZER" ] && enough_time fuzz "$T"; then
   done
 fi
 
+echo "== integrity cost on the GPU (issue 9): checksums on load and on a unit's first decode, hot-path lookup"
+T=$(step_limit 90)
+if enough_time integrity "$T"; then
+  timeout "$T" "$PY" benchmarks/integrity.py --device cuda 2>&1 | tail -12 | tee "$OUT/integrity.log"
+  RC[integrity]=${PIPESTATUS[0]}
+  cp benchmarks/results/integrity_cuda.json "$OUT/" 2>/dev/null || true
+fi
+
 if [ -z "${SKIP_E2E:-}" ]; then
   echo "== end to end: BF16 vs dfloat generation (Llama-3.1-8B layer, Llama-3.2-1B shapes)"
   T=$(step_limit 300)
@@ -146,7 +154,7 @@ echo
 echo "== summary ($(( $(date +%s) - t0 )) s)"
 printf '%-12s %s\n' step "exit status"
 fail=0
-for k in tests benchmark memcheck racecheck fuzz e2e; do
+for k in tests benchmark memcheck racecheck fuzz integrity e2e; do
   [ -n "${RC[$k]+x}" ] || continue
   printf '%-12s %s\n' "$k" "${RC[$k]}"
   [ "${RC[$k]}" = 0 ] || [ "${RC[$k]}" = skipped ] || fail=1
