@@ -185,7 +185,7 @@ step_fuzz() {
   if [ -z "$SANITIZER" ]; then RESULT[fuzz]="compute-sanitizer not found"; return 0; fi
   local rc=0 b
   for b in cuda triton; do
-    timeout "$(( $1 / 2 ))" "$PY" scripts/fuzz.py --device cuda --backend "$b" --cases 150 --batch 150 --no-files \
+    timeout "$(( $1 / 2 ))" "$PY" scripts/fuzz.py --device cuda --backend "$b" --cases 100 --batch 100 --no-files \
       --wrap "$SANITIZER --tool memcheck --error-exitcode 9" --json "$OUT/fuzz_$b.json" 2>&1 | tail -12 \
       | tee -a "$OUT/fuzz.log"
     [ "${PIPESTATUS[0]}" = 0 ] || rc=1

@@ -236,7 +236,7 @@ def decompress_tensor(
     """
     from dfloat.kernels import registry
 
-    # The first decode of an object checks its structure and checksums; later ones cost one attribute lookup.
+    # The first decode of an object checks its structure and checksums; later ones cost one weak-set lookup.
     check_output = False if is_trusted(c) else check_unit(c)
     unit = c
     device = canonical_device(device) if device is not None else c.device
