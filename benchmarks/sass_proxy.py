@@ -52,8 +52,8 @@ SOURCE = ROOT / "kernels" / "cuda" / "decode.cu"
 KERNELS = ("dfloat_decode_w32_t256", "dfloat_decode_w8_t512")
 # hot loop -> a regex for its header line in decode.cu (old and new kernels alike)
 HOT_LOOPS = {
-    "count": r"while \(pos \+ (8|DF_LUT_BITS) <= (end_bits|wend)\)",
-    "decode": r"while \(k \+ 4 <= k_end\)",
+    "count": r"while \(pos (\+ 8 <= end_bits|<= wend_lut)\)",
+    "decode": r"while \(k (\+ 4 <= k_end|<= k_end4)\)",
     "write": r"for \(i64 c = \(ga >> 3\) \+ tid;",
 }
 # an instruction that occurs once per source iteration, for loops the compiler unrolls (the write-out loop: its

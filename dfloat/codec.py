@@ -249,7 +249,7 @@ def decompress_tensor(
             f"out must be a contiguous {c.dtype} tensor of >= {c.numel} elements on {device}, "
             f"got {out.dtype}[{out.numel()}] on {out.device}"
         )
-    # views cost microseconds each: make none when out is already the flat buffer (the runtime's case)
+    # views cost microseconds each: make none when out is already the flat buffer of exactly numel
     flat = out if out.dim() == 1 and out.numel() == c.numel else out.reshape(-1)[: c.numel]
     if c.is_coded:
         registry.decode_into(c, flat, backend, check=check or check_output)

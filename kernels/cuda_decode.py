@@ -82,7 +82,7 @@ def lut_tables(tables: np.ndarray, bits: int = LUT_BITS) -> tuple[np.ndarray, np
     """For each ``bits``-bit pattern, the whole codes it holds: the CUDA kernel's one-lookup multi-code tables.
 
     Returns ``(lut_sym uint32[2**bits], lut_info uint16[2**bits])`` (see the header of decode.cu): lut_sym packs
-    the first up to 4 symbols (first in the lowest byte); lut_info is ``nc | lc << 4 | nd << 8 | ld << 11`` with
+    the first up to 4 symbols (first in the lowest byte); lut_info is ``nc | lc << 4 | nd << 8 | ld << 12`` with
     nc whole codes of total length lc, and nd = min(nc, 4) of total length ld. Vectorised over all patterns, one
     step per code.
     """
@@ -112,7 +112,7 @@ def lut_tables(tables: np.ndarray, bits: int = LUT_BITS) -> tuple[np.ndarray, np
         n = np.where(live, n + 1, n)
         nd = np.where(live & (n <= 4), n, nd)
         ld = np.where(live & (n <= 4), used, ld)
-    info = n | (used << 4) | (nd << 8) | (ld << 11)
+    info = n | (used << 4) | (nd << 8) | (ld << 12)  # ld on top: the kernel takes it with one shift
     return syms.astype(np.uint32), info.astype(np.uint16)
 
 

@@ -19,7 +19,7 @@
 //           (total_length << 8) | symbol; entry < 0: continue in table -entry with the next 8 bits; 0: no code.
 //   lut_sym  uint32[4096]: for the next 12 bits, up to 4 whole codes' symbols, first in the lowest byte.
 //   lut_info uint16[4096]: bits 0-3 nc = whole codes in the next 12 bits (up to 12), bits 4-7 their total length;
-//           bits 8-10 nd = min(nc, 4) (the codes in lut_sym), bits 11-14 their total length. nc = 0 means the
+//           bits 8-10 nd = min(nc, 4) (the codes in lut_sym), bits 12-15 their total length. nc = 0 means the
 //           first code is longer than 12 bits (or no code): use `tables`.
 //
 // ---- The kernel ---------------------------------------------------------------------------------------------------
@@ -272,7 +272,8 @@ __device__ __forceinline__ void df_decode(const DecodeArgs& a) {
         if (a.wpt > 1 && a.bpw * 8 < end_bits) wend = a.bpw * 8;
     }
     for (int wi = 1;; ++wi) {
-        while (pos + DF_LUT_BITS <= wend) {  // every whole code in the next 12 bits, in one lookup
+        const int wend_lut = wend - DF_LUT_BITS;
+        while (pos <= wend_lut) {  // every whole code in the next 12 bits, in one lookup
             const u32 x = df_peek(slot, pos);
             const u32 info = s_info[x >> (32 - DF_LUT_BITS)];
             int n = (int)(info & 15u);
@@ -331,7 +332,8 @@ __device__ __forceinline__ void df_decode(const DecodeArgs& a) {
         const int k_end = ke <= 0 ? 0 : (ke >= count ? count : (int)ke);
         if (k < k_end) {
             unsigned char* dst = s_stage + (shift + (int)((i64)first - lo));  // dst[k], k >= lo - first
-            while (k + 4 <= k_end) {  // up to 4 codes per lookup
+            const int k_end4 = k_end - 4;
+            while (k <= k_end4) {  // up to 4 codes per lookup
                 const u32 x = df_peek(slot, pos);
                 const u32 info = s_info[x >> (32 - DF_LUT_BITS)];
                 const int n = (int)((info >> 8) & 7u);
@@ -347,7 +349,7 @@ __device__ __forceinline__ void df_decode(const DecodeArgs& a) {
                     dst[k + 1] = (unsigned char)(syms >> 8);
                     dst[k + 2] = (unsigned char)(syms >> 16);
                     dst[k + 3] = (unsigned char)(syms >> 24);
-                    pos += (int)((info >> 11) & 15u);
+                    pos += (int)(info >> 12);
                     k += n;
                 }
             }

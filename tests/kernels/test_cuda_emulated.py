@@ -255,7 +255,7 @@ def _lut_by_walking_the_code(ct) -> tuple[np.ndarray, np.ndarray]:
                 if len(found) <= 4:
                     nd, ld = len(found), used
         syms[p] = sum(s << (8 * k) for k, s in enumerate(found[:4]))
-        infos[p] = len(found) | (used << 4) | (nd << 8) | (ld << 11)
+        infos[p] = len(found) | (used << 4) | (nd << 8) | (ld << 12)
     return syms, infos
 
 

@@ -60,3 +60,20 @@ def test_a_choice_is_remembered_and_redone_when_it_stops_working(monkeypatch):
     from dfloat.kernels import cpu
 
     assert list(registry._CHOSEN.values()) == [(registry.Backend.CPU, cpu.decode)]
+
+
+def test_decoding_into_a_flat_buffer_makes_no_views():
+    t = weights_like(3_000).view(30, 100)
+    ct = dfloat.compress_tensor(t)
+    flat = torch.empty(ct.numel, dtype=torch.bfloat16)
+    assert dfloat.decompress_tensor(ct, out=flat.view(30, 100)).data_ptr() == flat.data_ptr()
+    shaped = torch.empty(30, 100, dtype=torch.bfloat16)
+    got = dfloat.decompress_tensor(ct, out=shaped)
+    assert got.data_ptr() == shaped.data_ptr() and torch.equal(bits(got), bits(t))
+    one_d = dfloat.compress_tensor(weights_like(3_000))
+    assert dfloat.decompress_tensor(one_d, out=flat) is flat  # flat, exactly numel: returned as it is
+    got = dfloat.decompress_tensor(ct, out=flat)
+    assert got.shape == (30, 100) and got.data_ptr() == flat.data_ptr() and torch.equal(bits(got), bits(t))
+    bigger = torch.empty(ct.numel + 7, dtype=torch.bfloat16)
+    got = dfloat.decompress_tensor(ct, out=bigger)
+    assert got.shape == (30, 100) and torch.equal(bits(bigger[:ct.numel].view(30, 100)), bits(t))
