@@ -2,7 +2,7 @@
 
 The cases live in triton_interpret_cases.py and run in a child pytest whose environment sets TRITON_INTERPRET=1
 before triton is imported (Triton picks the interpreter for its own library functions at import time; setting it
-in this process would also change what every other test sees). Under a minute on a 2-core machine.
+in this process would also change what every other test sees). About two minutes on a busy 2-core machine.
 """
 
 from __future__ import annotations
