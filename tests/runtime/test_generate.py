@@ -2,9 +2,10 @@
 transformers' greedy generate, sampling is reproducible, stop tokens and streaming work.
 
 Exactness note: a static cache attends over all its slots with masks, dynamic generate over exactly the filled
-ones; in BF16 the two can round a logit differently, and transformers' own static and dynamic caches then disagree
-at a near-tie for left-padded batches. So padded batches of transformers models are compared with transformers'
-``cache_implementation="static"``, which must match token for token; batch 1 with the default generate.
+ones. In BF16 the two can round a logit differently, and at a near-tie pick different tokens: transformers' own
+static and dynamic caches disagree that way on a left-padded batch of the tiny Llama. So for transformers models
+the BF16 check is batch 1, and the left-padded batch is checked on a float32 copy, where rounding differences
+cannot flip a choice, against the default generate (5.17 and 5.24 alike).
 """
 
 import pytest
@@ -69,8 +70,9 @@ def test_transformers_families_match_generate(family):
     one = generate_ids(model, ids[:1], max_new_tokens=NEW, stop_token_ids=[])
     assert one.path == "static"
     assert one.tokens == _greedy(model, ids[:1], mask[:1])
+    model = model.float()
     three = generate_ids(model, ids, mask, max_new_tokens=NEW, stop_token_ids=[])
-    assert three.tokens == _greedy(model, ids, mask, cache_implementation="static")
+    assert three.tokens == _greedy(model, ids, mask)
     # a batch padded up to a graph bucket (copies of a row) gives the same rows
     bucket = generate_ids(model, ids, mask, max_new_tokens=NEW, stop_token_ids=[], batch_buckets=(4,))
     assert bucket.tokens == three.tokens
