@@ -153,7 +153,7 @@ class _Session:
         self.slot.zero_()
         self.pos.zero_()
 
-    def capture(self, pool) -> None:
+    def capture(self) -> None:
         """Warm up on a side stream, then record one step; every dfloat unit is decoded inside the graph."""
         self.reset()
         side = torch.cuda.Stream(self.device)
@@ -167,7 +167,9 @@ class _Session:
             buf.current = None  # or the graph would skip decoding the unit the buffer happens to hold now
         self.reset()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        with torch.cuda.graph(
+            graph
+        ):  # its own memory pool: one graph's temporaries never overlap another's output
             self.logits = self.step()
         self.buffers_after = {dev: buf.current for dev, buf in buffers.items()}
         self.graph = graph
@@ -372,7 +374,7 @@ def generate_ids(
     if session is not None and use_graphs and session.graph is None:
         t0 = time.perf_counter()
         with torch.inference_mode():
-            session.capture(_sessions(model).setdefault("pool", torch.cuda.graph_pool_handle()))
+            session.capture()
         capture_s = time.perf_counter() - t0
         log.info("captured the decode step for batch %d, cache %d slots (%.2f s)", rows, max_len, capture_s)
     if session is None:

@@ -75,7 +75,7 @@ def test_captured_step_logits_equal_eager_step(models, which):
         for capture in (True, False):
             s = _Session(model, "hf", 4, 256, torch.device("cuda"))
             if capture:
-                s.capture(torch.cuda.graph_pool_handle())
+                s.capture()
             s.reset()
             rows_ids = torch.cat([ids, ids[-1:]])
             rows_mask = torch.cat([mask, mask[-1:]])
