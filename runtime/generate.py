@@ -166,10 +166,9 @@ class _Session:
         for buf in buffers.values():
             buf.current = None  # or the graph would skip decoding the unit the buffer happens to hold now
         self.reset()
+        # a graph of its own memory pool: its temporaries never overlap another graph's output
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(
-            graph
-        ):  # its own memory pool: one graph's temporaries never overlap another's output
+        with torch.cuda.graph(graph):
             self.logits = self.step()
         self.buffers_after = {dev: buf.current for dev, buf in buffers.items()}
         self.graph = graph
