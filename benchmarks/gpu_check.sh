@@ -127,13 +127,22 @@ if [ -z "${SKIP_E2E:-}" ]; then
       --tmp "${TMPDIR:-/tmp}" 2>&1 | grep -v "it/s" | tee "$OUT/e2e.log"
     RC[e2e]=${PIPESTATUS[0]}
   fi
+  echo "== dfloat generate --stats on the demo model: fast path, then --no-graphs"
+  T=$(step_limit 60)
+  if enough_time demo_stats "$T"; then
+    for flag in "" --no-graphs; do
+      timeout "$T" "$PY" -c "from dfloat.cli.main import main; main()" generate -p "It is a truth" -n 60 \
+        --temperature 0 --stats $flag 2>&1 | tail -8 | tee -a "$OUT/generate_stats.log"
+      RC[demo_stats]=$(( ${RC[demo_stats]:-0} | ${PIPESTATUS[0]} ))
+    done
+  fi
 fi
 
 echo
 echo "== summary ($(( $(date +%s) - t0 )) s)"
 printf '%-12s %s\n' step "exit status"
 fail=0
-for k in tests benchmark memcheck racecheck e2e; do
+for k in tests benchmark memcheck racecheck e2e demo_stats; do
   [ -n "${RC[$k]+x}" ] || continue
   printf '%-12s %s\n' "$k" "${RC[$k]}"
   [ "${RC[$k]}" = 0 ] || [ "${RC[$k]}" = skipped ] || fail=1
