@@ -380,11 +380,10 @@ def generate_ids(
         if use_graphs or graphs is None:
             log.info("generation without a static cache or graphs: %s", reason)
         session = _Dynamic(model, batch, max_len, device)
-    path = (
-        "graph"
-        if session is not None and getattr(session, "graph", None)
-        else ("static" if kind is not None else "eager")
-    )
+    if kind is None:
+        path = "eager"
+    else:  # a session captured by an earlier call is replayed only when graphs are wanted now
+        path = "graph" if use_graphs and session.graph is not None else "static"
 
     if rows > batch:  # pad the batch with copies of the last row; their tokens are dropped
         extra = rows - batch
