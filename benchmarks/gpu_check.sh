@@ -94,7 +94,7 @@ PYEOF
 step_tests() {
   timeout "$1" "$PY" -m pytest -q -p no:cacheprovider -rs --durations=8 -m gpu tests/kernels/test_gpu_decoders.py \
     tests/kernels/test_triton_gpu.py tests/runtime/test_gpu_runtime.py tests/runtime/test_gpu_generate.py \
-    tests/runtime/test_transformers_integration.py 2>&1 | tee "$OUT/gpu_tests.log"
+    tests/runtime/test_transformers_integration.py tests/kernels/test_cuda_launch_gpu.py 2>&1 | tee "$OUT/gpu_tests.log"
   local rc=${PIPESTATUS[0]}
   RESULT[tests]="$(grep -E "passed|failed|error|skipped" "$OUT/gpu_tests.log" | tail -1)"
   return "$rc"
@@ -194,18 +194,51 @@ step_fuzz() {
   return "$rc"
 }
 
+step_integrity() {
+  # Issue 9: the cost of checksums on load and on a unit's first decode, and the hot-path lookup, on the GPU.
+  timeout "$1" "$PY" benchmarks/integrity.py --device cuda 2>&1 | tail -12 | tee "$OUT/integrity.log"
+  local rc=${PIPESTATUS[0]}
+  cp benchmarks/results/integrity_cuda.json "$OUT/" 2>/dev/null || true
+  RESULT[integrity]="$(tail -1 "$OUT/integrity.log" | cut -c1-90)"
+  return "$rc"
+}
+
+step_launch_cost() {
+  # Issue 10: host CPU per decompress_tensor(..., out=) call, 2000 back-to-back decodes of a tiny unit.
+  timeout "$1" "$PY" benchmarks/launch_cost.py --device cuda 2>&1 | tail -12 | tee "$OUT/launch_cost.log"
+  local rc=${PIPESTATUS[0]}
+  cp benchmarks/results/launch_cost_cuda.json "$OUT/" 2>/dev/null || true
+  RESULT[launch_cost]="$(grep -E "decompress_tensor" "$OUT/launch_cost.log" | tail -1 | cut -c1-90)"
+  return "$rc"
+}
+
+step_demo_stats() {
+  # Issue 11: `dfloat generate --stats` on the bundled demo, fast path then --no-graphs.
+  local rc=0 flag
+  for flag in "" --no-graphs; do
+    timeout "$(( $1 / 2 ))" "$PY" -c "from dfloat.cli.main import main; main()" generate -p "It is a truth" -n 60 \
+      --temperature 0 --stats $flag 2>&1 | tail -8 | tee -a "$OUT/generate_stats.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+  done
+  RESULT[demo_stats]="$(grep -E "^tokens" "$OUT/generate_stats.log" | tr -s ' ' | paste -sd';' | cut -c1-90)"
+  return "$rc"
+}
+
 # ---- the run ---------------------------------------------------------------------------------------------------
 
 run_step install 120
-run_step env 60
-run_step tests 200
-run_step benchmark 200
-run_step sass_proxy 90
-run_step memcheck 150
-run_step racecheck 90
-run_step fuzz 120
-run_step memory 90
-[ -z "${SKIP_E2E:-}" ] && run_step e2e 150
+run_step env 45
+run_step tests 150
+run_step benchmark 120
+run_step launch_cost 30
+run_step sass_proxy 60
+run_step memcheck 60
+run_step racecheck 45
+run_step fuzz 90
+run_step memory 60
+run_step integrity 40
+[ -z "${SKIP_E2E:-}" ] && run_step e2e 120
+run_step demo_stats 60
 
 echo
 echo "== summary ($(( $(date +%s) - t0 )) s of a ${BUDGET_S} s budget)"

@@ -153,7 +153,7 @@ class _Session:
         self.slot.zero_()
         self.pos.zero_()
 
-    def capture(self, pool) -> None:
+    def capture(self) -> None:
         """Warm up on a side stream, then record one step; every dfloat unit is decoded inside the graph."""
         self.reset()
         side = torch.cuda.Stream(self.device)
@@ -166,8 +166,9 @@ class _Session:
         for buf in buffers.values():
             buf.current = None  # or the graph would skip decoding the unit the buffer happens to hold now
         self.reset()
+        # a graph of its own memory pool: its temporaries never overlap another graph's output
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        with torch.cuda.graph(graph):
             self.logits = self.step()
         self.buffers_after = {dev: buf.current for dev, buf in buffers.items()}
         self.graph = graph
@@ -372,18 +373,17 @@ def generate_ids(
     if session is not None and use_graphs and session.graph is None:
         t0 = time.perf_counter()
         with torch.inference_mode():
-            session.capture(_sessions(model).setdefault("pool", torch.cuda.graph_pool_handle()))
+            session.capture()
         capture_s = time.perf_counter() - t0
         log.info("captured the decode step for batch %d, cache %d slots (%.2f s)", rows, max_len, capture_s)
     if session is None:
         if use_graphs or graphs is None:
             log.info("generation without a static cache or graphs: %s", reason)
         session = _Dynamic(model, batch, max_len, device)
-    path = (
-        "graph"
-        if session is not None and getattr(session, "graph", None)
-        else ("static" if kind is not None else "eager")
-    )
+    if kind is None:
+        path = "eager"
+    else:  # a session captured by an earlier call is replayed only when graphs are wanted now
+        path = "graph" if use_graphs and session.graph is not None else "static"
 
     if rows > batch:  # pad the batch with copies of the last row; their tokens are dropped
         extra = rows - batch

@@ -2,9 +2,11 @@
 transformers' greedy generate, sampling is reproducible, stop tokens and streaming work.
 
 Exactness note: a static cache attends over all its slots with masks, dynamic generate over exactly the filled
-ones; in BF16 the two can round a logit differently, and transformers' own static and dynamic caches then disagree
-at a near-tie for left-padded batches. So padded batches of transformers models are compared with transformers'
-``cache_implementation="static"``, which must match token for token; batch 1 with the default generate.
+ones. In BF16 the two can round a logit differently, and at a near-tie pick different tokens: transformers' own
+static and dynamic caches disagree that way on a left-padded batch of the tiny Qwen2 (in some runs: CPU kernels'
+rounding also depends on threading). So for random models the BF16 check is batch 1, and the left-padded batch is
+checked on a float32 copy, where rounding differences cannot flip a choice, against the default generate (5.17
+and 5.24 alike). The trained demo model is checked in BF16 at batch 1 and 3.
 """
 
 import pytest
@@ -69,8 +71,9 @@ def test_transformers_families_match_generate(family):
     one = generate_ids(model, ids[:1], max_new_tokens=NEW, stop_token_ids=[])
     assert one.path == "static"
     assert one.tokens == _greedy(model, ids[:1], mask[:1])
+    model = model.float()
     three = generate_ids(model, ids, mask, max_new_tokens=NEW, stop_token_ids=[])
-    assert three.tokens == _greedy(model, ids, mask, cache_implementation="static")
+    assert three.tokens == _greedy(model, ids, mask)
     # a batch padded up to a graph bucket (copies of a row) gives the same rows
     bucket = generate_ids(model, ids, mask, max_new_tokens=NEW, stop_token_ids=[], batch_buckets=(4,))
     assert bucket.tokens == three.tokens
@@ -80,10 +83,11 @@ def test_transformers_families_match_generate(family):
 def test_research_architectures_match_generate(arch, caplog):
     from dfloat.models.testing import tiny_model
 
-    model = tiny_model(arch).to(torch.bfloat16)
+    model = tiny_model(arch)
     ids, mask = _left_padded(model.config.vocab_size, seed=2)
     with caplog.at_level("INFO", logger="dfloat.runtime.generate"):
-        for rows in (1, 3):
+        for rows, dtype in ((1, torch.bfloat16), (3, torch.float32)):  # float32: see the note at the top
+            model = model.to(dtype)
             result = generate_ids(model, ids[:rows], mask[:rows], max_new_tokens=NEW, stop_token_ids=[])
             assert result.tokens == _greedy(model, ids[:rows], mask[:rows])
     if arch == "bottlenecked":  # its cache rewrites cannot be static: eager, and the log says why

@@ -1,6 +1,8 @@
 """On a GPU: the CUDA-graph decode path gives the tokens of the eager BF16 model, and a captured step's logits
 equal the same step run eagerly, for BF16 and compressed weights (decode kernels inside the graph)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -55,9 +57,13 @@ def test_graph_tokens_equal_eager_bf16_tokens(models, rows):
         again = generate_ids(model, ids, mask, max_new_tokens=24, stop_token_ids=[])  # the graph is reused
         assert again.capture_s == 0 and again.tokens == eager.tokens
         release_graphs(model)
-    if rows == 1:  # and the same tokens as transformers' generate on the BF16 model
-        ref = bf16.generate(ids, attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False)
-        assert ref[:, ids.shape[1] :].tolist() == eager.tokens
+
+    # and transformers' eager generate, on a float32 copy (in BF16 a near-tie can round differently between a
+    # static and a dynamic cache, see tests/runtime/test_generate.py)
+    f32 = copy.deepcopy(bf16).float()
+    ref = f32.generate(ids, attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    graph = generate_ids(f32, ids, mask, max_new_tokens=24, stop_token_ids=[], graphs=True)
+    assert graph.path == "graph" and graph.tokens == ref[:, ids.shape[1] :].tolist()
 
 
 @pytest.mark.parametrize("which", ["bf16", "dfloat"])
@@ -69,7 +75,7 @@ def test_captured_step_logits_equal_eager_step(models, which):
         for capture in (True, False):
             s = _Session(model, "hf", 4, 256, torch.device("cuda"))
             if capture:
-                s.capture(torch.cuda.graph_pool_handle())
+                s.capture()
             s.reset()
             rows_ids = torch.cat([ids, ids[-1:]])
             rows_mask = torch.cat([mask, mask[-1:]])
