@@ -147,7 +147,7 @@ def measure(model, prompts, max_new: int, k: int, confidence: float) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--deb", type=Path, required=True, help="r-cran-janeaustenr .deb (the demo corpus)")
-    ap.add_argument("--head-steps", type=int, default=200)
+    ap.add_argument("--head-steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=128)
     ap.add_argument("--kl-weight", type=float, default=1.0)
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--draft-tokens", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--confidence", type=float, nargs="+", default=[0.0, 0.3, 0.6])
+    ap.add_argument("--confidence", type=float, nargs="+", default=[0.0, 0.1, 0.3])
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -193,13 +193,11 @@ def main(argv=None) -> int:
         ["head", "draft_tokens", "draft_confidence", "acceptance_rate", "tokens_per_verify", "drafted",
          "verify_steps", "equal_to_greedy"],
     )  # fmt: skip
-    info = (
-        json.loads((args.backbone / "training_info.json").read_text())
-        if (args.backbone / "training_info.json").exists()
-        else {}
-    )
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    backbone = {k: info.get(k) for k in ("arch", "params", "steps", "tokens_seen", "val_loss_fp32")}
+    info_path = folder / "training_info.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    settings = {k: v for k, v in vars(args).items() if k != "deb"}
+    backbone = {"model": "dfloat/demo/model (decompressed, run in float32)", "logits_equal_polycom": same}
+    backbone.update({k: info.get(k) for k in ("arch", "params", "steps", "val_loss_fp32")})
     write_result("nextlat_speculative", rows, settings=settings, backbone=backbone, head_training=log)
     return 0
 

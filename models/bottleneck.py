@@ -194,7 +194,8 @@ class _ProcessorState:
         """Add this layer's attention probabilities from queries in the rows' current steps onto the key slots."""
         with torch.no_grad():
             n, kv = q.shape[-2], k.shape[-2]
-            skip = min(max(min(self.step_start) - (kv - n), 0), n)  # queries before every row's step (the prompt)
+            # queries before every row's step (the prompt) add nothing: skip them
+            skip = min(max(min(self.step_start) - (kv - n), 0), n)
             if skip == n:
                 return
             if skip:
