@@ -36,6 +36,7 @@ from .skeleton import (
     DecoderConfig,
     DecoderForCausalLM,
     DecoderModel,
+    StaticKVCache,
     combine_padding,
     full_attention_mask,
 )
@@ -283,7 +284,10 @@ class MASFormerModel(DecoderModel):
 
     def forward(self, *args, cache=None, past_key_values=None, **kwargs):
         cache = cache if cache is not None else past_key_values
-        if cache is not None and self.config.sparse_attention_impl == "chunked":
+        # A StaticKVCache (dfloat.generate's CUDA-graph path) keeps every slot: its sparse layers then use the
+        # dense-mask reference, which needs no rolling cache.
+        self._dense_spans = isinstance(cache, StaticKVCache)
+        if cache is not None and self.config.sparse_attention_impl == "chunked" and not self._dense_spans:
             self._install_rolling_layers(cache)
         return super().forward(*args, cache=cache, **kwargs)
 
@@ -304,7 +308,7 @@ class MASFormerModel(DecoderModel):
 
     def build_attention_masks(self, q_slots, kv_len, padding_mask):
         cfg = self.config
-        chunked = cfg.sparse_attention_impl == "chunked"
+        chunked = cfg.sparse_attention_impl == "chunked" and not getattr(self, "_dense_spans", False)
         if chunked and padding_mask is not None and not _padding_at_ends(padding_mask[:, :kv_len]):
             raise ValueError(
                 "MASFormer's chunked sparse attention needs padding only at the ends of each row of attention_mask "

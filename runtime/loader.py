@@ -44,6 +44,7 @@ class _Unit:
     ct: CompressedTensor  # on the execution device, or pinned on the host with cpu_offload
     device: torch.device
     slots: list[_Slot]
+    bound: bool = False  # its weights are the fixed views of the decode buffer (not private training copies)
 
 
 @dataclass
@@ -73,6 +74,7 @@ class DecodeBuffer:
             view = self.tensor[slot.offset : slot.offset + math.prod(slot.shape)].view(slot.shape)
             for module, attr in slot.places:
                 module._parameters[attr] = torch.nn.Parameter(view, requires_grad=False)
+        unit.bound = True
 
     def ensure(self, unit: _Unit) -> None:
         if self.current == unit.name:
@@ -338,6 +340,9 @@ def _make_hook(unit_list: list[_Unit], buffers: dict[torch.device, DecodeBuffer]
             if torch.is_grad_enabled() and module.training:
                 _decode_for_autograd(unit, buffers[unit.device])
             else:
+                if not unit.bound:  # back from training: the weights go back to the shared buffer
+                    buffers[unit.device].bind(unit)
+                    buffers[unit.device].current = None
                 buffers[unit.device].ensure(unit)
                 # Weights saved for a backward pass are views of the shared buffer: mark it changed, so autograd
                 # refuses (instead of silently using the next unit's weights) when training in eval mode.
@@ -356,7 +361,7 @@ def _decode_for_autograd(unit: _Unit, buf: DecodeBuffer) -> None:
         view = flat[slot.offset : slot.offset + math.prod(slot.shape)].view(slot.shape)
         for module, attr in slot.places:
             module._parameters[attr] = torch.nn.Parameter(view, requires_grad=False)
-    buf.current = None  # the modules no longer point into the buffer
+    unit.bound = False  # the modules no longer point into the buffer
 
 
 def _inputs_to(device: torch.device):

@@ -110,3 +110,23 @@ def test_training_lowers_loss_base_bytes_unchanged_adapters_roundtrip(folders, t
         assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "merged-dfloat")(ids).logits, want)
     for name, p in merged_ref.state_dict().items():
         assert torch.equal(merged.state_dict()[name], p), name
+
+
+def test_back_in_eval_the_weights_are_the_shared_buffer_again(folders):
+    """Training decodes into private tensors; eval must put the weights back on the fixed buffer views (the
+    CUDA-graph path records those addresses, and private copies would hold the whole model in memory)."""
+    model = dfloat.load_compressed(folders / "dfloat")
+    ids = _batch()
+    with torch.no_grad():
+        want = model(ids).logits
+    buf = next(iter(model._dfloat_buffers.values())).tensor
+    lo, hi = buf.data_ptr(), buf.data_ptr() + buf.numel() * buf.element_size()
+    q = model.model.layers[0].self_attn.q_proj
+    model.train()
+    model(input_ids=ids, labels=ids).loss  # decodes layer 0 into a private tensor
+    assert not lo <= q.weight.data_ptr() < hi
+    model.eval()
+    with torch.no_grad():
+        got = model(ids).logits
+    assert lo <= q.weight.data_ptr() < hi
+    assert torch.equal(got, want)
