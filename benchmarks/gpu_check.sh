@@ -77,6 +77,15 @@ if enough_time benchmark "$T"; then
   RC[benchmark]=${PIPESTATUS[0]}
 fi
 
+echo "== fused decode-GEMV (issue 14): its GPU tests, then fused vs cuBLAS BF16 on one Llama-3.1-8B layer"
+T=$(step_limit 300)
+if enough_time gemv "$T"; then
+  timeout "$T" bash -c "'$PY' -m pytest -q -p no:cacheprovider -rs -m gpu tests/kernels/test_gpu_gemv.py \
+    && '$PY' benchmarks/gpu_gemv.py --repeats 20" 2>&1 | tee "$OUT/gpu_gemv.log"
+  RC[gemv]=${PIPESTATUS[0]}
+  cp benchmarks/results/gpu_gemv_*.json "$OUT/" 2>/dev/null || true
+fi
+
 SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)"
 if [ -n "$SANITIZER" ]; then
   cat >"$OUT/sanitize_case.py" <<'PYEOF'
@@ -134,7 +143,7 @@ echo
 echo "== summary ($(( $(date +%s) - t0 )) s)"
 printf '%-12s %s\n' step "exit status"
 fail=0
-for k in tests benchmark memcheck racecheck e2e; do
+for k in tests benchmark gemv memcheck racecheck e2e; do
   [ -n "${RC[$k]+x}" ] || continue
   printf '%-12s %s\n' "$k" "${RC[$k]}"
   [ "${RC[$k]}" = 0 ] || [ "${RC[$k]}" = skipped ] || fail=1

@@ -7,7 +7,7 @@ import time
 import click
 
 
-def load_for_generation(model_path, device):
+def load_for_generation(model_path, device, matmul="decode"):
     """(model, tokenizer, compressed?) for a compressed folder, an official DF11 folder or a plain BF16 model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -19,8 +19,10 @@ def load_for_generation(model_path, device):
     config = src.read_config(folder)
     compressed = "dfloat" in config or "dfloat11_config" in config
     if compressed:
-        model = dfloat.load_compressed(folder, device=device)
+        model = dfloat.load_compressed(folder, device=device, matmul=matmul)
     else:
+        if matmul != "decode":
+            raise click.UsageError("--fused needs a compressed model (it multiplies from the coded weights)")
         src.weight_files(folder)  # a clear error if there are no weights
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()
     try:
@@ -40,7 +42,9 @@ def load_for_generation(model_path, device):
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if present].")
 @click.option("--chat", is_flag=True, help="Apply the tokenizer's chat template to the prompt.")
 @click.option("--stats", is_flag=True, help="Print tokens/s, time to first token, peak memory and bandwidth.")
-def command(model, prompt, max_new_tokens, temperature, top_p, seed, device, chat, stats):
+@click.option("--fused", is_flag=True,
+              help="CUDA: multiply straight from the coded weights (deterministic, not bit-identical to BF16).")
+def command(model, prompt, max_new_tokens, temperature, top_p, seed, device, chat, stats, fused):
     """Generate text with MODEL (Hub id or folder; default: the bundled demo model)."""
     import torch
     from transformers import TextStreamer
@@ -52,7 +56,7 @@ def command(model, prompt, max_new_tokens, temperature, top_p, seed, device, cha
     if seed is not None:
         torch.manual_seed(seed)
     t_load = time.perf_counter()
-    lm, tok, compressed = load_for_generation(model or demo_model_path(), device)
+    lm, tok, compressed = load_for_generation(model or demo_model_path(), device, "fused" if fused else "decode")
     t_load = time.perf_counter() - t_load
     if chat:
         if not getattr(tok, "chat_template", None):

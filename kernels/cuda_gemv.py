@@ -36,7 +36,8 @@ def _cupy():
         import cupy
     except ImportError as e:
         raise BackendUnavailableError(
-            f"the fused GEMV needs CuPy: pip install 'dfloat[cuda13]' (CUDA 13) or 'dfloat[cuda12]' ({e})") from None
+            f"the fused GEMV needs CuPy: pip install 'dfloat[cuda13]' (CUDA 13) or 'dfloat[cuda12]' ({e})"
+        ) from None
     return cupy
 
 
@@ -71,21 +72,41 @@ def rows_per_pass(batch: int) -> int:
 def plan(kind: str, rows_per_tile: int, threads: int, n_tiles: int, peek: int, batch: int) -> GemvPlan:
     """Grid, block, shared memory and template instance for one launch ("fused", "twin" or "decode")."""
     nb = rows_per_pass(batch)
-    lut_words = (1 << peek) if kind != "twin" else 0
+    lut_words = (2 << peek) if kind != "twin" else 0
     red_words = (threads // 32) * rows_per_tile * nb if kind != "decode" else 0
-    name = {"fused": f"dfloat_gemv<{rows_per_tile}, {nb}>", "twin": f"dfloat_gemv_twin<{rows_per_tile}, {nb}>",
-            "decode": f"dfloat_gemv_decode<{rows_per_tile}>"}[kind]
+    name = {
+        "fused": f"dfloat_gemv<{rows_per_tile}, {nb}>",
+        "twin": f"dfloat_gemv_twin<{rows_per_tile}, {nb}>",
+        "decode": f"dfloat_gemv_decode<{rows_per_tile}>",
+    }[kind]
     return GemvPlan(name, n_tiles, threads, 4 * (lut_words + red_words), nb)
 
 
-def launch_args(gm_arrays, *, peek: int, w, x, y, n: int, k: int, groups: int, batch: int, ldx: int, ldy: int,
-                vec_x: bool) -> tuple:
+def launch_args(
+    gm_arrays, *, peek: int, w, x, y, n: int, k: int, groups: int, batch: int, ldx: int, ldy: int, vec_x: bool
+) -> tuple:
     """The kernels' parameters (DFG_PARAMS in gemv.cu) in order, as sized numpy scalars; tensors by data_ptr()."""
     enc, woff, sm, lut = gm_arrays
     p = lambda t: np.uint64(t.data_ptr() if t is not None else 0)  # noqa: E731
     i32, i64 = np.int32, np.int64
-    return (p(enc), i64(enc.numel() if enc is not None else 0), p(woff), p(sm), p(lut), i32(peek), p(w), p(x),
-            p(y), i32(n), i32(k), i32(groups), i32(batch), i64(ldx), i64(ldy), i32(int(vec_x)))
+    return (
+        p(enc),
+        i64(enc.numel() if enc is not None else 0),
+        p(woff),
+        p(sm),
+        p(lut),
+        i32(peek),
+        p(w),
+        p(x),
+        p(y),
+        i32(n),
+        i32(k),
+        i32(groups),
+        i32(batch),
+        i64(ldx),
+        i64(ldy),
+        i32(int(vec_x)),
+    )
 
 
 def x_is_vectorisable(x: torch.Tensor) -> bool:
@@ -131,7 +152,10 @@ def _launch(pl: GemvPlan, device: torch.device, args: tuple) -> None:
     fn = _function(device.index, pl.kernel)
     if pl.smem > 48 * 1024:
         fn.max_dynamic_shared_size_bytes = pl.smem
-    with cupy.cuda.Device(device.index), _stream(cupy, torch.cuda.current_stream(device).cuda_stream, device.index):
+    with (
+        cupy.cuda.Device(device.index),
+        _stream(cupy, torch.cuda.current_stream(device).cuda_stream, device.index),
+    ):
         fn((pl.grid,), (pl.block,), args, shared_mem=pl.smem)
 
 
@@ -141,13 +165,26 @@ def gemv(gm: GemvMatrix, x: torch.Tensor, out: torch.Tensor | None = None) -> to
     x = _check_x(x, k, gm.device)
     y = out if out is not None else torch.empty(x.shape[0], n, dtype=torch.bfloat16, device=x.device)
     if y.shape != (x.shape[0], n) or y.stride(1) != 1 or y.dtype != torch.bfloat16:
-        raise ShapeMismatchError(f"fused GEMV: out must be a BF16 ({x.shape[0]}, {n}) tensor with unit column stride")
+        raise ShapeMismatchError(
+            f"fused GEMV: out must be a BF16 ({x.shape[0]}, {n}) tensor with unit column stride"
+        )
     if x.shape[0] == 0:
         return y
     pl = plan("fused", gm.rows_per_tile, gm.threads, gm.n_tiles, gm.peek, x.shape[0])
-    args = launch_args((gm.enc, gm.warp_offsets, gm.sm, gm.lut), peek=gm.peek, w=None, x=x, y=y, n=n, k=k,
-                       groups=gm.groups, batch=x.shape[0], ldx=x.stride(0), ldy=y.stride(0),
-                       vec_x=x_is_vectorisable(x))
+    args = launch_args(
+        (gm.enc, gm.warp_offsets, gm.sm, gm.lut),
+        peek=gm.peek,
+        w=None,
+        x=x,
+        y=y,
+        n=n,
+        k=k,
+        groups=gm.groups,
+        batch=x.shape[0],
+        ldx=x.stride(0),
+        ldy=y.stride(0),
+        vec_x=x_is_vectorisable(x),
+    )
     _launch(pl, x.device, args)
     return y
 
@@ -160,8 +197,20 @@ def twin(weight: torch.Tensor, x: torch.Tensor, rows_per_tile: int, threads: int
     y = torch.empty(x.shape[0], n, dtype=torch.bfloat16, device=x.device)
     pl = plan("twin", rows_per_tile, threads, math.ceil(n / rows_per_tile), 1, x.shape[0])
     groups = math.ceil(k / (4 * threads))
-    args = launch_args((None, None, None, None), peek=1, w=weight, x=x, y=y, n=n, k=k, groups=groups,
-                       batch=x.shape[0], ldx=x.stride(0), ldy=y.stride(0), vec_x=x_is_vectorisable(x))
+    args = launch_args(
+        (None, None, None, None),
+        peek=1,
+        w=weight,
+        x=x,
+        y=y,
+        n=n,
+        k=k,
+        groups=groups,
+        batch=x.shape[0],
+        ldx=x.stride(0),
+        ldy=y.stride(0),
+        vec_x=x_is_vectorisable(x),
+    )
     _launch(pl, x.device, args)
     return y
 
@@ -173,7 +222,19 @@ def decode_matrix(gm: GemvMatrix, out: torch.Tensor | None = None) -> torch.Tens
     if w.shape != (n, k) or not w.is_contiguous() or w.dtype != torch.bfloat16:
         raise ShapeMismatchError(f"decode_matrix: out must be a contiguous BF16 ({n}, {k}) tensor")
     pl = plan("decode", gm.rows_per_tile, gm.threads, gm.n_tiles, gm.peek, 1)
-    args = launch_args((gm.enc, gm.warp_offsets, gm.sm, gm.lut), peek=gm.peek, w=None, x=None, y=None, n=n, k=k,
-                       groups=gm.groups, batch=0, ldx=0, ldy=0, vec_x=False)
+    args = launch_args(
+        (gm.enc, gm.warp_offsets, gm.sm, gm.lut),
+        peek=gm.peek,
+        w=None,
+        x=None,
+        y=None,
+        n=n,
+        k=k,
+        groups=gm.groups,
+        batch=0,
+        ldx=0,
+        ldy=0,
+        vec_x=False,
+    )
     _launch(pl, gm.device, (*args, np.uint64(w.data_ptr())))
     return w

@@ -19,11 +19,19 @@ from dfloat.errors import CorruptStreamError, ShapeMismatchError, UnsupportedDty
 from dfloat.huffman import canonical_codes, code_lengths
 
 LAYOUT_NAME = "gemv"
-MAX_PEEK = 12  # longest code: the lookup table has 2^12 u32 entries (16 KiB) and two codes fit a refill
-DEFAULT_THREADS = 128
+MAX_PEEK = 12  # longest code: the lookup table has 2^12 pairs of u32 (32 KiB) and two codes fit a refill
 ROWS_PER_TILE_CHOICES = (8, 4, 2)
 MIN_TILES = 200  # about 1.5 waves of blocks on a 132-SM H100
 _CHUNK_WEIGHTS = 1 << 22  # tiles are encoded in chunks of about this many weights (bounded memory)
+
+
+def default_threads(k: int) -> int:
+    """The widest block (128, 64 or 32 threads) whose column groups pad K by at most 3%, else the least padding."""
+    padded = {t: math.ceil(k / (4 * t)) * 4 * t for t in (128, 64, 32)}
+    for t in (128, 64, 32):
+        if padded[t] <= 1.03 * k:
+            return t
+    return min(padded, key=lambda t: (padded[t], -t))
 
 
 def default_rows_per_tile(n_rows: int) -> int:
@@ -45,7 +53,7 @@ class GemvMatrix:
     enc: torch.Tensor  # int32 words (u32 bit patterns)
     warp_offsets: torch.Tensor  # int64[n_tiles * n_warps + 1]
     sm: torch.Tensor  # int32 words, 4 sign|mantissa bytes each
-    lut: torch.Tensor  # int32[1 << peek]
+    lut: torch.Tensor  # int32[2 << peek]: (exponent << 23, code length) pairs
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -62,7 +70,7 @@ class GemvMatrix:
 
     @property
     def peek(self) -> int:
-        return int(self.lut.numel()).bit_length() - 1
+        return int(self.lut.numel()).bit_length() - 2
 
     @property
     def device(self) -> torch.device:
@@ -70,7 +78,9 @@ class GemvMatrix:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.code_lengths, self.enc, self.warp_offsets, self.sm))
+        return sum(
+            t.numel() * t.element_size() for t in (self.code_lengths, self.enc, self.warp_offsets, self.sm)
+        )
 
     @property
     def bits_per_weight(self) -> float:
@@ -82,8 +92,10 @@ class GemvMatrix:
         return replace(self, **{k: getattr(self, k).to(device) for k in names}, _cache={})
 
     def __repr__(self) -> str:
-        return (f"GemvMatrix(shape={self.shape}, rows_per_tile={self.rows_per_tile}, threads={self.threads}, "
-                f"peek={self.peek}, bits_per_weight={self.bits_per_weight:.3f}, device={self.device})")
+        return (
+            f"GemvMatrix(shape={self.shape}, rows_per_tile={self.rows_per_tile}, threads={self.threads}, "
+            f"peek={self.peek}, bits_per_weight={self.bits_per_weight:.3f}, device={self.device})"
+        )
 
 
 def _lane_order(a: np.ndarray, n_tiles: int, r: int, g: int, t: int) -> np.ndarray:
@@ -92,20 +104,21 @@ def _lane_order(a: np.ndarray, n_tiles: int, r: int, g: int, t: int) -> np.ndarr
 
 
 def lookup_table(lengths: np.ndarray) -> np.ndarray:
-    """uint32[2^peek]: for the next `peek` bits, (exponent << 23) | code length (canonical code)."""
+    """uint32[2^peek, 2]: for the next `peek` bits, (exponent << 23, code length) of the canonical code."""
     lengths = np.asarray(lengths, dtype=np.int64)
     peek = max(int(lengths.max()), 1)
     codes = canonical_codes(lengths).astype(np.int64)
-    lut = np.zeros(1 << peek, dtype=np.uint32)
+    lut = np.zeros((1 << peek, 2), dtype=np.uint32)
     for sym in np.flatnonzero(lengths).tolist():  # at most 256 symbols
         n = int(lengths[sym])
         lo = int(codes[sym]) << (peek - n)
-        lut[lo : lo + (1 << (peek - n))] = (sym << 23) | n
+        lut[lo : lo + (1 << (peek - n))] = (sym << 23, n)
     return lut
 
 
-def encode(weight: torch.Tensor, rows_per_tile: int | None = None, threads: int = DEFAULT_THREADS,
-           name: str = "weight") -> GemvMatrix:
+def encode(
+    weight: torch.Tensor, rows_per_tile: int | None = None, threads: int | None = None, name: str = "weight"
+) -> GemvMatrix:
     """Code a 2-D BF16 matrix in the GEMV layout (lossless; `decode` gives back the same bits).
 
     Raises UnsupportedDtypeError for non-BF16 input and ShapeMismatchError for anything but a non-empty matrix
@@ -114,7 +127,10 @@ def encode(weight: torch.Tensor, rows_per_tile: int | None = None, threads: int 
     if weight.dtype != torch.bfloat16:
         raise UnsupportedDtypeError(f"{name}: the GEMV layout codes BF16 matrices, got {weight.dtype}")
     if weight.dim() != 2 or weight.numel() == 0:
-        raise ShapeMismatchError(f"{name}: the GEMV layout needs a non-empty 2-D matrix, got {tuple(weight.shape)}")
+        raise ShapeMismatchError(
+            f"{name}: the GEMV layout needs a non-empty 2-D matrix, got {tuple(weight.shape)}"
+        )
+    threads = threads or default_threads(weight.shape[1])
     if threads % 32 or not 32 <= threads <= 256:
         raise ShapeMismatchError(f"{name}: threads must be a multiple of 32 in 32..256, got {threads}")
     n, k = weight.shape
@@ -143,7 +159,9 @@ def encode(weight: torch.Tensor, rows_per_tile: int | None = None, threads: int 
         rows = bits[first * r : (first + nt) * r]
         padded[: rows.shape[0], :k] = rows
         sm_bytes = (((padded >> 8) & 0x80) | (padded & 0x7F)).astype(np.uint8)
-        sm_parts.append(sm_bytes.reshape(nt, r, g, t, 4).transpose(0, 2, 1, 3, 4).copy().reshape(-1).view(np.uint32))
+        sm_parts.append(
+            sm_bytes.reshape(nt, r, g, t, 4).transpose(0, 2, 1, 3, 4).copy().reshape(-1).view(np.uint32)
+        )
         lane_exps = _lane_order(((padded >> 7) & 0xFF).astype(np.uint8), nt, r, g, t)
         lens = lengths[lane_exps].astype(np.int64)  # [lanes, codes per lane]
         ends = np.cumsum(lens, axis=1)
@@ -157,22 +175,27 @@ def encode(weight: torch.Tensor, rows_per_tile: int | None = None, threads: int 
         shift = (64 - lens - (starts & 31)).astype(np.uint64)
         v = codes[lane_exps] << shift
         total = int(woff[-1])
-        hi = np.bincount(word.reshape(-1), weights=(v >> np.uint64(32)).astype(np.float64).reshape(-1),
-                         minlength=total)
+        hi = np.bincount(
+            word.reshape(-1), weights=(v >> np.uint64(32)).astype(np.float64).reshape(-1), minlength=total
+        )
         lo_v = (v & np.uint64(0xFFFFFFFF)).reshape(-1)
         spill = lo_v != 0
-        lo = np.bincount((word.reshape(-1) + 32)[spill], weights=lo_v[spill].astype(np.float64), minlength=total)
+        lo = np.bincount(
+            (word.reshape(-1) + 32)[spill], weights=lo_v[spill].astype(np.float64), minlength=total
+        )
         enc_parts.append((hi[:total] + lo[:total]).astype(np.uint32))  # fields never overlap: sum == or
         warp_words.append(ww * 32)
     ww_all = np.concatenate(warp_words)
     warp_offsets = np.concatenate([[0], np.cumsum(ww_all)]).astype(np.int64)
     return GemvMatrix(
-        shape=(n, k), rows_per_tile=r, threads=t,
+        shape=(n, k),
+        rows_per_tile=r,
+        threads=t,
         code_lengths=torch.from_numpy(lengths.astype(np.uint8)),
         enc=torch.from_numpy(np.concatenate(enc_parts).view(np.int32)),
         warp_offsets=torch.from_numpy(warp_offsets),
         sm=torch.from_numpy(np.concatenate(sm_parts).view(np.int32)),
-        lut=torch.from_numpy(lut.view(np.int32)),
+        lut=torch.from_numpy(lut.reshape(-1).view(np.int32)),
     )
 
 
@@ -183,7 +206,7 @@ def decode(gm: GemvMatrix) -> torch.Tensor:
     n_tiles, peek = gm.n_tiles, gm.peek
     enc = gm.enc.cpu().numpy().view(np.uint32).astype(np.uint64)
     woff = gm.warp_offsets.cpu().numpy()
-    lut = gm.lut.cpu().numpy().view(np.uint32)
+    lut = gm.lut.cpu().numpy().view(np.uint32).reshape(-1, 2)
     if woff.shape != (n_tiles * nw + 1,) or woff[0] != 0 or woff[-1] != enc.size or (np.diff(woff) < 0).any():
         raise CorruptStreamError(f"GEMV matrix {gm.shape}: warp offsets do not match the stream")
     lanes = n_tiles * t
@@ -203,8 +226,8 @@ def decode(gm: GemvMatrix) -> torch.Tensor:
         q, off = pos >> 5, pos & 31
         window = ((word(q) << np.uint64(32)) | word(q + 1)) >> (np.uint64(64 - peek) - off.astype(np.uint64))
         e = lut[(window & np.uint64(mask)).astype(np.int64)]
-        exps[:, c] = (e >> 23) & 0xFF
-        pos += e & 31
+        exps[:, c] = e[:, 0] >> 23
+        pos += e[:, 1]
     exps = exps.reshape(n_tiles, t, g, r, 4).transpose(0, 3, 2, 1, 4).reshape(n_tiles * r, g * 4 * t)
     sm = gm.sm.cpu().numpy().view(np.uint8).reshape(n_tiles, g, r, t, 4).transpose(0, 2, 1, 3, 4)
     sm = sm.reshape(n_tiles * r, g * 4 * t).astype(np.uint16)

@@ -305,6 +305,7 @@ def load_compressed(
     revision: str | None = None,
     token: str | bool | None = None,
     model_class=None,
+    matmul: str = "decode",
     **kw,
 ):
     """Load a dfloat (or official DFloat11) checkpoint as a transformers model with bit-identical outputs.
@@ -316,6 +317,9 @@ def load_compressed(
         cpu_offload: keep compressed units in pinned host memory and copy each to the GPU before decoding it.
         backend: decoder ("cpu", "triton", "cuda"; default: the fastest for the device).
         model_class: the transformers class to build (default: from config.json).
+        matmul: "decode" (default: decode each block, then the model's own math; bit-identical to BF16) or
+            "fused" (CUDA: linear layers multiply straight from coded weights for <= 16 rows; deterministic and
+            bit-identical to the fused kernel's twin, not to cuBLAS; see runtime/fused.py).
         **kw: passed to the model's construction (e.g. ``attn_implementation="sdpa"``).
     Returns:
         The model in eval mode; ``generate()`` works as usual.
@@ -345,6 +349,13 @@ def load_compressed(
         units, plain = read_official(folder, config, model)
     if device_map == "auto":
         device_map = _auto_device_map(units)
+    if matmul != "decode":
+        from dfloat.runtime import fused
+
+        fused.check_mode(matmul, device)
+        if device_map or cpu_offload:
+            raise ModelSourceError("matmul='fused' works on one device without cpu_offload (for now)")
+        units = fused.install(model, units, device)
     buffers = attach(
         model, units, plain, device, backend=backend, cpu_offload=cpu_offload, device_map=device_map
     )

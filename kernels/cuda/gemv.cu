@@ -17,8 +17,8 @@
 //           each lane padded with zero words to the longest stream of its warp (so a warp's loads are coalesced
 //           and every lane starts on its own: the "index" is one offset per warp).
 //   woff    i64[n_tiles * n_warps + 1]  word offset of each warp's interleaved region; the last entry = len(enc).
-//   lut     u32[1 << peek]  for the next `peek` bits of a stream (peek = the longest code, at most 12):
-//           (exponent << 23) | code_length. 16 KiB at most: it lives in shared memory.
+//   lut     u32[2 << peek]  for the next `peek` bits of a stream (peek = the longest code, at most 12), a pair
+//           (exponent << 23, code_length). 32 KiB at most: it lives in shared memory.
 //   BF16 word = ((sm & 0x80) << 8) | (exponent << 7) | (sm & 0x7F); as an f32: (sm & 0x80) << 24 | exponent << 23
 //           | (sm & 0x7F) << 16, built with one byte_perm and one bit-select.
 //
@@ -43,7 +43,11 @@ typedef unsigned int u32;
 typedef unsigned long long u64;
 typedef long long i64;
 
-#define DFG_MAX_WARPS 32
+// benchmarks/gemv_sass_proxy.py sets this to 1 to drop the edge-of-matrix path (unaligned x, the last partial
+// group of columns) from the loop it counts; kernels built for use never set it.
+#ifndef DFG_PROXY_FULL_GROUPS
+#define DFG_PROXY_FULL_GROUPS 0
+#endif
 
 struct GemvArgs {
     const u32* enc;
@@ -108,13 +112,12 @@ __device__ __forceinline__ void dfg_refill(DfgReader& s, const u32* __restrict__
 
 // Decode one weight as f32 bits: exponent from the table, sign and mantissa from byte j of `smw`.
 template <int J>
-__device__ __forceinline__ u32 dfg_decode(DfgReader& s, const u32* s_lut, int peek, u32 smw) {
-    const u32 e = s_lut[(u32)(s.buf >> (64 - peek))];
-    const int len = (int)(e & 31u);
-    s.buf <<= len;
-    s.nbits -= len;
+__device__ __forceinline__ u32 dfg_decode(DfgReader& s, const uint2* s_lut, int peek, u32 smw) {
+    const uint2 e = s_lut[(u32)(s.buf >> (64 - peek))];  // (exponent << 23, code length)
+    s.buf <<= e.y;
+    s.nbits -= (int)e.y;
     const u32 v = __byte_perm(smw, 0u, 0x0044u | (J * 0x1100u));  // sm byte in bits 31..24 and 23..16
-    return (v & 0x807FFFFFu) | (e & 0x7F800000u);
+    return (v & 0x807F0000u) | e.x;
 }
 
 template <int R, int NB, bool CODED>
@@ -129,10 +132,10 @@ __device__ __forceinline__ void dfg_gemv(const GemvArgs& a) {
     const int row0 = tile * R;
     const int peek = a.peek;
 
-    u32* s_lut = dfg_smem;
-    float* s_red = reinterpret_cast<float*>(dfg_smem + (CODED ? (1 << peek) : 0));  // [n_warps][R * NB]
+    const uint2* s_lut = reinterpret_cast<const uint2*>(dfg_smem);
+    float* s_red = reinterpret_cast<float*>(dfg_smem + (CODED ? (2 << peek) : 0));  // [n_warps][R * NB]
     if (CODED) {
-        for (int i = tid; i < (1 << peek); i += T) s_lut[i] = __ldg(a.lut + i);
+        for (int i = tid; i < (2 << peek); i += T) dfg_smem[i] = __ldg(a.lut + i);
     }
     __syncthreads();
 
@@ -157,30 +160,35 @@ __device__ __forceinline__ void dfg_gemv(const GemvArgs& a) {
         DfgReader s;
         if (CODED) dfg_start(s, ep, n_words);
 
-        for (int i = 0; i < a.groups; ++i) {
+        // Pointers advance by one group per iteration (no 64-bit index arithmetic in the loop).
+        const unsigned short* __restrict__ xg = a.x + (i64)b0 * a.ldx + 4 * tid;
+        const u32* __restrict__ smg = smp;
+        for (int i = 0; i < a.groups; ++i, xg += 4 * T, smg += R * T) {
             const int col = 4 * (tid + T * i);
             float xv[NB][4];
+            if (DFG_PROXY_FULL_GROUPS || (a.vec_x && 4 * T * (i + 1) <= a.k && b0 + NB <= a.b)) {  // uniform: a whole group of columns
 #pragma unroll
-            for (int nb = 0; nb < NB; ++nb) {
-                const bool row_ok = b0 + nb < a.b;
-                const unsigned short* xr = a.x + (i64)(b0 + nb) * a.ldx + col;
-                if (row_ok && a.vec_x && col + 3 < a.k) {
-                    const uint2 u = __ldg(reinterpret_cast<const uint2*>(xr));
+                for (int nb = 0; nb < NB; ++nb) {
+                    const uint2 u = __ldg(reinterpret_cast<const uint2*>(xg + nb * a.ldx));
                     xv[nb][0] = __uint_as_float(u.x << 16);
                     xv[nb][1] = __uint_as_float(u.x & 0xFFFF0000u);
                     xv[nb][2] = __uint_as_float(u.y << 16);
                     xv[nb][3] = __uint_as_float(u.y & 0xFFFF0000u);
-                } else {
+                }
+            } else {
+#pragma unroll
+                for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
                     for (int j = 0; j < 4; ++j)
-                        xv[nb][j] = (row_ok && col + j < a.k) ? __uint_as_float((u32)__ldg(xr + j) << 16) : 0.0f;
-                }
+                        xv[nb][j] = (b0 + nb < a.b && col + j < a.k)
+                                        ? __uint_as_float((u32)__ldg(xg + nb * a.ldx + j) << 16)
+                                        : 0.0f;
             }
 #pragma unroll
             for (int r = 0; r < R; ++r) {
                 u32 f[4];
                 if (CODED) {
-                    const u32 smw = __ldg(smp + ((i64)i * R + r) * T);
+                    const u32 smw = __ldg(smg + r * T);
                     f[0] = dfg_decode<0>(s, s_lut, peek, smw);
                     f[1] = dfg_decode<1>(s, s_lut, peek, smw);
                     dfg_refill(s, ep, n_words);
@@ -209,7 +217,7 @@ __device__ __forceinline__ void dfg_gemv(const GemvArgs& a) {
             for (int nb = 0; nb < NB; ++nb) {
                 float v = acc[r][nb];
 #pragma unroll
-                for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(0xffffffffu, v, d);
+                for (int d = 16; d > 0; d >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, d));
                 if (lane == 0) s_red[warp * (R * NB) + r * NB + nb] = v;
             }
         __syncthreads();
@@ -217,7 +225,7 @@ __device__ __forceinline__ void dfg_gemv(const GemvArgs& a) {
             const int r = o / NB;
             const int nb = o - r * NB;
             float v = s_red[o];
-            for (int wi = 1; wi < n_warps; ++wi) v += s_red[wi * (R * NB) + o];
+            for (int wi = 1; wi < n_warps; ++wi) v = __fadd_rn(v, s_red[wi * (R * NB) + o]);
             if (row0 + r < a.n && b0 + nb < a.b) a.y[(i64)(b0 + nb) * a.ldy + row0 + r] = dfg_bf16_rn(v);
         }
         __syncthreads();
@@ -235,7 +243,8 @@ __device__ __forceinline__ void dfg_decode_matrix(const GemvArgs& a, unsigned sh
     const int n_warps = T >> 5;
     const int tile = (int)blockIdx.x;
     const int row0 = tile * R;
-    for (int i = tid; i < (1 << a.peek); i += T) dfg_smem[i] = __ldg(a.lut + i);
+    for (int i = tid; i < (2 << a.peek); i += T) dfg_smem[i] = __ldg(a.lut + i);
+    const uint2* s_lut = reinterpret_cast<const uint2*>(dfg_smem);
     __syncthreads();
     i64 w0 = a.woff[(i64)tile * n_warps + warp];
     i64 w1 = a.woff[(i64)tile * n_warps + warp + 1];
@@ -251,11 +260,11 @@ __device__ __forceinline__ void dfg_decode_matrix(const GemvArgs& a, unsigned sh
         for (int r = 0; r < R; ++r) {
             const u32 smw = __ldg(smp + ((i64)i * R + r) * T);
             u32 f[4];
-            f[0] = dfg_decode<0>(s, dfg_smem, a.peek, smw);
-            f[1] = dfg_decode<1>(s, dfg_smem, a.peek, smw);
+            f[0] = dfg_decode<0>(s, s_lut, a.peek, smw);
+            f[1] = dfg_decode<1>(s, s_lut, a.peek, smw);
             dfg_refill(s, ep, n_words);
-            f[2] = dfg_decode<2>(s, dfg_smem, a.peek, smw);
-            f[3] = dfg_decode<3>(s, dfg_smem, a.peek, smw);
+            f[2] = dfg_decode<2>(s, s_lut, a.peek, smw);
+            f[3] = dfg_decode<3>(s, s_lut, a.peek, smw);
             dfg_refill(s, ep, n_words);
             const int row = row0 + r;
             if (row < a.n) {

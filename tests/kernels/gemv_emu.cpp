@@ -35,7 +35,11 @@ template <class T> inline T __ldg(const T* p) { return *p; }
 inline void __syncthreads() { g_block_barrier->arrive_and_wait(); }
 inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
-inline float __fmaf_rn(float a, float b, float c) { return std::fmaf(a, b, c); }
+// NVIDIA GPUs return the canonical NaN (0x7FFFFFFF) from FP32 arithmetic; x86 propagates an operand's payload,
+// which depends on the instruction form the compiler picks. Canonicalise, as the GPU does.
+inline float dfg_canonical(float r) { return std::isnan(r) ? __uint_as_float(0x7FFFFFFFu) : r; }
+inline float __fmaf_rn(float a, float b, float c) { return dfg_canonical(std::fmaf(a, b, c)); }
+inline float __fadd_rn(float a, float b) { return dfg_canonical(a + b); }
 inline float __shfl_xor_sync(unsigned, float v, int d) {
     const int w = threadIdx.x / 32, l = threadIdx.x % 32;
     g_xchg[w][l] = v;

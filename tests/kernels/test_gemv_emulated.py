@@ -33,8 +33,19 @@ def emu(tmp_path_factory):
     if cxx is None:
         pytest.skip("g++ is not installed")
     lib = tmp_path_factory.mktemp("gemv_emu") / "emu.so"
-    cmd = [cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-pthread", "-shared", "-fPIC", f'-DGEMV_CU="{SOURCE}"',
-           "-o", str(lib), str(HERE / "gemv_emu.cpp")]
+    cmd = [
+        cxx,
+        "-std=c++20",
+        "-O1",
+        "-ffp-contract=off",
+        "-pthread",
+        "-shared",
+        "-fPIC",
+        f'-DGEMV_CU="{SOURCE}"',
+        "-o",
+        str(lib),
+        str(HERE / "gemv_emu.cpp"),
+    ]
     if os.environ.get("DFLOAT_EMU_SANITIZE"):
         cmd[1:1] = [f"-fsanitize={os.environ['DFLOAT_EMU_SANITIZE']}", "-g"]
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -44,27 +55,64 @@ def emu(tmp_path_factory):
         raise AssertionError(f"building the emulator failed:\n{res.stderr[-4000:]}")
     dll = ctypes.CDLL(str(lib))
     p, i64, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
-    dll.emu_gemv.argtypes = [ctypes.c_char_p, i32, i32, i32, i32, i64, p, i64, p, p, p, i32, p, p, p, i32, i32, i32,
-                             i32, i64, i64, i32, p]
+    dll.emu_gemv.argtypes = [
+        ctypes.c_char_p,
+        i32,
+        i32,
+        i32,
+        i32,
+        i64,
+        p,
+        i64,
+        p,
+        p,
+        p,
+        i32,
+        p,
+        p,
+        p,
+        i32,
+        i32,
+        i32,
+        i32,
+        i64,
+        i64,
+        i32,
+        p,
+    ]
     dll.emu_gemv.restype = i32
     return dll
 
 
 def _guarded(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     buf = torch.full((rows * cols + 2 * GUARD,), FILL, dtype=torch.int16)
-    return buf, buf[GUARD:GUARD + rows * cols].view(torch.bfloat16).view(rows, cols)
+    return buf, buf[GUARD : GUARD + rows * cols].view(torch.bfloat16).view(rows, cols)
 
 
 def _untouched(buf: torch.Tensor) -> bool:
     return bool((buf[:GUARD] == FILL).all()) and bool((buf[-GUARD:] == FILL).all())
 
 
-def run(emu, kind: str, gm: gemv_layout.GemvMatrix | None, x: torch.Tensor | None, *, weight=None,
-        rows_per_tile: int = 0, threads: int = 0) -> torch.Tensor:
+def run(
+    emu,
+    kind: str,
+    gm: gemv_layout.GemvMatrix | None,
+    x: torch.Tensor | None,
+    *,
+    weight=None,
+    rows_per_tile: int = 0,
+    threads: int = 0,
+) -> torch.Tensor:
     """One emulated launch: "fused" / "twin" return y (rows of x, N); "decode" returns W."""
     if gm is not None:
         n, k = gm.shape
-        rows_per_tile, threads, n_tiles, peek, groups = gm.rows_per_tile, gm.threads, gm.n_tiles, gm.peek, gm.groups
+        rows_per_tile, threads, n_tiles, peek, groups = (
+            gm.rows_per_tile,
+            gm.threads,
+            gm.n_tiles,
+            gm.peek,
+            gm.groups,
+        )
         arrays = (gm.enc, gm.warp_offsets, gm.sm, gm.lut)
     else:
         n, k = weight.shape
@@ -78,11 +126,30 @@ def run(emu, kind: str, gm: gemv_layout.GemvMatrix | None, x: torch.Tensor | Non
     else:
         buf, y = _guarded(batch, n)
         out = None
-    args = cuda_gemv.launch_args(arrays, peek=peek, w=weight, x=x, y=y, n=n, k=k, groups=groups,
-                                 batch=batch if kind != "decode" else 0, ldx=x.stride(0) if x is not None else 0,
-                                 ldy=n, vec_x=x is not None and cuda_gemv.x_is_vectorisable(x))
-    rc = emu.emu_gemv(kind.encode(), rows_per_tile, pl.rows_per_pass, pl.grid, pl.block, pl.smem, *(int(a) for a in args),
-                      out.data_ptr() if out is not None else 0)
+    args = cuda_gemv.launch_args(
+        arrays,
+        peek=peek,
+        w=weight,
+        x=x,
+        y=y,
+        n=n,
+        k=k,
+        groups=groups,
+        batch=batch if kind != "decode" else 0,
+        ldx=x.stride(0) if x is not None else 0,
+        ldy=n,
+        vec_x=x is not None and cuda_gemv.x_is_vectorisable(x),
+    )
+    rc = emu.emu_gemv(
+        kind.encode(),
+        rows_per_tile,
+        pl.rows_per_pass,
+        pl.grid,
+        pl.block,
+        pl.smem,
+        *(int(a) for a in args),
+        out.data_ptr() if out is not None else 0,
+    )
     assert rc == 0
     assert _untouched(buf), "wrote outside the output"
     return (out if kind == "decode" else y).clone()
@@ -101,9 +168,21 @@ def rand_x(rows: int, k: int, seed: int) -> torch.Tensor:
 
 
 CASES = [  # (N, K, rows of x, rows_per_tile, threads): K and N multiples of nothing, every pass split
-    (1, 1, 1, 2, 32), (3, 5, 2, 1, 32), (37, 131, 3, 4, 32), (13, 1029, 16, 8, 64), (29, 263, 9, 2, 32),
-    (11, 97, 12, 8, 32), (66, 61, 5, 4, 64), (9, 700, 7, 2, 128), (17, 300, 4, 8, 32), (5, 129, 8, 1, 32),
-    (7, 33, 6, 2, 32), (10, 255, 10, 4, 32), (19, 67, 11, 8, 32), (6, 45, 13, 2, 32), (4, 130, 14, 4, 32),
+    (1, 1, 1, 2, 32),
+    (3, 5, 2, 1, 32),
+    (37, 131, 3, 4, 32),
+    (13, 1029, 16, 8, 64),
+    (29, 263, 9, 2, 32),
+    (11, 97, 12, 8, 32),
+    (66, 61, 5, 4, 64),
+    (9, 700, 7, 2, 128),
+    (17, 300, 4, 8, 32),
+    (5, 129, 8, 1, 32),
+    (7, 33, 6, 2, 32),
+    (10, 255, 10, 4, 32),
+    (19, 67, 11, 8, 32),
+    (6, 45, 13, 2, 32),
+    (4, 130, 14, 4, 32),
     (23, 19, 15, 1, 32),
 ]
 
@@ -115,7 +194,7 @@ def test_fused_equals_twin(emu, n, k, rows, r, t):
     fused, twin = fused_and_twin(emu, w, x, rows_per_tile=r, threads=t)
     assert torch.equal(bits(fused), bits(twin))
     # the twin is a GEMV: close to a float64 product (BF16 rounding of the output)
-    ref = (x.double() @ w.double().T)
+    ref = x.double() @ w.double().T
     assert torch.allclose(twin.double(), ref, rtol=1e-2, atol=1e-3)
 
 
@@ -142,7 +221,9 @@ def test_every_exponent_in_finite_weights(emu, rows):
     assert torch.equal(bits(fused), bits(twin))
 
 
-@pytest.mark.parametrize("shape,r,t", [((5, 3), 2, 32), ((37, 1029), 8, 64), ((64, 257), 4, 128), ((9, 4096), 1, 32)])
+@pytest.mark.parametrize(
+    "shape,r,t", [((5, 3), 2, 32), ((37, 1029), 8, 64), ((64, 257), 4, 128), ((9, 4096), 1, 32)]
+)
 def test_decode_kernel_gives_back_the_matrix(emu, shape, r, t):
     w = weights_like(shape[0] * shape[1], seed=shape[1]).view(*shape)
     gm = gemv_layout.encode(w, rows_per_tile=r, threads=t)
@@ -178,8 +259,9 @@ def test_corrupt_streams_stay_in_bounds(emu):
 
     g = np.random.default_rng(0)
     enc = gm.enc.clone()
-    enc[torch.from_numpy(g.integers(0, enc.numel(), 8))] = torch.from_numpy(g.integers(-2**31, 2**31 - 1, 8,
-                                                                                         dtype=np.int64)).int()
+    enc[torch.from_numpy(g.integers(0, enc.numel(), 8))] = torch.from_numpy(
+        g.integers(-(2**31), 2**31 - 1, 8, dtype=np.int64)
+    ).int()
     run(emu, "fused", replace(gm, enc=enc), x)  # wrong values, but the guards around y stay untouched
     woff = gm.warp_offsets.clone()
     woff[2] = 10**9
