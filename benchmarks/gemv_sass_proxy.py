@@ -36,15 +36,19 @@ from dfloat.kernels import cuda_gemv, gemv_layout  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "kernels" / "cuda" / "gemv.cu"
 BREAK_EVEN_CLOCKS, SPEEDUP_CLOCKS = 11.0, 7.6  # per 64 weights, from the issue's arithmetic (H100 SXM)
-INSTANCES = [
-    ("fused", 8, 1),
-    ("fused", 4, 1),
-    ("fused", 2, 1),
-    ("fused", 8, 4),
-    ("fused", 8, 8),
-    ("fused", 4, 8),
-    ("twin", 8, 1),
+# (kernel, rows per tile R, rows of x per pass NB, passes): batch = NB * passes
+CASES = [
+    ("fused", 8, 1, 1),
+    ("fused", 4, 1, 1),
+    ("fused", 2, 1, 1),
+    ("fused", 8, 8, 1),
+    ("fused", 4, 8, 1),
+    ("fused", 8, 8, 2),
+    ("fused", 4, 16, 1),
+    ("twin", 8, 1, 1),
 ]
+INSTANCES = sorted({c[:3] for c in CASES})
+TARGET_RATIO = {1: 0.9, 8: 1.1, 16: 1.3}  # the issue's fused / cuBLAS time targets per batch
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 
 
@@ -70,10 +74,10 @@ def mangled(kind: str, r: int, nb: int) -> str:
     return f"_Z{len(base)}{base}ILi{r}ELi{nb}EEvPKjxPKxS1_S1_iPKtS5_Ptiiiixxi"
 
 
-def compile_instances(workdir: Path, arch: str) -> tuple[Path, str]:
+def compile_instances(workdir: Path, arch: str, instances=None) -> tuple[Path, str]:
     tu = workdir / "gemv_instances.cu"
     lines = ["#define DFG_PROXY_FULL_GROUPS 1", f'#include "{SOURCE}"']
-    for kind, r, nb in INSTANCES:
+    for kind, r, nb in instances or INSTANCES:
         fn = "dfloat_gemv" if kind == "fused" else "dfloat_gemv_twin"
         lines.append(f"template __global__ void {fn}<{r}, {nb}>(DFG_PARAMS);")
     tu.write_text("\n".join(lines) + "\n")
@@ -162,8 +166,8 @@ def mean_code_bits() -> tuple[float, str]:
         from safetensors.torch import load_file
 
         sd = load_file(str(get_model_path()) + "/model.safetensors")
-        w = next(t for k, t in sd.items() if t.ndim == 2 and t.shape[0] >= 1024).to(torch.bfloat16)
-        source = "all-MiniLM-L6-v2 FFN matrix (trained)"
+        w = next(t for k, t in sd.items() if k.endswith("intermediate.dense.weight")).to(torch.bfloat16)
+        source = "all-MiniLM-L6-v2 layer-0 FFN matrix (trained)"
     except Exception:  # noqa: BLE001 - any failure: fall back to a synthetic matrix
         from dfloat.testing import weights_like
 
@@ -183,7 +187,7 @@ def main() -> None:
     args = ap.parse_args()
     code_bits, code_source = mean_code_bits()
     refill_prob = 2 * code_bits / 32  # a refill check follows every 2 codes; a refill happens per 32 bits
-    rows = []
+    per_pass = {}
     with tempfile.TemporaryDirectory() as tmp:
         cubin, log = compile_instances(Path(tmp), args.arch)
         for kind, r, nb in INSTANCES:
@@ -194,27 +198,44 @@ def main() -> None:
             always = [i for a, i in body if a not in parts["refill"] and a not in parts["scalar_x"]]
             refill = [i for a, i in body if a in parts["refill"]]
             weights = 4 * r
-            static = (len(always) + len(refill)) / weights
             # refill blocks: 2 per 4 weights of a row, each run with probability refill_prob
             expected = (len(always) + len(refill) * refill_prob) / weights
             count = lambda op, seq=always: sum(1 for i in seq if re.search(rf"\b{op}\b", i))  # noqa: E731
-            rows.append(
-                {
-                    "kernel": f"{kind} R={r} NB={nb}",
-                    "registers": info["registers"],
-                    "spill_bytes": info["spill_store_bytes"] + info["spill_load_bytes"],
-                    "local_mem_in_loop": sum(1 for _, i in body if "LDL" in i or "STL" in i),
-                    "loop_instructions": len(body),
-                    "instr_per_weight_static": round(static, 2),
-                    "instr_per_weight_expected": round(expected, 2),
-                    "ffma_per_weight": round(count("FFMA") / weights, 2),
-                    "lds_per_weight": round(count("LDS") / weights, 2),
-                    "decode_instr_per_weight": round(expected - count("FFMA") / weights, 2),
-                    "sm_clocks_per_64_weights": round(expected * 64 / 128, 2),
-                    "within_break_even_budget": expected * 64 / 128 <= BREAK_EVEN_CLOCKS,
-                    "within_1_5x_budget": expected * 64 / 128 <= SPEEDUP_CLOCKS,
-                }
-            )
+            per_pass[(kind, r, nb)] = {
+                "registers": info["registers"],
+                "spill_bytes": info["spill_store_bytes"] + info["spill_load_bytes"],
+                "local_mem_in_loop": sum(1 for _, i in body if "LDL" in i or "STL" in i),
+                "loop_instructions": len(body),
+                "static": (len(always) + len(refill)) / weights,
+                "expected": expected,
+                "ffma": count("FFMA") / weights,
+                "lds": count("LDS") / weights,
+            }
+    rows = []
+    for kind, r, nb, passes in CASES:
+        m = per_pass[(kind, r, nb)]
+        batch = nb * passes
+        clocks = passes * m["expected"] * 64 / 128
+        target = TARGET_RATIO.get(batch)
+        rows.append(
+            {
+                "kernel": f"{kind} R={r} NB={nb}",
+                "batch": batch,
+                "passes": passes,
+                "registers": m["registers"],
+                "spill_bytes": m["spill_bytes"],
+                "local_mem_in_loop": m["local_mem_in_loop"],
+                "instr_per_weight_static": round(passes * m["static"], 2),
+                "instr_per_weight_expected": round(passes * m["expected"], 2),
+                "ffma_per_weight": round(passes * m["ffma"], 2),
+                "lds_per_weight": round(passes * m["lds"], 2),
+                "decode_instr_per_weight": round(passes * (m["expected"] - m["ffma"]), 2),
+                "sm_clocks_per_64_weights": round(clocks, 2),
+                "break_even_clocks": BREAK_EVEN_CLOCKS,
+                "target_clocks": round(BREAK_EVEN_CLOCKS * target, 2) if target else None,
+                "within_target": clocks <= BREAK_EVEN_CLOCKS * target if target else None,
+            }
+        )
     print(f"mean code length {code_bits:.3f} bits ({code_source}); refill taken with p = {refill_prob:.3f}")
     print_table(rows, list(rows[0]))
     write_result(
@@ -230,8 +251,9 @@ def main() -> None:
         .stdout.strip()
         .splitlines()[-1],
         note="Static = every refill block taken. Expected = refill blocks weighted by their probability. "
-        "Clocks/64 weights = expected x 64 / 128. Batch > 1 adds NB FFMAs per weight; the budget "
-        "figures are the batch-1 ones.",
+        "Clocks/64 weights = expected x 64 / 128 x passes. break_even_clocks: cuBLAS BF16's time (about the "
+        "same at batch 1, 8 and 16 on an H100: 180/182/184 us per Llama-3.1-8B layer); target_clocks: the "
+        "issue's target ratio for that batch (0.9, 1.1, 1.3) times break-even; the 1.5x figure is batch 1's.",
         max_fused_rows=cuda_gemv.MAX_FUSED_ROWS,
     )
 

@@ -36,18 +36,24 @@ LAYER = {  # Llama-3.1-8B: hidden 4096, 32 heads, 8 KV heads of 128, FFN 14336
 TARGETS = {1: 0.9, 8: 1.1, 16: 1.3}  # fused / cuBLAS layer time, from the issue
 
 
-def make_layer(seed: int = 0):
+def make_weights(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return {
+        name: (torch.randn(n, k, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
+        for name, (n, k) in LAYER.items()
+    }
+
+
+def encode_layer(weights, rows_per_tile: int | None):
+    """The 7 matrices in the GEMV layout (rows_per_tile None: the default per matrix) and the CPU seconds it took."""
     from dfloat.kernels import gemv_layout
 
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    weights, coded, enc_s = {}, {}, 0.0
-    for name, (n, k) in LAYER.items():
-        w = (torch.randn(n, k, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
-        t0 = time.perf_counter()
-        coded[name] = gemv_layout.encode(w.cpu()).to("cuda")
-        enc_s += time.perf_counter() - t0
-        weights[name] = w
-    return weights, coded, enc_s
+    t0 = time.perf_counter()
+    coded = {
+        name: gemv_layout.encode(w.cpu(), rows_per_tile=rows_per_tile).to("cuda")
+        for name, w in weights.items()
+    }
+    return coded, time.perf_counter() - t0
 
 
 def run_layer(method, weights, coded, x, outs):
@@ -117,82 +123,101 @@ def time_graph(method, weights, coded, xs, outs, repeats):
     return statistics.median(times)
 
 
+def bench_batch(batch, layout, weights, coded, n_weights, repeats, per_matrix) -> dict:
+    from dfloat.kernels import cuda_gemv
+
+    gen = torch.Generator(device="cuda").manual_seed(batch)
+    xs = [
+        {k: torch.randn(batch, k, generator=gen, device="cuda").to(torch.bfloat16) for k in (4096, 14336)}
+        for _ in range(4)
+    ]
+    outs = {
+        name: torch.empty(batch, n, dtype=torch.bfloat16, device="cuda") for name, (n, _) in LAYER.items()
+    }
+    # exactness first: fused == twin bit for bit, and the distance to cuBLAS
+    exact, max_abs, max_rel = True, 0.0, 0.0
+    for name, (_n, k) in LAYER.items():
+        x = xs[0][k]
+        y = cuda_gemv.gemv(coded[name], x)
+        t = cuda_gemv.twin(weights[name], x, coded[name].rows_per_tile, coded[name].threads)
+        ref = torch.matmul(x, weights[name].T)
+        exact &= bool(torch.equal(y.view(torch.int16), t.view(torch.int16)))
+        d = (y.float() - ref.float()).abs()
+        max_abs = max(max_abs, float(d.max()))
+        max_rel = max(max_rel, float((d / ref.float().abs().clamp_min(1e-3)).max()))
+    res = {}
+    for method in ("cublas", "fused", "twin"):
+        layer_us, per = time_eager(method, weights, coded, xs, outs, repeats)
+        graph_us = time_graph(method, weights, coded, xs, outs, repeats)
+        res[method] = (layer_us, graph_us, per)
+        for name in LAYER:
+            per_matrix.append(
+                {
+                    "layout": layout,
+                    "batch": batch,
+                    "method": method,
+                    "matrix": name,
+                    "us": round(per[name], 2),
+                }
+            )
+    cb, fu, tw = res["cublas"], res["fused"], res["twin"]
+    return {
+        "layout": layout,
+        "batch": batch,
+        "cublas_us": round(cb[0], 1),
+        "fused_us": round(fu[0], 1),
+        "twin_us": round(tw[0], 1),
+        "cublas_graph_us": round(cb[1], 1),
+        "fused_graph_us": round(fu[1], 1),
+        "twin_graph_us": round(tw[1], 1),
+        "fused/cublas": round(fu[0] / cb[0], 3),
+        "fused/cublas_graph": round(fu[1] / cb[1], 3),
+        "target": TARGETS.get(batch),
+        "fused==twin": exact,
+        "max_abs_diff_vs_cublas": max_abs,
+        "max_rel_diff_vs_cublas": round(max_rel, 5),
+        "fused_G_weights_per_s_graph": round(n_weights / fu[1] / 1e3, 1),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16])
+    ap.add_argument(
+        "--layouts",
+        nargs="+",
+        default=["auto", "4"],
+        help="rows per tile: auto (8 for these shapes) and/or 1, 2, 4, 8",
+    )
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
-    from dfloat.kernels import cuda_gemv
-
-    weights, coded, enc_s = make_layer()
+    weights = make_weights()
     n_weights = sum(n * k for n, k in LAYER.values())
-    coded_bytes = sum(gm.nbytes for gm in coded.values())
-    rows, per_matrix = [], []
-    for batch in args.batches:
-        gen = torch.Generator(device="cuda").manual_seed(batch)
-        xs = [
-            {k: torch.randn(batch, k, generator=gen, device="cuda").to(torch.bfloat16) for k in (4096, 14336)}
-            for _ in range(4)
-        ]
-        outs = {
-            name: torch.empty(batch, n, dtype=torch.bfloat16, device="cuda") for name, (n, _) in LAYER.items()
+    rows, per_matrix, layouts = [], [], {}
+    for layout in args.layouts:
+        coded, enc_s = encode_layer(weights, None if layout == "auto" else int(layout))
+        coded_bytes = sum(gm.nbytes for gm in coded.values())
+        layouts[layout] = {
+            "bits_per_weight": 8 * coded_bytes / n_weights,
+            "encode_seconds": enc_s,
+            "matrices": {name: repr(gm) for name, gm in coded.items()},
         }
-        # exactness first: fused == twin bit for bit, and the distance to cuBLAS
-        exact, max_abs, max_rel = True, 0.0, 0.0
-        for name, (_n, k) in LAYER.items():
-            x = xs[0][k]
-            y = cuda_gemv.gemv(coded[name], x)
-            t = cuda_gemv.twin(weights[name], x, coded[name].rows_per_tile, coded[name].threads)
-            ref = torch.matmul(x, weights[name].T)
-            exact &= bool(torch.equal(y.view(torch.int16), t.view(torch.int16)))
-            d = (y.float() - ref.float()).abs()
-            max_abs = max(max_abs, float(d.max()))
-            max_rel = max(max_rel, float((d / ref.float().abs().clamp_min(1e-3)).max()))
-        res = {}
-        for method in ("cublas", "fused", "twin"):
-            layer_us, per = time_eager(method, weights, coded, xs, outs, args.repeats)
-            graph_us = time_graph(method, weights, coded, xs, outs, args.repeats)
-            res[method] = (layer_us, graph_us, per)
-            for name in LAYER:
-                per_matrix.append(
-                    {"batch": batch, "method": method, "matrix": name, "us": round(per[name], 2)}
-                )
-        cb, fu, tw = res["cublas"], res["fused"], res["twin"]
-        rows.append(
-            {
-                "batch": batch,
-                "cublas_us": round(cb[0], 1),
-                "fused_us": round(fu[0], 1),
-                "twin_us": round(tw[0], 1),
-                "cublas_graph_us": round(cb[1], 1),
-                "fused_graph_us": round(fu[1], 1),
-                "twin_graph_us": round(tw[1], 1),
-                "fused/cublas": round(fu[0] / cb[0], 3),
-                "fused/cublas_graph": round(fu[1] / cb[1], 3),
-                "target": TARGETS.get(batch),
-                "fused==twin": exact,
-                "max_abs_diff_vs_cublas": max_abs,
-                "max_rel_diff_vs_cublas": round(max_rel, 5),
-                "fused_G_weights_per_s_graph": round(n_weights / fu[1] / 1e3, 1),
-            }
+        print(
+            f"layout {layout}: {coded_bytes / 2 / n_weights:.2%} of BF16 ({8 * coded_bytes / n_weights:.3f} "
+            f"bits/weight), encoded in {enc_s:.1f} s on the CPU"
         )
-    print(
-        f"one Llama-3.1-8B layer: {n_weights / 1e6:.1f}M weights, coded {coded_bytes / 2 / n_weights:.2%} of BF16 "
-        f"({8 * coded_bytes / n_weights:.3f} bits/weight); encoding took {enc_s:.1f} s on the CPU"
-    )
+        for batch in args.batches:
+            rows.append(bench_batch(batch, layout, weights, coded, n_weights, args.repeats, per_matrix))
     print_table(rows, list(rows[0]))
     write_result(
         f"gpu_gemv_{torch.cuda.get_device_name().replace(' ', '_')}",
         rows,
         per_matrix=per_matrix,
         weights=n_weights,
-        coded_bytes=coded_bytes,
-        bits_per_weight=8 * coded_bytes / n_weights,
-        encode_seconds=enc_s,
         repeats=args.repeats,
-        layouts={name: repr(gm) for name, gm in coded.items()},
+        layouts=layouts,
         note="Gaussian BF16 weights (std 0.02); medians of CUDA-event times; layer = 7 products in order",
     )
 

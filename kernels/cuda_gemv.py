@@ -23,7 +23,8 @@ from dfloat.kernels.gemv_layout import GemvMatrix
 
 SOURCE = "cuda/gemv.cu"
 NVRTC_OPTIONS = ("-std=c++17",)
-MAX_ROWS_PER_PASS = 8  # accumulators per thread: rows_per_tile * rows per pass
+# Rows of x per pass: accumulators per thread are rows_per_tile * rows per pass (at most 64)
+MAX_ROWS_PER_PASS = {1: 8, 2: 8, 4: 16, 8: 8}
 MAX_FUSED_ROWS = 16  # above this the runtime decodes and calls cuBLAS (prefill)
 
 _FUNCTIONS: dict[tuple, object] = {}
@@ -63,15 +64,16 @@ class GemvPlan:
     rows_per_pass: int
 
 
-def rows_per_pass(batch: int) -> int:
-    """Rows of x per pass: as even as possible over the fewest passes of at most 8 rows (16 -> 8 + 8, 12 -> 6 + 6)."""
-    passes = max(1, math.ceil(batch / MAX_ROWS_PER_PASS))
+def rows_per_pass(batch: int, rows_per_tile: int) -> int:
+    """Rows of x per pass: as even as possible over the fewest passes (R = 8: 16 -> 8 + 8, 12 -> 6 + 6)."""
+    cap = MAX_ROWS_PER_PASS[rows_per_tile]
+    passes = max(1, math.ceil(batch / cap))
     return max(1, math.ceil(batch / passes))
 
 
 def plan(kind: str, rows_per_tile: int, threads: int, n_tiles: int, peek: int, batch: int) -> GemvPlan:
     """Grid, block, shared memory and template instance for one launch ("fused", "twin" or "decode")."""
-    nb = rows_per_pass(batch)
+    nb = rows_per_pass(batch, rows_per_tile)
     lut_words = (2 << peek) if kind != "twin" else 0
     red_words = (threads // 32) * rows_per_tile * nb if kind != "decode" else 0
     name = {

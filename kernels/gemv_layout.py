@@ -3,8 +3,8 @@
 The layout is specified in docs/FORMAT.md section 9 and at the top of kernels/cuda/gemv.cu. In short: a thread
 block owns a tile of whole rows, each thread owns groups of 4 columns and decodes its own stream of short codes
 (at most 12 bits, one table lookup each), the streams of a warp are interleaved word by word, and one word offset
-per warp is the whole index. Everything here is vectorised numpy: the loops run over tiles in chunks or over code
-positions (with every lane at once), never over weights.
+per warp is the whole index. The encoder's two loops over lanes are numba (compiled on first use); the rest is
+vectorised numpy, and the reference decoder steps through code positions with every lane at once.
 """
 
 from __future__ import annotations
@@ -116,6 +116,47 @@ def lookup_table(lengths: np.ndarray) -> np.ndarray:
     return lut
 
 
+_PACKERS: tuple | None = None
+
+
+def _packers():
+    """The two compiled loops of `encode` (numba, compiled on first use and cached on disk)."""
+    global _PACKERS
+    if _PACKERS is None:
+        from dfloat._numba import njit, prange
+
+        @njit(parallel=True, cache=True, nogil=True)
+        def lane_bits(lane_exps, lengths):  # pragma: no cover - compiled
+            out = np.empty(lane_exps.shape[0], np.int64)
+            for i in prange(lane_exps.shape[0]):
+                total = 0
+                for c in range(lane_exps.shape[1]):
+                    total += lengths[lane_exps[i, c]]
+                out[i] = total
+            return out
+
+        @njit(parallel=True, cache=True, nogil=True)
+        def pack_lanes(lane_exps, codes, lengths, woff, enc):  # pragma: no cover - compiled
+            for i in prange(lane_exps.shape[0]):
+                at = woff[i // 32] + i % 32  # word 0 of this lane; its word q is at + 32 q
+                acc = np.uint64(0)
+                n = 0
+                for c in range(lane_exps.shape[1]):
+                    e = lane_exps[i, c]
+                    ln = lengths[e]
+                    acc = (acc << np.uint64(ln)) | np.uint64(codes[e])
+                    n += ln
+                    if n >= 32:
+                        n -= 32
+                        enc[at] = np.uint32((acc >> np.uint64(n)) & np.uint64(0xFFFFFFFF))
+                        at += 32
+                if n > 0:
+                    enc[at] = np.uint32((acc << np.uint64(32 - n)) & np.uint64(0xFFFFFFFF))
+
+        _PACKERS = (lane_bits, pack_lanes)
+    return _PACKERS
+
+
 def encode(
     weight: torch.Tensor, rows_per_tile: int | None = None, threads: int | None = None, name: str = "weight"
 ) -> GemvMatrix:
@@ -148,8 +189,9 @@ def encode(
     pad = n_tiles * r * g * 4 * t - n * k
     counts[0] += pad
     lengths = code_lengths(counts, MAX_PEEK)
-    codes = canonical_codes(lengths).astype(np.uint64)
+    codes32 = canonical_codes(lengths).astype(np.uint32)
     lut = lookup_table(lengths)
+    lane_bits, pack_lanes = _packers()
 
     tiles_per_chunk = max(1, _CHUNK_WEIGHTS // (r * g * 4 * t))
     enc_parts, sm_parts, warp_words = [], [], []
@@ -163,27 +205,13 @@ def encode(
             sm_bytes.reshape(nt, r, g, t, 4).transpose(0, 2, 1, 3, 4).copy().reshape(-1).view(np.uint32)
         )
         lane_exps = _lane_order(((padded >> 7) & 0xFF).astype(np.uint8), nt, r, g, t)
-        lens = lengths[lane_exps].astype(np.int64)  # [lanes, codes per lane]
-        ends = np.cumsum(lens, axis=1)
-        starts = ends - lens
-        lane_words = (ends[:, -1] + 31) // 32
+        bits_per_lane = lane_bits(lane_exps, lengths)
+        lane_words = (bits_per_lane + 31) // 32
         ww = lane_words.reshape(nt * nw, 32).max(axis=1)  # each warp: its longest lane
-        woff = np.concatenate([[0], np.cumsum(ww * 32)])
-        lane = np.arange(nt * t)
-        base = woff[lane // 32] + (lane % 32)  # word 0 of each lane
-        word = base[:, None] + (starts >> 5) * 32
-        shift = (64 - lens - (starts & 31)).astype(np.uint64)
-        v = codes[lane_exps] << shift
-        total = int(woff[-1])
-        hi = np.bincount(
-            word.reshape(-1), weights=(v >> np.uint64(32)).astype(np.float64).reshape(-1), minlength=total
-        )
-        lo_v = (v & np.uint64(0xFFFFFFFF)).reshape(-1)
-        spill = lo_v != 0
-        lo = np.bincount(
-            (word.reshape(-1) + 32)[spill], weights=lo_v[spill].astype(np.float64), minlength=total
-        )
-        enc_parts.append((hi[:total] + lo[:total]).astype(np.uint32))  # fields never overlap: sum == or
+        woff = np.concatenate([[0], np.cumsum(ww * 32)]).astype(np.int64)
+        enc = np.zeros(int(woff[-1]), dtype=np.uint32)
+        pack_lanes(lane_exps, codes32, lengths, woff, enc)
+        enc_parts.append(enc)
         warp_words.append(ww * 32)
     ww_all = np.concatenate(warp_words)
     warp_offsets = np.concatenate([[0], np.cumsum(ww_all)]).astype(np.int64)

@@ -23,14 +23,14 @@
 //           | (sm & 0x7F) << 16, built with one byte_perm and one bit-select.
 //
 // ---- The product ------------------------------------------------------------------------------------------------
-// x is B x K BF16 (row stride ldx), y is B x N BF16 (row stride ldy). B rows are done in passes of NB (a template
-// parameter, at most 8); each pass re-reads the tile's stream (from L1/L2). Thread t accumulates, in f32 with
-// fused multiply-adds in the stream order above, acc[r][b] += W[r][c] * x[b][c]; then the block sums the threads'
-// partial sums in a fixed order (a butterfly inside each warp, then warp 0 + warp 1 + ... in shared memory) and
-// rounds to BF16 (nearest even). Each y[b] depends on x[b] alone (not on B or on the other rows).
+// x is B x K BF16 (row stride ldx), y is B x N BF16 (row stride ldy). B rows are done in passes of NB rows (a
+// template parameter: at most 16 for R = 4, else 8); each pass re-reads the tile's stream (from L1/L2). Thread t
+// accumulates, in f32 with fused multiply-adds in the stream order above, acc[r][b] += W[r][c] * x[b][c]; then the
+// block sums the threads' partial sums in a fixed order (a butterfly inside each warp, then warp 0 + warp 1 + ...
+// in shared memory) and rounds to BF16 (nearest even). Each y[b] depends on x[b] alone (not on B or other rows).
 //
 // ---- The twin ---------------------------------------------------------------------------------------------------
-// dfloat_gemv_twin_* is this very function with CODED = false: it reads each weight from a plain row-major BF16 W
+// dfloat_gemv_twin<R, NB> is this very function with CODED = false: it reads each weight from a plain row-major BF16 W
 // instead of decoding it; everything else (order of products, reduction, rounding) is the same code. So the fused
 // product is bit-identical to the twin on the same weights, which is the contract the tests check.
 //
@@ -81,12 +81,14 @@ __device__ __forceinline__ unsigned short dfg_bf16_rn(float f) {
     return (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
-// One lane's exponent stream: a left-aligned 64-bit buffer holding `nbits` valid bits, and the next word.
+// One lane's exponent stream: a left-aligned 64-bit buffer holding `nbits` valid bits, and the next two words
+// (fetched ahead, so a load has about 20 codes of work to arrive in).
 struct DfgReader {
     u64 buf;
     int nbits;
     int q;       // index of the next word to fetch
-    u32 next;    // word q - 1, fetched ahead
+    u32 next0;   // word q - 2
+    u32 next1;   // word q - 1
 };
 
 __device__ __forceinline__ u32 dfg_word(const u32* __restrict__ p, int q, int n_words) {
@@ -96,16 +98,18 @@ __device__ __forceinline__ u32 dfg_word(const u32* __restrict__ p, int q, int n_
 __device__ __forceinline__ void dfg_start(DfgReader& s, const u32* __restrict__ p, int n_words) {
     s.buf = ((u64)dfg_word(p, 0, n_words) << 32) | (u64)dfg_word(p, 1, n_words);
     s.nbits = 64;
-    s.next = dfg_word(p, 2, n_words);
-    s.q = 3;
+    s.next0 = dfg_word(p, 2, n_words);
+    s.next1 = dfg_word(p, 3, n_words);
+    s.q = 4;
 }
 
 // Called after every second code: keeps nbits >= 33 at the start of each pair, enough for two codes of <= 12 bits.
 __device__ __forceinline__ void dfg_refill(DfgReader& s, const u32* __restrict__ p, int n_words) {
     if (s.nbits <= 32) {
-        s.buf |= (u64)s.next << (32 - s.nbits);
+        s.buf |= (u64)s.next0 << (32 - s.nbits);
         s.nbits += 32;
-        s.next = dfg_word(p, s.q, n_words);
+        s.next0 = s.next1;
+        s.next1 = dfg_word(p, s.q, n_words);
         s.q += 1;
     }
 }
@@ -160,13 +164,25 @@ __device__ __forceinline__ void dfg_gemv(const GemvArgs& a) {
         DfgReader s;
         if (CODED) dfg_start(s, ep, n_words);
 
-        // Pointers advance by one group per iteration (no 64-bit index arithmetic in the loop).
+        // Pointers advance by one group per iteration (no 64-bit index arithmetic in the loop). The sign|mantissa
+        // words of the next group are loaded one group ahead.
         const unsigned short* __restrict__ xg = a.x + (i64)b0 * a.ldx + 4 * tid;
         const u32* __restrict__ smg = smp;
+        u32 sm_next[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) sm_next[r] = (CODED && a.groups > 0) ? __ldg(smg + r * T) : 0u;
         for (int i = 0; i < a.groups; ++i, xg += 4 * T, smg += R * T) {
             const int col = 4 * (tid + T * i);
+            u32 sm_now[R];
+            const u32* __restrict__ sm_ahead = i + 1 < a.groups ? smg + R * T : smg;  // the last group reloads itself
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                sm_now[r] = sm_next[r];
+                if (CODED) sm_next[r] = __ldg(sm_ahead + r * T);
+            }
             float xv[NB][4];
-            if (DFG_PROXY_FULL_GROUPS || (a.vec_x && 4 * T * (i + 1) <= a.k && b0 + NB <= a.b)) {  // uniform: a whole group of columns
+            // uniform: a whole group of columns and rows of x
+            if (DFG_PROXY_FULL_GROUPS || (a.vec_x && 4 * T * (i + 1) <= a.k && b0 + NB <= a.b)) {
 #pragma unroll
                 for (int nb = 0; nb < NB; ++nb) {
                     const uint2 u = __ldg(reinterpret_cast<const uint2*>(xg + nb * a.ldx));
@@ -188,7 +204,7 @@ __device__ __forceinline__ void dfg_gemv(const GemvArgs& a) {
             for (int r = 0; r < R; ++r) {
                 u32 f[4];
                 if (CODED) {
-                    const u32 smw = __ldg(smg + r * T);
+                    const u32 smw = sm_now[r];
                     f[0] = dfg_decode<0>(s, s_lut, peek, smw);
                     f[1] = dfg_decode<1>(s, s_lut, peek, smw);
                     dfg_refill(s, ep, n_words);

@@ -60,15 +60,20 @@ inline unsigned int __byte_perm(unsigned int x, unsigned int y, unsigned int s) 
 using Kernel = void (*)(DFG_PARAMS);
 using DecodeKernel = void (*)(DFG_PARAMS, unsigned short*);
 
+#define DFG_CASE(NB) case NB: return twin ? dfloat_gemv_twin<R, NB> : dfloat_gemv<R, NB>;
 template <int R>
 static Kernel pick(bool twin, int nb) {
-    switch (nb) {
-#define DFG_CASE(NB) case NB: return twin ? dfloat_gemv_twin<R, NB> : dfloat_gemv<R, NB>;
-        DFG_CASE(1) DFG_CASE(2) DFG_CASE(3) DFG_CASE(4) DFG_CASE(5) DFG_CASE(6) DFG_CASE(7) DFG_CASE(8)
-#undef DFG_CASE
-    }
+    switch (nb) { DFG_CASE(1) DFG_CASE(2) DFG_CASE(3) DFG_CASE(4) DFG_CASE(5) DFG_CASE(6) DFG_CASE(7) DFG_CASE(8) }
     return nullptr;
 }
+
+template <int R>
+static Kernel pick16(bool twin, int nb) {  // rows_per_tile 4 takes up to 16 rows of x per pass
+    switch (nb) { DFG_CASE(9) DFG_CASE(10) DFG_CASE(11) DFG_CASE(12) DFG_CASE(13) DFG_CASE(14) DFG_CASE(15)
+                  DFG_CASE(16) }
+    return pick<R>(twin, nb);
+}
+#undef DFG_CASE
 
 static Kernel pick_kernel(const std::string& kind, int r, int nb) {
     const bool twin = kind == "twin";
@@ -76,7 +81,7 @@ static Kernel pick_kernel(const std::string& kind, int r, int nb) {
     switch (r) {
         case 1: return pick<1>(twin, nb);
         case 2: return pick<2>(twin, nb);
-        case 4: return pick<4>(twin, nb);
+        case 4: return pick16<4>(twin, nb);
         case 8: return pick<8>(twin, nb);
     }
     return nullptr;
