@@ -124,6 +124,15 @@ step_memory() {
   return "$rc"
 }
 
+echo "== fused decode-GEMV (issue 14): its GPU tests, then fused vs cuBLAS BF16 on one Llama-3.1-8B layer"
+T=$(step_limit 300)
+if enough_time gemv "$T"; then
+  timeout "$T" bash -c "'$PY' -m pytest -q -p no:cacheprovider -rs -m gpu tests/kernels/test_gpu_gemv.py \
+    && '$PY' benchmarks/gpu_gemv.py --repeats 20" 2>&1 | tee "$OUT/gpu_gemv.log"
+  RC[gemv]=${PIPESTATUS[0]}
+  cp benchmarks/results/gpu_gemv_*.json "$OUT/" 2>/dev/null || true
+fi
+
 SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)"
 write_sanitize_case() {
   cat >"$OUT/sanitize_case.py" <<'PYEOF'
@@ -224,6 +233,16 @@ step_demo_stats() {
   return "$rc"
 }
 
+step_gemv() {
+  # Issue 14: the fused decode-GEMV's GPU tests, then fused vs cuBLAS BF16 on one Llama-3.1-8B layer.
+  timeout "$1" bash -c "'$PY' -m pytest -q -p no:cacheprovider -rs -m gpu tests/kernels/test_gpu_gemv.py \
+    && '$PY' benchmarks/gpu_gemv.py --repeats 20" 2>&1 | tee "$OUT/gpu_gemv.log"
+  local rc=${PIPESTATUS[0]}
+  cp benchmarks/results/gpu_gemv_*.json "$OUT/" 2>/dev/null || true
+  RESULT[gemv]="$(grep -E "passed|failed" "$OUT/gpu_gemv.log" | tail -1 | cut -c1-90)"
+  return "$rc"
+}
+
 # ---- the run ---------------------------------------------------------------------------------------------------
 
 run_step install 120
@@ -231,6 +250,7 @@ run_step env 45
 run_step tests 150
 run_step benchmark 120
 run_step launch_cost 30
+run_step gemv 90
 run_step sass_proxy 60
 run_step memcheck 60
 run_step racecheck 45

@@ -9,7 +9,7 @@ import click
 from dfloat.cli.options import DEVICE, NO_VERIFY
 
 
-def load_for_generation(model_path, device, verify: bool = True):
+def load_for_generation(model_path, device, verify: bool = True, matmul="decode"):
     """(model, tokenizer, compressed?) for a compressed folder, an official DF11 folder or a plain BF16 model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -21,8 +21,10 @@ def load_for_generation(model_path, device, verify: bool = True):
     config = src.read_config(folder)
     compressed = "dfloat" in config or "dfloat11_config" in config
     if compressed:
-        model = dfloat.load_compressed(folder, device=device, verify=verify)
+        model = dfloat.load_compressed(folder, device=device, verify=verify, matmul=matmul)
     else:
+        if matmul != "decode":
+            raise click.UsageError("--fused needs a compressed model (it multiplies from the coded weights)")
         src.weight_files(folder)  # a clear error if there are no weights
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()
     if not (hasattr(model, "generate") and getattr(model, "can_generate", lambda: False)()):
@@ -57,8 +59,12 @@ def load_for_generation(model_path, device, verify: bool = True):
     is_flag=True,
     help="On CUDA, use transformers' eager generate instead of the static-cache, CUDA-graph fast path.",
 )
+@click.option("--fused", is_flag=True,
+              help="CUDA: multiply straight from the coded weights (deterministic, not bit-identical to BF16).")
 @NO_VERIFY
-def command(model, prompt, max_new_tokens, temperature, top_p, seed, device, chat, stats, no_graphs, no_verify):
+def command(
+    model, prompt, max_new_tokens, temperature, top_p, seed, device, chat, stats, no_graphs, fused, no_verify
+):
     """Generate text with MODEL (Hub id or folder; default: the bundled demo model)."""
     import torch
     from transformers import TextStreamer
@@ -72,7 +78,9 @@ def command(model, prompt, max_new_tokens, temperature, top_p, seed, device, cha
     if seed is not None:
         torch.manual_seed(seed)
     t_load = time.perf_counter()
-    lm, tok, compressed = load_for_generation(model or demo_model_path(), device, verify=not no_verify)
+    lm, tok, compressed = load_for_generation(
+        model or demo_model_path(), device, verify=not no_verify, matmul="fused" if fused else "decode"
+    )
     t_load = time.perf_counter() - t_load
     if chat:
         if not getattr(tok, "chat_template", None):

@@ -415,6 +415,7 @@ def load_compressed(
     verify: bool = True,
     chunk_numel: int | None = None,
     chunking: bool = True,
+    matmul: str = "decode",
     **kw,
 ):
     """Load a dfloat (or official DFloat11) checkpoint as a transformers model with bit-identical outputs.
@@ -433,6 +434,9 @@ def load_compressed(
             up from only the blocks that hold them; the matmul a row chunk at a time), so the decode buffer needs
             no room for them (default: the largest unit that must be decoded whole, i.e. a transformer block).
         chunking: False decodes every unit whole (the decode buffer then holds the largest unit).
+        matmul: "decode" (default: decode each block, then the model's own math; bit-identical to BF16) or
+            "fused" (CUDA: linear layers multiply straight from coded weights for <= 16 rows; deterministic and
+            bit-identical to the fused kernel's twin, not to cuBLAS; see runtime/fused.py).
         **kw: passed to the model's construction (e.g. ``attn_implementation="sdpa"``).
     Returns:
         The model in eval mode; ``generate()`` works as usual.
@@ -462,6 +466,13 @@ def load_compressed(
         units, plain = read_official(folder, config, model)
     if device_map == "auto":
         device_map = _auto_device_map(units)
+    if matmul != "decode":
+        from dfloat.runtime import fused
+
+        fused.check_mode(matmul, device)
+        if device_map or cpu_offload:
+            raise ModelSourceError("matmul='fused' works on one device without cpu_offload (for now)")
+        units = fused.install(model, units, device)
     buffers = attach(
         model, units, plain, device, backend=backend, cpu_offload=cpu_offload, device_map=device_map,
         chunk_numel=chunk_numel, chunking=chunking,
