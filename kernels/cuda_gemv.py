@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import threading
-import warnings
 from dataclasses import dataclass
 from importlib import resources
 
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from dfloat.errors import BackendUnavailableError, ShapeMismatchError, UnsupportedDtypeError
+from dfloat.kernels.cuda_decode import _stream
 from dfloat.kernels.gemv_layout import GemvMatrix
 
 SOURCE = "cuda/gemv.cu"
@@ -28,7 +28,6 @@ MAX_ROWS_PER_PASS = {1: 8, 2: 8, 4: 16, 8: 8}
 MAX_FUSED_ROWS = 16  # above this the runtime decodes and calls cuBLAS (prefill)
 
 _FUNCTIONS: dict[tuple, object] = {}
-_STREAMS: dict[tuple[int, int], object] = {}
 _LOCK = threading.Lock()
 
 
@@ -40,19 +39,6 @@ def _cupy():
             f"the fused GEMV needs CuPy: pip install 'dfloat[cuda13]' (CUDA 13) or 'dfloat[cuda12]' ({e})"
         ) from None
     return cupy
-
-
-def _stream(cupy, ptr: int, device_index: int):
-    """A CuPy view of torch's stream (cached; CuPy never owns it)."""
-    s = _STREAMS.get((ptr, device_index))
-    if s is None:
-        with warnings.catch_warnings():  # CuPy 14 deprecates ExternalStream in favour of Stream.from_external
-            warnings.simplefilter("ignore", DeprecationWarning)
-            s = cupy.cuda.ExternalStream(ptr, device_index)
-        if len(_STREAMS) > 64:
-            _STREAMS.clear()
-        _STREAMS[(ptr, device_index)] = s
-    return s
 
 
 @dataclass(frozen=True)
