@@ -56,13 +56,7 @@ def triton_outcomes():
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-LATER_GAP = pytest.mark.xfail(strict=False, reason="Triton gap rule lands with issue 10's kernel")
-
-
-@pytest.mark.parametrize(
-    "name",
-    [n if n == "intact" or n.startswith("window0_") else pytest.param(n, marks=LATER_GAP) for n in CASES],
-)
+@pytest.mark.parametrize("name", list(CASES))
 def test_triton_agrees_with_the_cpu(triton_outcomes, name):
     assert triton_outcomes[name] != "outside", f"{name}: the Triton decoder wrote outside out"
     assert triton_outcomes[name] == CPU[name], name

@@ -106,3 +106,23 @@ def test_fused_model(tmp_path):
         assert float((one.float() - want).abs().max()) <= 0.03 * float(want.abs().max()) + 0.05
     g = model.generate(ids[:, :8], max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert g.shape == (1, 16)
+
+
+def test_fused_model_in_the_cuda_graph_generation_path(tmp_path):
+    """dfloat.generate's captured decode step with fused linears gives the tokens of the same loop uncaptured."""
+    import dfloat
+    from dfloat.runtime.generate import generate_ids
+    from dfloat.testing import save_random_model
+
+    folder = tmp_path / "bf16"
+    save_random_model(
+        folder, trained_scale=True, vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )  # fmt: skip
+    dfloat.compress_model(folder, tmp_path / "out")
+    model = dfloat.load_compressed(tmp_path / "out", device="cuda", matmul="fused")
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(2)).cuda()
+    plain = generate_ids(model, ids, max_new_tokens=12, stop_token_ids=[], graphs=False)
+    graph = generate_ids(model, ids, max_new_tokens=12, stop_token_ids=[], graphs=True)
+    assert graph.path == "graph"
+    assert graph.tokens == plain.tokens
