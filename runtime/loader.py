@@ -51,6 +51,7 @@ class _Part:
     starts: list[int]
     module: torch.nn.Module  # the child module whose pre-hook decodes the part
     subs: list[CompressedTensor] | None = None  # the runs as sub-units, for non-CPU decoders (made once)
+    private: bool = False  # training: its weights are a private decode (not views of the buffer)
 
 
 @dataclass
@@ -93,6 +94,8 @@ class DecodeBuffer:
             view = self.tensor[start : start + math.prod(slot.shape)].view(slot.shape)
             for module, attr in slot.places:
                 module._parameters[attr] = torch.nn.Parameter(view, requires_grad=False)
+        for part in unit.parts or ():
+            part.private = False
         unit.bound = True
 
     def ensure_part(self, unit: _Unit, part: _Part) -> None:
@@ -272,7 +275,7 @@ def attach(
         if unit.name in plan.chunked:
             _install_chunked(unit, buffers[udev], plan.chunked[unit.name])
         elif unit.parts:
-            for part in unit.parts:  # the child module decodes its part; its leaves only check it is there
+            for part in unit.parts:  # the child module decodes its part; its leaves too if it is not there
                 hooked.setdefault(id(part.module), [part.module, []])[1].append((unit, part, True))
                 for slot in part.slots:
                     for module, _ in slot.places:
@@ -359,12 +362,7 @@ def _install_chunked(unit: _Unit, buffer: DecodeBuffer, plan) -> None:
 
 def _owner(model, names: list[str]) -> torch.nn.Module | None:
     """The deepest module holding all of a unit's members, when it is a module that runs (not a ModuleList)."""
-    parts = [n.split(".")[:-1] for n in names]
-    common = []
-    for level in zip(*parts):
-        if len(set(level)) != 1:
-            break
-        common.append(level[0])
+    common = _common_path(names)
     if not common:
         return None
     module = model.get_submodule(".".join(common))
@@ -411,6 +409,7 @@ def _split_parts(model, unit: _Unit, aliases, device_map) -> list[_Part] | None:
 
 
 def _common_path(names: list[str]) -> list[str]:
+    """The module path all of ``names`` (parameter names) share."""
     common = []
     for level in zip(*(n.split(".")[:-1] for n in names)):
         if len(set(level)) != 1:
@@ -437,14 +436,14 @@ def _decode_part(unit: _Unit, part: _Part, out: torch.Tensor, backend: str | Non
 
 
 def _make_hook(entries: list[tuple[_Unit, _Part | None, bool]], buffers: dict[torch.device, DecodeBuffer]):
-    """``entries``: (unit, part or None for the whole unit, lead); in training only lead entries (the module that
-    owns the unit or the part) decode, into private tensors."""
+    """``entries``: (unit, part or None for the whole unit, lead). In training, lead entries (the module that owns
+    the unit or the part) decode into private tensors; a part's leaves only when the part is not private yet."""
     unique = list({(u.name, None if p is None else p.key): (u, p, lead) for u, p, lead in entries}.values())
 
     def hook(module, args):
         for unit, part, lead in unique:
             if torch.is_grad_enabled() and module.training:
-                if lead:
+                if lead or not part.private:
                     _decode_for_autograd(unit, buffers[unit.device], part)
             else:
                 if not unit.bound:  # back from training: the weights go back to the shared buffer
@@ -473,6 +472,7 @@ def _decode_for_autograd(unit: _Unit, buf: DecodeBuffer, part: _Part | None = No
         flat = torch.empty(part.need, dtype=torch.bfloat16, device=buf.device)
         _decode_part(unit, part, flat, buf.backend)
         starts, slots = part.starts, part.slots
+        part.private = True
     for start, slot in zip(starts, slots):
         view = flat[start : start + math.prod(slot.shape)].view(slot.shape)
         for module, attr in slot.places:
