@@ -5,6 +5,7 @@ tests/runtime/test_chunked.py::test_chunked_model_is_bit_identical (split decode
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import dfloat
@@ -43,3 +44,49 @@ def test_split_parts_follow_the_child_modules():
     assert split_parts(["model.layers.0.mlp.up.weight", "model.layers.1.mlp.up.weight"]) is None  # a list
     assert split_parts(["m.a.weight", "m.b.weight", "m.weight"]) is None  # a member on the owner itself
     assert split_parts(["lm_head.weight"]) is None
+
+
+def test_lora_training_with_split_decode(tmp_path):
+    """Training decodes each part into a private tensor (gradients equal BF16's); back in eval the weights are
+    the fixed buffer views again and the logits are unchanged."""
+    pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from dfloat.testing import save_random_model
+    from tests.runtime.test_peft import _batch, _lora, _step
+
+    save_random_model(tmp_path / "bf16", trained_scale=True, seed=3)
+    dfloat.compress_model(tmp_path / "bf16", tmp_path / "dfloat", **SMALL_BLOCKS)
+    base = _lora(AutoModelForCausalLM.from_pretrained(tmp_path / "dfloat"))
+    plan = base.base_model.model._dfloat_plan
+    assert all(0 < u.decode_numel < u.numel for u in plan.units if ".layers." in u.name)  # split decode is on
+    ref = _lora(AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16))
+    ids = _batch()
+    base.eval()
+    with torch.no_grad():
+        want = base(ids).logits
+    ptrs = _coded_weight_ptrs(base.base_model.model)
+    for m in (base, ref):
+        m.train()
+        with torch.no_grad():  # non-zero B so every adapter matrix gets a gradient
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.fill_(0.01)
+    assert torch.equal(_step(base, ids), _step(ref, ids))
+    ref_params = dict(ref.named_parameters())
+    trainable = {n: p for n, p in base.named_parameters() if p.requires_grad}
+    assert trainable and all(torch.equal(p.grad, ref_params[n].grad) for n, p in trainable.items())
+    assert _coded_weight_ptrs(base.base_model.model) != ptrs  # private copies while training
+    base.eval()
+    with torch.no_grad():
+        for n, p in base.named_parameters():
+            if "lora_B" in n:
+                p.zero_()
+        assert torch.equal(base(ids).logits, want)
+    assert _coded_weight_ptrs(base.base_model.model) == ptrs
+
+
+def _coded_weight_ptrs(model) -> dict[str, int]:
+    buf = _buffer(model)
+    start, end = buf.tensor.data_ptr(), buf.tensor.data_ptr() + 2 * buf.tensor.numel()
+    return {n: p.data_ptr() for n, p in model.named_parameters() if start <= p.data_ptr() < end}
