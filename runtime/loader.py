@@ -328,7 +328,9 @@ def _memory_plan(coded: list[_Unit], plain_bytes: int, chunk_numel: int | None, 
             block = memory.max_block_numel(host_positions(u.ct)) if ok else 0
             split = max(p.need for p in u.parts) if u.parts else 0
             out.append(
-                memory.UnitSize(u.name, u.ct.numel, u.ct.nbytes, True, matrix, ok, block, str(u.device), split)
+                memory.UnitSize(
+                    u.name, u.ct.numel, u.ct.nbytes, True, matrix, ok, block, str(u.device), decode_numel=split
+                )
             )
         return out
 
@@ -396,7 +398,8 @@ def _split_parts(model, unit: _Unit, aliases, device_map) -> list[_Part] | None:
         module = model.get_submodule(child)
         if isinstance(module, (torch.nn.ModuleList, torch.nn.ModuleDict)):
             return None
-        runs, need = memory.part_layout(pos, [(m.offset, m.offset + m.numel) for m in (members[j] for j in group)])
+        spans = [(members[j].offset, members[j].offset + members[j].numel) for j in group]
+        runs, need = memory.part_layout(pos, spans)
         starts = []
         for j in group:
             b0, _, base = next(r for r in runs if pos[r[0]] <= members[j].offset < pos[r[1]])
