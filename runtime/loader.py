@@ -39,12 +39,29 @@ class _Slot:
 
 
 @dataclass
+class _Part:
+    """Split decode: the members of a block unit that one child module (attention, MLP) uses, decoded right
+    before that module runs: runs of blocks ``(b0, b1, base)`` (`dfloat.runtime.memory.part_layout`), each
+    decoded to buffer element ``base``; ``starts[i]`` is where ``slots[i]``'s weight starts in the buffer."""
+
+    key: str
+    runs: list[tuple[int, int, int]]
+    need: int  # buffer elements
+    slots: list[_Slot]
+    starts: list[int]
+    module: torch.nn.Module  # the child module whose pre-hook decodes the part
+    subs: list[CompressedTensor] | None = None  # the runs as sub-units, for non-CPU decoders (made once)
+    private: bool = False  # training: its weights are a private decode (not views of the buffer)
+
+
+@dataclass
 class _Unit:
     name: str
     ct: CompressedTensor  # on the execution device, or pinned on the host with cpu_offload
     device: torch.device
     slots: list[_Slot]
     bound: bool = False  # its weights are the fixed views of the decode buffer (not private training copies)
+    parts: list[_Part] | None = None  # split decode (None: the unit is decoded whole)
 
 
 @dataclass
@@ -70,11 +87,23 @@ class DecodeBuffer:
         CUDA graph then records stable addresses, and the hook only has to decode."""
         if self.tensor is None:
             self.tensor = torch.empty(self.numel, dtype=torch.bfloat16, device=self.device)
-        for slot in unit.slots:
-            view = self.tensor[slot.offset : slot.offset + math.prod(slot.shape)].view(slot.shape)
+        placed = [z for p in unit.parts for z in zip(p.starts, p.slots)] if unit.parts else [
+            (slot.offset, slot) for slot in unit.slots
+        ]
+        for start, slot in placed:
+            view = self.tensor[start : start + math.prod(slot.shape)].view(slot.shape)
             for module, attr in slot.places:
                 module._parameters[attr] = torch.nn.Parameter(view, requires_grad=False)
+        for part in unit.parts or ():
+            part.private = False
         unit.bound = True
+
+    def ensure_part(self, unit: _Unit, part: _Part) -> None:
+        if self.current == part.key:
+            return
+        _decode_part(unit, part, self.tensor, self.backend)
+        self.current = part.key
+        self.decodes += 1
 
     def ensure(self, unit: _Unit) -> None:
         if self.current == unit.name:
@@ -176,11 +205,13 @@ def attach(
     device_map: Mapping[str, str | torch.device] | None = None,
     chunk_numel: int | None = None,
     chunking: bool = True,
+    split: bool = True,
 ) -> dict[torch.device, DecodeBuffer]:
     """Load plain tensors into ``model`` and hook every coded unit so it is decoded right before use.
 
-    Big embedding / lm_head units are used piecewise (runtime/memory.py, runtime/chunked.py); ``chunk_numel``
-    and ``chunking`` are `load_compressed`'s options."""
+    Big embedding / lm_head units are used piecewise (runtime/memory.py, runtime/chunked.py), block units are
+    decoded a child module at a time (split decode); ``chunk_numel``, ``chunking`` and ``split`` are
+    `load_compressed`'s options."""
     device = canonical_device(device)
     aliases = _aliases(model)
     expected = dict(model.named_parameters(remove_duplicate=False))
@@ -224,6 +255,8 @@ def attach(
         ]
         stored = ct.pin_memory() if (cpu_offload and udev.type == "cuda") else ct.to(udev)
         coded.append(_Unit(uname, stored, udev, slots))
+        if split:
+            coded[-1].parts = _split_parts(model, coded[-1], aliases, device_map)
 
     plain_bytes = raw_bytes + sum(t.numel() * t.element_size() for t in plain.values())
     plan = _memory_plan(coded, plain_bytes, chunk_numel, chunking)
@@ -241,12 +274,18 @@ def attach(
         owner = _owner(model, [m.name for m in ct.members])
         if unit.name in plan.chunked:
             _install_chunked(unit, buffers[udev], plan.chunked[unit.name])
+        elif unit.parts:
+            for part in unit.parts:  # the child module decodes its part; its leaves too if it is not there
+                hooked.setdefault(id(part.module), [part.module, []])[1].append((unit, part, True))
+                for slot in part.slots:
+                    for module, _ in slot.places:
+                        hooked.setdefault(id(module), [module, []])[1].append((unit, part, False))
         else:
             for slot in slots:
                 for module, _ in slot.places:
-                    hooked.setdefault(id(module), [module, []])[1].append(unit)
+                    hooked.setdefault(id(module), [module, []])[1].append((unit, None, True))
             if owner is not None:
-                hooked.setdefault(id(owner), [owner, []])[1].append(unit)
+                hooked.setdefault(id(owner), [owner, []])[1].append((unit, None, True))
         if owner is not None and device_map:  # blocks on different devices: bring their inputs along
             owner.register_forward_pre_hook(_inputs_to(udev), with_kwargs=True)
 
@@ -287,7 +326,12 @@ def _memory_plan(coded: list[_Unit], plain_bytes: int, chunk_numel: int | None, 
             matrix = (shape[0], shape[1]) if len(shape) == 2 else None
             ok = matrix is not None and u.name not in excluded and chunked.can_chunk(places)
             block = memory.max_block_numel(host_positions(u.ct)) if ok else 0
-            out.append(memory.UnitSize(u.name, u.ct.numel, u.ct.nbytes, True, matrix, ok, block, str(u.device)))
+            split = max(p.need for p in u.parts) if u.parts else 0
+            out.append(
+                memory.UnitSize(
+                    u.name, u.ct.numel, u.ct.nbytes, True, matrix, ok, block, str(u.device), decode_numel=split
+                )
+            )
         return out
 
     excluded: set[str] = set()
@@ -320,30 +364,98 @@ def _install_chunked(unit: _Unit, buffer: DecodeBuffer, plan) -> None:
 
 def _owner(model, names: list[str]) -> torch.nn.Module | None:
     """The deepest module holding all of a unit's members, when it is a module that runs (not a ModuleList)."""
-    parts = [n.split(".")[:-1] for n in names]
-    common = []
-    for level in zip(*parts):
-        if len(set(level)) != 1:
-            break
-        common.append(level[0])
+    common = _common_path(names)
     if not common:
         return None
     module = model.get_submodule(".".join(common))
     return None if isinstance(module, (torch.nn.ModuleList, torch.nn.ModuleDict)) else module
 
 
-def _make_hook(unit_list: list[_Unit], buffers: dict[torch.device, DecodeBuffer]):
-    unique = list({u.name: u for u in unit_list}.values())
+def _split_parts(model, unit: _Unit, aliases, device_map) -> list[_Part] | None:
+    """Split decode for a block unit whose members live in two or more child modules of its owner
+    (`dfloat.runtime.memory.split_parts`), when every place of a part's members is inside its child module and
+    no device_map entry splits the owner; None keeps the whole-unit decode."""
+    from dfloat.blocks import block_range, host_positions
+    from dfloat.runtime import memory
+
+    members = unit.ct.members
+    groups = memory.split_parts([m.name for m in members])
+    if groups is None:
+        return None
+    owner = _common_path([m.name for m in members])
+    prefix = ".".join(owner)
+    if any(k.startswith(prefix + ".") for k in device_map or {}):
+        return None
+    pos = host_positions(unit.ct)
+    total = [(m.name, m.offset, m.numel) for m in members]
+    if not memory.split_decode_numel(total, pos):  # no part smaller than the whole unit
+        return None
+    parts = []
+    for i, group in enumerate(groups):
+        child = f"{prefix}.{members[group[0]].name.split('.')[len(owner)]}"
+        if any(not a.startswith(child + ".") for j in group for a in aliases.get(members[j].name, [])):
+            return None  # a tied weight used outside the child module
+        module = model.get_submodule(child)
+        if isinstance(module, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+            return None
+        spans = [(members[j].offset, members[j].offset + members[j].numel) for j in group]
+        runs, need = memory.part_layout(pos, spans)
+        starts = []
+        for j in group:
+            b0, _, base = next(r for r in runs if pos[r[0]] <= members[j].offset < pos[r[1]])
+            starts.append(base + members[j].offset - int(pos[b0]))
+        part = _Part(f"{unit.name}#{i}", runs, need, [unit.slots[j] for j in group], starts, module)
+        if unit.device.type != "cpu":  # made once, so that decoding a part reads no host memory (CUDA graphs)
+            part.subs = [block_range(unit.ct, b0, b1) for b0, b1, _ in runs]
+        parts.append(part)
+    return parts
+
+
+def _common_path(names: list[str]) -> list[str]:
+    """The module path all of ``names`` (parameter names) share."""
+    common = []
+    for level in zip(*(n.split(".")[:-1] for n in names)):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return common
+
+
+def _decode_part(unit: _Unit, part: _Part, out: torch.Tensor, backend: str | None) -> None:
+    """Decode the blocks of ``part`` into their places in ``out`` (flat BF16 on the execution device)."""
+    from dfloat.blocks import block_range, decompress_blocks
+
+    ct = unit.ct
+    for i, (b0, b1, base) in enumerate(part.runs):
+        if ct.device == out.device and out.device.type == "cpu" and backend in (None, "auto", "cpu"):
+            decompress_blocks(ct, b0, b1, out[base:], backend)
+            continue
+        from dfloat.kernels import registry
+
+        sub = part.subs[i] if part.subs is not None else block_range(ct, b0, b1)
+        if sub.device != out.device:  # cpu_offload: bring only these blocks over
+            sub = sub.to(out.device, non_blocking=True)
+        registry.decode_into(sub, out[base : base + sub.numel], backend)
+
+
+def _make_hook(entries: list[tuple[_Unit, _Part | None, bool]], buffers: dict[torch.device, DecodeBuffer]):
+    """``entries``: (unit, part or None for the whole unit, lead). In training, lead entries (the module that owns
+    the unit or the part) decode into private tensors; a part's leaves only when the part is not private yet."""
+    unique = list({(u.name, None if p is None else p.key): (u, p, lead) for u, p, lead in entries}.values())
 
     def hook(module, args):
-        for unit in unique:
+        for unit, part, lead in unique:
             if torch.is_grad_enabled() and module.training:
-                _decode_for_autograd(unit, buffers[unit.device])
+                if lead or not part.private:
+                    _decode_for_autograd(unit, buffers[unit.device], part)
             else:
                 if not unit.bound:  # back from training: the weights go back to the shared buffer
                     buffers[unit.device].bind(unit)
                     buffers[unit.device].current = None
-                buffers[unit.device].ensure(unit)
+                if part is None:
+                    buffers[unit.device].ensure(unit)
+                else:
+                    buffers[unit.device].ensure_part(unit, part)
                 # Weights saved for a backward pass are views of the shared buffer: mark it changed, so autograd
                 # refuses (instead of silently using the next unit's weights) when training in eval mode.
                 if torch.is_grad_enabled() and not buffers[unit.device].tensor.is_inference():
@@ -352,13 +464,20 @@ def _make_hook(unit_list: list[_Unit], buffers: dict[torch.device, DecodeBuffer]
     return hook
 
 
-def _decode_for_autograd(unit: _Unit, buf: DecodeBuffer) -> None:
+def _decode_for_autograd(unit: _Unit, buf: DecodeBuffer, part: _Part | None = None) -> None:
     """Training (e.g. LoRA adapters on the frozen base): decode into a tensor of its own, which autograd may keep
-    for the backward pass while later units reuse the shared buffer."""
-    ct = unit.ct if unit.ct.device == buf.device else unit.ct.to(buf.device, non_blocking=True)
-    flat = decompress_tensor(ct, device=buf.device, backend=buf.backend).reshape(-1)
-    for slot in unit.slots:
-        view = flat[slot.offset : slot.offset + math.prod(slot.shape)].view(slot.shape)
+    for the backward pass while later units reuse the shared buffer (split units: only the part)."""
+    if part is None:
+        ct = unit.ct if unit.ct.device == buf.device else unit.ct.to(buf.device, non_blocking=True)
+        flat = decompress_tensor(ct, device=buf.device, backend=buf.backend).reshape(-1)
+        starts, slots = [s.offset for s in unit.slots], unit.slots
+    else:
+        flat = torch.empty(part.need, dtype=torch.bfloat16, device=buf.device)
+        _decode_part(unit, part, flat, buf.backend)
+        starts, slots = part.starts, part.slots
+        part.private = True
+    for start, slot in zip(starts, slots):
+        view = flat[start : start + math.prod(slot.shape)].view(slot.shape)
         for module, attr in slot.places:
             module._parameters[attr] = torch.nn.Parameter(view, requires_grad=False)
     unit.bound = False  # the modules no longer point into the buffer
@@ -416,6 +535,7 @@ def load_compressed(
     chunk_numel: int | None = None,
     chunking: bool = True,
     matmul: str = "decode",
+    split_decode: bool = True,
     **kw,
 ):
     """Load a dfloat (or official DFloat11) checkpoint as a transformers model with bit-identical outputs.
@@ -437,6 +557,9 @@ def load_compressed(
         matmul: "decode" (default: decode each block, then the model's own math; bit-identical to BF16) or
             "fused" (CUDA: linear layers multiply straight from coded weights for <= 16 rows; deterministic and
             bit-identical to the fused kernel's twin, not to cuBLAS; see runtime/fused.py).
+        split_decode: a block unit whose weights live in several child modules (attention, MLP) is decoded a
+            part at a time, right before each child runs, so the buffer holds the largest part (docs/memory.md);
+            False decodes block units whole.
         **kw: passed to the model's construction (e.g. ``attn_implementation="sdpa"``).
     Returns:
         The model in eval mode; ``generate()`` works as usual.
@@ -475,7 +598,7 @@ def load_compressed(
         units = fused.install(model, units, device)
     buffers = attach(
         model, units, plain, device, backend=backend, cpu_offload=cpu_offload, device_map=device_map,
-        chunk_numel=chunk_numel, chunking=chunking,
+        chunk_numel=chunk_numel, chunking=chunking, split=split_decode,
     )
     log.info("memory plan of %s: %s", folder, model._dfloat_plan.summary())
     log.info(

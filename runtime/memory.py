@@ -4,7 +4,9 @@ Weight memory = compressed units + plain (uncoded) tensors + one decode buffer p
 largest unit that must be decoded whole (by default a transformer block). A unit that is one matrix used as an
 embedding and/or a linear layer's weight (embeddings, lm_head) and is bigger than that is never decoded whole:
 the embedding looks up rows by decoding only the blocks that hold them, the linear layer multiplies a row chunk
-at a time (`dfloat.runtime.chunked`), so it needs only a chunk's room in the same buffer.
+at a time (`dfloat.runtime.chunked`), so it needs only a chunk's room in the same buffer. A block unit whose
+members live in several child modules (attention, MLP) is decoded a part at a time ("split decode"), so the
+buffer holds its largest part.
 
 The same plan is computed from a loaded model (`load_compressed` logs it), from a checkpoint's headers
 (`dfloat inspect`), or from shapes alone with an estimated bits/weight (`benchmarks/memory_plan.py`).
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 # Room a chunk needs beyond its rows: the blocks at both ends hold elements of the neighbouring rows, and the
@@ -37,6 +39,7 @@ class UnitSize:
     chunkable: bool = False  # one matrix used only as an embedding and/or an nn.Linear weight
     max_block_numel: int = 0  # most elements one block of windows holds (bounds a chunk's overhang)
     device: str = "cpu"
+    decode_numel: int = 0  # buffer elements a whole-unit decode needs when less than numel (split decode)
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,7 @@ def plan_memory(
         piecewise = [
             u for u in group if chunking and u.chunkable and u.matrix is not None and not in_block(u.name)
         ]
-        whole = max([u.numel for u in group if u not in piecewise], default=0)
+        whole = max([u.decode_numel or u.numel for u in group if u not in piecewise], default=0)
         budget = chunk_numel if chunk_numel is not None else (whole or DEFAULT_CHUNK_NUMEL)
         need = whole
         for u in piecewise:
@@ -186,8 +189,76 @@ def worst_block_numel(bytes_per_window: int, windows_per_block: int) -> int:
     return 8 * bytes_per_window * windows_per_block
 
 
+def split_parts(names: Sequence[str]) -> list[list[int]] | None:
+    """Split decode: a unit's members grouped by the child module of their deepest common module (the ``self_attn``
+    and ``mlp`` of a decoder layer), in order of first appearance; None when that gives fewer than two groups, a
+    member sits on the common module or on one of its children (``q_proj`` of an attention module: the owner's
+    forward may read it), or the common module is a list (numbered children)."""
+    paths = [n.split(".")[:-1] for n in names]
+    depth = 0
+    for level in zip(*paths):
+        if len(set(level)) != 1:
+            break
+        depth += 1
+    if depth == 0 or any(len(p) <= depth + 1 for p in paths):
+        return None  # a member on the owner itself, or a child is the weight's own module (its owner may read it)
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(paths):
+        groups.setdefault(p[depth], []).append(i)
+    if len(groups) < 2 or any(child.isdigit() for child in groups):
+        return None
+    return list(groups.values())
+
+
+def part_layout(output_positions, spans) -> tuple[list[tuple[int, int, int]], int]:
+    """Where a split-decode part goes in the buffer. ``spans``: the element ranges ``[start, stop)`` of its
+    members. Returns runs ``(b0, b1, base)``: blocks ``[b0, b1)`` are decoded to buffer element ``base``, with
+    ``base`` congruent to the unit position of block ``b0`` (so every member keeps the alignment it has in a
+    whole-unit decode); runs that touch or share a block are one run. And the buffer elements the part needs."""
+    import numpy as np
+
+    pos = np.asarray(output_positions, dtype=np.int64)
+    runs: list[list[int]] = []
+    for start, stop in sorted(spans):
+        b0 = int(np.searchsorted(pos, start, side="right") - 1)
+        b1 = int(np.searchsorted(pos, stop - 1, side="right"))
+        if runs and b0 <= runs[-1][1]:
+            runs[-1][1] = max(runs[-1][1], b1)
+        else:
+            runs.append([b0, b1])
+    out, end = [], 0
+    for b0, b1 in runs:
+        base = end + (int(pos[b0]) - end) % ALIGN_ELEMENTS
+        out.append((b0, b1, base))
+        end = base + int(pos[b1] - pos[b0])
+    return out, end
+
+
+def split_decode_numel(
+    members: Sequence[tuple[str, int, int]], output_positions=None, max_block: int = 0
+) -> int:
+    """Buffer elements the largest part of a split-decoded unit needs (0: the unit is not split, or no part is
+    smaller than the whole unit). ``members`` are (name, offset, numel); without output positions (shapes only) a
+    part is bounded by its elements plus a block of windows at each end and the alignment shift."""
+    parts = split_parts([m[0] for m in members])
+    if parts is None:
+        return 0
+    total = max(m[1] + m[2] for m in members)
+    need = 0
+    for part in parts:
+        if output_positions is None:  # a part's members assumed contiguous
+            need = max(need, sum(members[i][2] for i in part) + chunk_overhang(max_block))
+        else:
+            spans = [(members[i][1], members[i][1] + members[i][2]) for i in part]
+            need = max(need, part_layout(output_positions, spans)[1])
+    return need if need < total else 0
+
+
 def units_from_checkpoint(
-    units_meta: Mapping[str, dict], arrays_nbytes: Mapping[str, int], positions: Mapping[str, object]
+    units_meta: Mapping[str, dict],
+    arrays_nbytes: Mapping[str, int],
+    positions: Mapping[str, object],
+    split: bool = True,
 ) -> list[UnitSize]:
     """UnitSize rows from a checkpoint's unit metadata (``dfloat inspect``): one-matrix units count as chunkable
     (the checkpoint alone does not say which module uses them; embeddings and lm_head are the ones that are)."""
@@ -202,18 +273,26 @@ def units_from_checkpoint(
             if name in positions
             else worst_block_numel(meta.get("bytes_per_window", 32), meta.get("windows_per_block", 256))
         )
+        split_numel = 0
+        if split and coded and name in positions:
+            split_numel = split_decode_numel(
+                [(m["name"], int(m["offset"]), math.prod(m["shape"])) for m in members], positions[name]
+            )
         out.append(
             UnitSize(
-                name, int(meta["numel"]), int(arrays_nbytes[name]), coded, matrix, matrix is not None, block
+                name, int(meta["numel"]), int(arrays_nbytes[name]), coded, matrix, matrix is not None, block,
+                decode_numel=split_numel,
             )
         )
     return out
 
 
-def plan_checkpoint(folder, chunk_numel: int | None = None, chunking: bool = True) -> MemoryPlan:
+def plan_checkpoint(
+    folder, chunk_numel: int | None = None, chunking: bool = True, split: bool = True
+) -> MemoryPlan:
     """The memory plan of a compressed folder on one device, from its shard headers and output positions only
     (nothing is decoded or moved to a GPU). One-matrix units outside blocks count as used piecewise, as
-    embeddings and lm_head are when loaded."""
+    embeddings and lm_head are when loaded; block units as split-decoded (``split``, as `load_compressed`)."""
     from safetensors import safe_open
 
     from dfloat.format import check_version
@@ -253,7 +332,7 @@ def plan_checkpoint(folder, chunk_numel: int | None = None, chunking: bool = Tru
                 if key not in owned:
                     s = f.get_slice(key)
                     plain += math.prod(s.get_shape()) * sizes.get(s.get_dtype(), 1)
-            units += units_from_checkpoint(meta, nbytes, positions)
+            units += units_from_checkpoint(meta, nbytes, positions, split)
     coded = [u for u in units if u.coded]
     plain += sum(u.stored_bytes for u in units if not u.coded)  # raw units load as plain tensors
     plan = plan_memory(coded, plain, chunk_numel, chunking)

@@ -1,5 +1,5 @@
-"""Big embedding / lm_head units used piecewise: logits and 20 greedy tokens stay torch.equal to BF16 while the
-decode buffer is smaller than those units (so they are never decoded whole)."""
+"""Big embedding / lm_head units used piecewise, and block units split-decoded: logits and 20 greedy tokens stay
+torch.equal to BF16 while the decode buffer is smaller than those units (so they are never decoded whole)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import dfloat
 from dfloat.runtime import chunked
 from dfloat.runtime.loader import weight_memory
+from dfloat.runtime.memory import plan_checkpoint
 from tests.runtime.test_families import COMMON, save_bf16
 
 SMALL_BLOCKS = dict(bytes_per_window=8, windows_per_block=4)  # blocks of ~100 weights: real partial decodes
@@ -51,13 +52,35 @@ def test_chunked_model_is_bit_identical(family, tmp_path):
     assert all(len(c.chunks) >= 5 for c in plan.chunked.values())
     embed = model.get_input_embeddings()
     assert isinstance(embed._dfloat_chunked, chunked.ChunkedUnit)
-    layers = max(ct.numel for name, ct in model._dfloat_units.items() if ".layers." in name)
-    assert model._dfloat_buffers[torch.device("cpu")].numel == layers  # the chunks fit beside nothing bigger
+    # Split decode (default): every block unit is decoded an attention / MLP part at a time, so the buffer holds
+    # the MLP part (plus a block of windows at each end), and the chunks fit beside nothing bigger.
+    layers = {n: ct for n, ct in model._dfloat_units.items() if ".layers." in n}
+    sizes = {u.name: u for u in plan.units}
+    assert all(0 < sizes[n].decode_numel < ct.numel for n, ct in layers.items())
+    buf = model._dfloat_buffers[torch.device("cpu")]
+    mlp = 3 * config.hidden_size * config.intermediate_size
+    assert mlp <= buf.numel == max(sizes[n].decode_numel for n in layers) < min(c.numel for c in layers.values())
+    assert buf.numel == plan_checkpoint(tmp_path / "out", chunk_numel=3000).buffers["device"]
+    assert weight_memory(model)["decode_buffers"] == 2 * buf.numel == plan.buffer_bytes
+    before = _coded_weight_ptrs(model)
+    assert any(".self_attn." in n for n in before) and any(".mlp." in n for n in before)
+    decodes = buf.decodes
+    with torch.no_grad():
+        model(torch.tensor([[5, 6, 7]]))
+    assert buf.decodes - decodes >= 2 * config.num_hidden_layers  # attention and MLP parts decoded separately
     _check_equal(model, ref, config.vocab_size)
+    assert _coded_weight_ptrs(model) == before  # bound once: a captured CUDA graph stays valid
     embed._dfloat_chunked.scan = True  # the graph-safe lookup gives the same rows
     ids = torch.randint(0, config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def _coded_weight_ptrs(model) -> dict[str, int]:
+    """Parameter name -> address, for the weights that are views of the decode buffer."""
+    (buf,) = model._dfloat_buffers.values()
+    start, end = buf.tensor.data_ptr(), buf.tensor.data_ptr() + 2 * buf.tensor.numel()
+    return {n: p.data_ptr() for n, p in model.named_parameters() if start <= p.data_ptr() < end}
 
 
 def test_default_plan_sizes_the_buffer_to_one_block(tmp_path):
@@ -72,9 +95,10 @@ def test_default_plan_sizes_the_buffer_to_one_block(tmp_path):
     model = dfloat.load_compressed(tmp_path / "out", device="cpu")
     plan = model._dfloat_plan
     block = max(ct.numel for name, ct in model._dfloat_units.items() if ".layers." in name)
-    assert plan.buffers == {"cpu": block} and set(plan.chunked) == {"model.embed_tokens"}
+    part = max(u.decode_numel for u in plan.units if ".layers." in u.name)  # split decode: a block's MLP part
+    assert 0 < part < block and plan.buffers == {"cpu": part} and set(plan.chunked) == {"model.embed_tokens"}
     mem = weight_memory(model)
-    assert mem["decode_buffers"] == 2 * block == plan.buffer_bytes
+    assert mem["decode_buffers"] == 2 * part == plan.buffer_bytes
     computed = sum(b.numel() * b.element_size() for b in model.buffers())  # rotary tables: not weights
     assert mem["compressed"] == plan.compressed_bytes and mem["plain"] == plan.plain_bytes + computed
     _check_equal(model, ref, config.vocab_size)
