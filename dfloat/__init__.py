@@ -15,6 +15,7 @@ from dfloat.errors import (
     GenerationError,
     ModelSourceError,
     OutputExistsError,
+    OutputWriteError,
     ShapeMismatchError,
     UnsupportedDtypeError,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "Member",
     "ModelSourceError",
     "OutputExistsError",
+    "OutputWriteError",
     "ShapeMismatchError",
     "UnsupportedDtypeError",
     "compress_tensor",

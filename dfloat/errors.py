@@ -39,5 +39,9 @@ class OutputExistsError(DFloatError, FileExistsError):
     """An output folder exists and the caller did not ask to overwrite it."""
 
 
+class OutputWriteError(DFloatError, OSError):
+    """An output file could not be written (disk full, no permission); nothing half-written is left behind."""
+
+
 class GenerationError(DFloatError, ValueError):
     """Generation was asked for with inputs or options it cannot honour (right-padded prompts, no CUDA for graphs)."""

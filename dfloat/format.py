@@ -20,7 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dfloat.errors import ChecksumError, CorruptStreamError, FormatVersionError, ShapeMismatchError
+from dfloat.errors import (
+    ChecksumError,
+    CorruptStreamError,
+    DFloatError,
+    FormatVersionError,
+    OutputWriteError,
+    ShapeMismatchError,
+)
 
 FORMAT_NAME = "dfloat"
 FORMAT_VERSION = "1.1"  # major.minor: a reader accepts any minor of its major; a newer major is refused
@@ -546,8 +553,32 @@ def default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~mask
 
 
+def parse_json(text: str | bytes, where: str, error: type[DFloatError] = CorruptStreamError):
+    """JSON from a file or header, or ``error`` naming ``where``: malformed, too deeply nested or not UTF-8 text
+    is one clear error, never a traceback from the decoder."""
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{where}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise error(f"{where}: JSON nested too deeply to be read; the file is damaged") from None
+
+
+def write_failure(path: str | os.PathLike, e: Exception) -> OutputWriteError:
+    """A failed write (disk full, permissions) as one error naming the file; safetensors reports OS errors as
+    ``SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")``."""
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split("I/O error: ")[-1]
+    return OutputWriteError(f"{path}: cannot be written: {reason}")
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """Write through ``write(tmp_path)`` then rename, so a reader never sees half a file."""
+    """Write through ``write(tmp_path)`` then rename, so a reader never sees half a file.
+
+    Raises:
+        OutputWriteError: the file could not be written (disk full, no permission); no temporary file is left.
+    """
+    from safetensors import SafetensorError
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -556,9 +587,13 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         write(tmp)
         os.chmod(tmp, default_mode())  # after writing: a writer may have replaced the (private) temp file
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OutputWriteError):
+            raise
+        raise write_failure(path, e) from e
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -625,10 +660,9 @@ def check_version(meta: Mapping[str, str] | None, where: str) -> dict:
             f"{where}: written with dfloat format {version}, this dfloat reads "
             f"{FORMAT_VERSION.split('.')[0]}.x; upgrade dfloat to read it"
         )
-    try:
-        return json.loads(meta["units"])
-    except (KeyError, json.JSONDecodeError) as e:
-        raise CorruptStreamError(f"{where}: unit metadata is unreadable ({e})") from None
+    if "units" not in meta:
+        raise CorruptStreamError(f"{where}: unit metadata is unreadable (no 'units' entry in the header)")
+    return parse_json(meta["units"], f"{where}: unit metadata")
 
 
 def _file_checks(meta: Mapping[str, str], where: str) -> tuple[bool, dict[str, int] | None]:
@@ -646,8 +680,9 @@ def _file_checks(meta: Mapping[str, str], where: str) -> tuple[bool, dict[str, i
         return False, None
     try:
         want = int(meta["units_crc32"])
-        plain = {str(k): int(v) for k, v in json.loads(meta.get("tensors_crc32", "{}")).items()}
-    except (ValueError, TypeError, AttributeError, json.JSONDecodeError) as e:
+        listed = parse_json(meta.get("tensors_crc32", "{}"), f"{where}: tensors_crc32", ChecksumError)
+        plain = {str(k): int(v) for k, v in listed.items()}
+    except (ValueError, TypeError, AttributeError) as e:
         raise ChecksumError(
             f"{where}: unreadable checksums in the header ({e}); the file is damaged"
         ) from None

@@ -1,10 +1,13 @@
 """A compressed checkpoint folder: shards of units and plain tensors, an index, config.json with a "dfloat" section.
 
 config.json                       the model's config + "dfloat": {format_version, parameters, source, sizes}
-dfloat.index.json                 {"metadata": {...}, "weight_map": {unit or tensor name: shard file}}
-dfloat.safetensors.index.json     a copy of it, read by transformers' from_pretrained (runtime/hf_quantizer.py)
+dfloat.safetensors.index.json     {"metadata": {...}, "weight_map": {unit or tensor name: shard file}}; the one
+                                  index, read by dfloat and by transformers' from_pretrained (runtime/hf_quantizer.py)
 dfloat-00001-of-0000N.safetensors units ("{unit}.{array}") and plain tensors, metadata per docs/FORMAT.md
 tokenizer / generation files      copied from the source
+
+Folders written before the index had one name carry ``dfloat.index.json`` (alone, or beside a copy under the name
+above): they still load, and when both are there they must agree.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ import torch
 
 from dfloat.errors import CorruptStreamError, ModelSourceError
 from dfloat.format import CompressedTensor, load_compressed_tensors, save_compressed_tensors
+from dfloat.runtime import source as src
 
-INDEX_NAME = "dfloat.index.json"
-TRANSFORMERS_INDEX = "dfloat.safetensors.index.json"  # the same index, under a name `transformers_weights` accepts
+INDEX_NAME = "dfloat.safetensors.index.json"  # transformers accepts names ending in .safetensors.index.json
+LEGACY_INDEX_NAME = "dfloat.index.json"  # older folders: alone, or beside a copy named INDEX_NAME
 CONFIG_KEY = "dfloat"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
@@ -78,7 +82,23 @@ class ShardWriter:
 
 
 def is_compressed_folder(folder: Path) -> bool:
-    return (folder / INDEX_NAME).is_file()
+    return (folder / INDEX_NAME).is_file() or (folder / LEGACY_INDEX_NAME).is_file()
+
+
+def read_index(folder: Path) -> tuple[Path, dict]:
+    """(the index file, its content) of a compressed folder; with both the index and the legacy one (older
+    folders), they must say the same, or the folder is refused: dfloat and transformers would read different
+    checkpoints."""
+    index, legacy = folder / INDEX_NAME, folder / LEGACY_INDEX_NAME
+    path = index if index.is_file() else legacy
+    content = src.read_weight_index(path)
+    if path == index and legacy.is_file():
+        if src.read_weight_index(legacy) != content:
+            raise ModelSourceError(
+                f"{folder}: {INDEX_NAME} and {LEGACY_INDEX_NAME} list different shards or tensors; the folder is "
+                f"damaged or mixed from two checkpoints (compress the model again)"
+            )
+    return path, content
 
 
 @dataclass
@@ -88,36 +108,29 @@ class CompressedCheckpoint:
     folder: Path
     config: dict
     index: dict
+    index_path: Path | None = None
 
     @classmethod
     def open(cls, folder: str | os.PathLike) -> CompressedCheckpoint:
         folder = Path(folder)
-        index_path = folder / INDEX_NAME
-        config_path = folder / "config.json"
-        if not index_path.is_file() or not config_path.is_file():
+        if not (folder / "config.json").is_file() or not is_compressed_folder(folder):
             raise ModelSourceError(f"{folder}: not a dfloat checkpoint (needs config.json and {INDEX_NAME})")
-        try:
-            index = json.loads(index_path.read_text())
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelSourceError(f"{folder}: unreadable index or config ({e})") from None
+        config = src.read_config(folder)
         if CONFIG_KEY not in config:
-            raise ModelSourceError(f"{config_path}: has no '{CONFIG_KEY}' section: not compressed by dfloat")
-        return cls(folder, config, index)
+            raise ModelSourceError(
+                f"{folder / 'config.json'}: has no '{CONFIG_KEY}' section: not compressed by dfloat"
+            )
+        index_path, index = read_index(folder)
+        return cls(folder, config, index, index_path)
 
     @property
     def weight_map(self) -> dict[str, str]:
-        wm = self.index.get("weight_map") if isinstance(self.index, dict) else None
-        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
-            raise ModelSourceError(
-                f"{self.folder / INDEX_NAME}: has no 'weight_map' of names to shard files; the index is damaged "
-                "(compress the model again)"
-            )
-        return wm
+        return self.index["weight_map"]
 
     @property
     def shard_files(self) -> list[Path]:
-        files = [self.folder / f for f in dict.fromkeys(self.weight_map.values())]
+        index = self.index_path or self.folder / INDEX_NAME
+        files = [src.shard_path(self.folder, f, index) for f in dict.fromkeys(self.weight_map.values())]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise ModelSourceError(f"{self.folder}: missing shard file(s): {', '.join(missing)}")
@@ -128,17 +141,18 @@ class CompressedCheckpoint:
     ) -> Iterator[tuple[Path, dict[str, CompressedTensor], dict[str, torch.Tensor]]]:
         """Each shard's units and plain tensors; the names in a shard must be exactly the ones the index puts
         there (a dropped or renamed unit is an error, not a missing weight later)."""
-        listed: dict[str, set[str]] = {}
+        listed: dict[Path, set[str]] = {}
         for name, file in self.weight_map.items():
-            listed.setdefault(file, set()).add(name)
+            listed.setdefault(self.folder / file, set()).add(name)
         for path in self.shard_files:
             units, plain = load_compressed_tensors(path, device=device, verify=verify)
             held = set(units) | set(plain)
-            if held != listed[path.name]:
-                lost = sorted(listed[path.name] - held)[:3]
-                extra = sorted(held - listed[path.name])[:3]
+            if held != listed[path]:
+                lost = sorted(listed[path] - held)[:3]
+                extra = sorted(held - listed[path])[:3]
+                index = (self.index_path or self.folder / INDEX_NAME).name
                 raise CorruptStreamError(
-                    f"{path}: holds other tensors than {INDEX_NAME} lists for it (missing {lost}, unlisted "
+                    f"{path}: holds other tensors than {index} lists for it (missing {lost}, unlisted "
                     f"{extra}); the folder is damaged or mixed from two checkpoints"
                 )
             yield path, units, plain

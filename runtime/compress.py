@@ -19,7 +19,6 @@ from dfloat.errors import (
     ChecksumError,
     DFloatError,
     ModelSourceError,
-    OutputExistsError,
     UnsupportedDtypeError,
 )
 from dfloat.format import (
@@ -27,14 +26,15 @@ from dfloat.format import (
     DEFAULT_MAX_CODE_LENGTH,
     DEFAULT_WINDOWS_PER_BLOCK,
     FORMAT_VERSION,
-    default_mode,
+    atomic_write,
 )
+from dfloat.runtime import output
 from dfloat.runtime import source as src
 from dfloat.runtime.checkpoint import (
     CONFIG_KEY,
     DEFAULT_MAX_SHARD_BYTES,
     INDEX_NAME,
-    TRANSFORMERS_INDEX,
+    LEGACY_INDEX_NAME,
     CompressedCheckpoint,
     ShardWriter,
 )
@@ -70,30 +70,7 @@ class CompressionReport:
 ProgressFn = Callable[[str, int, int, int], None]  # (unit, done, total, weights in the unit)
 
 
-@dataclass
-class _Tensor:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    file: Path
-
-
-def _scan(files: list[Path]) -> list[_Tensor]:
-    from safetensors import SafetensorError, safe_open
-
-    out = []
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for k in f.keys():
-                    s = f.get_slice(k)
-                    out.append(_Tensor(k, tuple(s.get_shape()), s.get_dtype(), path))
-        except (SafetensorError, OSError) as e:
-            raise ModelSourceError(f"{path}: not a readable safetensors file ({e})") from None
-    return out
-
-
-def _check_lossless(config: dict, tensors: list[_Tensor], folder: Path) -> None:
+def _check_lossless(config: dict, tensors: list[src.SourceTensor], folder: Path) -> None:
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "quantized")
         raise UnsupportedDtypeError(
@@ -110,14 +87,53 @@ def _check_lossless(config: dict, tensors: list[_Tensor], folder: Path) -> None:
         )
 
 
-def _model_card(report: CompressionReport, origin: dict, config: dict) -> str:
+# Auto classes a model card names, most specific task first: the first whose transformers mapping lists one of
+# the checkpoint's architectures.
+_CARD_AUTO_CLASSES = (
+    ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+    ("AutoModelForSeq2SeqLM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
+    ("AutoModelForImageTextToText", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES"),
+    ("AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
+    ("AutoModelForSequenceClassification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
+    ("AutoModelForTokenClassification", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
+    ("AutoModelForQuestionAnswering", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES"),
+    ("AutoModel", "MODEL_MAPPING_NAMES"),
+)
+
+
+def card_auto_class(config: dict) -> str:
+    """The transformers Auto class that loads this checkpoint's architecture (AutoModel for a BertModel,
+    AutoModelForCausalLM for a LlamaForCausalLM or a research architecture's ...ForCausalLM)."""
+    archs = set(config.get("architectures") or [])
+    try:
+        from transformers.models.auto import modeling_auto
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        modeling_auto = None
+    for auto, mapping in _CARD_AUTO_CLASSES:
+        names = getattr(modeling_auto, mapping, {})
+        listed = {n for v in names.values() for n in (v if isinstance(v, list | tuple) else (v,))}
+        if archs & listed:
+            return auto
+    if any(a.endswith("ForCausalLM") for a in archs):
+        return "AutoModelForCausalLM"
+    return "AutoModel"
+
+
+def _model_card(report: CompressionReport, origin: dict, config: dict, out_dir: Path) -> str:
+    """README.md of a compressed folder. It names the source by its Hub id, or a local folder by its name only
+    (a card is published with the model: no paths of the machine that made it)."""
+    source = origin["source"]
+    if not src.looks_like_hub_id(source):
+        source = Path(source).expanduser().name or "a local model"
     arch = ", ".join(config.get("architectures") or [config.get("model_type", "model")])
+    auto = card_auto_class(config)
+    revision = f" (revision `{origin['revision']}`)" if origin.get("revision") else ""
     return f"""---
 tags: [dfloat, lossless, bf16]
 ---
-# {Path(origin["source"]).name} (dfloat, lossless)
+# {Path(source).name} (dfloat, lossless)
 
-Losslessly compressed copy of `{origin["source"]}`{f" (revision `{origin['revision']}`)" if origin.get("revision") else ""}
+Losslessly compressed copy of `{source}`{revision}
 ({arch}) made with [dfloat](https://github.com/dfloat) {FORMAT_VERSION}: BF16 exponents Huffman-coded, sign and
 mantissa kept, so every weight decodes bit-identical to the original.
 
@@ -127,8 +143,8 @@ mantissa kept, so every weight decodes bit-identical to the original.
 | stored | {report.stored_bytes:,} ({100 * report.ratio:.2f}% of BF16, {report.bits_per_weight:.2f} bits/weight) |
 
 ```python
-from transformers import AutoModelForCausalLM  # with `pip install dfloat`; no import of dfloat needed
-model = AutoModelForCausalLM.from_pretrained("{report.out_dir}")
+from transformers import {auto}  # with `pip install dfloat`; no import of dfloat needed
+model = {auto}.from_pretrained("{out_dir.name}")  # this folder, or its Hub id
 ```
 """
 
@@ -194,6 +210,7 @@ def compress_model(
     allow_raw: bool = True,
     progress: ProgressFn | None = None,
     unit: str = "block",
+    verify_progress: ProgressFn | None = None,
 ) -> CompressionReport:
     """Compress a BF16 checkpoint losslessly into ``out_dir``.
 
@@ -201,8 +218,9 @@ def compress_model(
         source: a Hub id ("owner/name"), a local folder of safetensors, an official DFloat11 checkpoint
             (decoded and coded again as dfloat, verified byte for byte against the decoded weights), or an
             in-memory transformers model.
-        out_dir: the folder to create. Written to a temporary folder beside it and renamed when complete and
-            verified; an existing folder is refused unless ``overwrite``.
+        out_dir: the folder to create. Written to a work folder beside it and renamed when complete and
+            verified (runtime/output.py); an existing folder is refused unless ``overwrite``, also one that
+            appears during the run, and so is a folder that is, holds or sits inside the source.
         verify: decode every unit after writing and check it against the checksums of the original bytes.
         grouping: override which tensors share a code (see `dfloat.runtime.grouping.grouping_from`).
         revision, token: for Hub ids.
@@ -210,10 +228,12 @@ def compress_model(
         max_shard_bytes: size of output shards.
         bytes_per_window, windows_per_block, max_code_length: stream parameters (docs/FORMAT.md).
         allow_raw: store units raw when tiny or when coding would not shrink them (False codes every unit).
-        progress: called after each unit as ``progress(unit, done, total, weights)``.
+        progress: called after each unit is coded, as ``progress(unit, done, total, weights)``.
         unit: what shares one code: "block" (default: the weights of each transformer block; embeddings and
             lm_head alone) or "matrix" (every weight alone: the decode buffer then holds one matrix, the leanest
             memory at run time, for a slightly larger stored size). ``grouping`` overrides either.
+        verify_progress: called likewise after each unit or tensor is checked (``verify``); raising from
+            either callback (KeyboardInterrupt) stops the run and leaves nothing behind.
     Returns:
         A CompressionReport with sizes and timing.
     Raises:
@@ -222,11 +242,7 @@ def compress_model(
     t0 = time.perf_counter()
     if unit not in UNIT_KINDS:
         raise DFloatError(f"unit={unit!r}: choose one of {', '.join(UNIT_KINDS)}")
-    out_dir = Path(out_dir).expanduser().resolve()
-    if out_dir.exists() and not overwrite:
-        raise OutputExistsError(
-            f"{out_dir}: already exists (pass overwrite=True / --overwrite to replace it)"
-        )
+    out_dir = output.check_target(out_dir, overwrite, sources=src.local_folders(source))
     if workers:
         import numba
 
@@ -234,6 +250,7 @@ def compress_model(
     stack: list[tempfile.TemporaryDirectory] = []
     try:
         folder, origin = _resolve_source(source, revision, token, stack)
+        output.check_target(out_dir, overwrite, sources=[folder])
         config = src.read_config(folder)
         if CONFIG_KEY in config:
             raise ModelSourceError(f"{folder}: is already compressed")
@@ -241,38 +258,22 @@ def compress_model(
         if official:  # an official DFloat11 checkpoint: decode it, then code it as dfloat (with checksums)
             folder = _official_to_bf16(folder, config, stack)
             config = src.read_config(folder)
-        tensors = _scan(src.weight_files(folder))
+        tensors = list(src.read_weight_layout(folder).tensors.values())
         _check_lossless(config, tensors, folder)
         unit_of = grouping_from(grouping) if grouping is not None else UNIT_KINDS[unit]
         plan = plan_units(((t.name, t.shape, t.dtype) for t in tensors), unit_of)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-        os.chmod(tmp, default_mode(directory=True))
-        try:
+        options = dict(
+            bytes_per_window=bytes_per_window,
+            windows_per_block=windows_per_block,
+            max_code_length=max_code_length,
+            allow_raw=allow_raw,
+        )
+        with output.building(out_dir, overwrite) as tmp:
             report = _write(
-                folder,
-                tensors,
-                plan,
-                tmp,
-                out_dir,
-                origin,
-                config,
-                max_shard_bytes,
-                progress,
-                dict(
-                    bytes_per_window=bytes_per_window,
-                    windows_per_block=windows_per_block,
-                    max_code_length=max_code_length,
-                    allow_raw=allow_raw,
-                ),
-                t0,
+                folder, tensors, plan, tmp, out_dir, origin, config, max_shard_bytes, progress, options
             )
             if verify:
-                verify_checkpoint(tmp, against=folder if official else None)
-            _replace_dir(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+                verify_checkpoint(tmp, against=folder if official else None, progress=verify_progress)
     finally:
         for t in stack:
             t.cleanup()
@@ -287,7 +288,7 @@ def compress_model(
     return report
 
 
-def _write(folder, tensors, plan, tmp, out_dir, origin, config, max_shard_bytes, progress, options, t0):
+def _write(folder, tensors, plan, tmp, out_dir, origin, config, max_shard_bytes, progress, options):
     from safetensors import safe_open
 
     by_name = {t.name: t for t in tensors}
@@ -343,26 +344,11 @@ def _write(folder, tensors, plan, tmp, out_dir, origin, config, max_shard_bytes,
         "shards": len(set(index["weight_map"].values())),
     }
     # transformers integration (runtime/hf_quantizer.py): the quant method routes `from_pretrained` to dfloat's
-    # quantizer, which reads the index under the name transformers accepts.
+    # quantizer, which points transformers at the index (its name ends in .safetensors.index.json, as required).
     config["quantization_config"] = {"quant_method": "dfloat", "format_version": FORMAT_VERSION}
-    shutil.copy2(tmp / INDEX_NAME, tmp / TRANSFORMERS_INDEX)
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (tmp / "README.md").write_text(_model_card(report, origin, config))
+    (tmp / "README.md").write_text(_model_card(report, origin, config, out_dir))
     return report
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished folder into place; an old folder is only removed once the new one is there."""
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:  # a file (or link) was in the way
-            old.unlink(missing_ok=True)
-    else:
-        os.replace(tmp, out_dir)
 
 
 def _shards_for_verify(ckpt: CompressedCheckpoint, problems: list[str]):
@@ -389,21 +375,46 @@ def _shards_for_verify(ckpt: CompressedCheckpoint, problems: list[str]):
 
 
 def verify_checkpoint(
-    folder: str | os.PathLike, against: str | os.PathLike | None = None, backend: str | None = None
+    folder: str | os.PathLike,
+    against: str | os.PathLike | None = None,
+    backend: str | None = None,
+    progress: ProgressFn | None = None,
 ) -> list[str]:
     """Decode every unit and compare with the stored checksums (and, with ``against``, with the original
-    checkpoint's tensors byte for byte). Returns the problems found; raises ChecksumError if any."""
+    checkpoint's tensors byte for byte, read by the rule `compress_model` reads it by:
+    `dfloat.runtime.source.read_weight_layout`).
+
+    Args:
+        backend: the decoder to check with (default: the fastest here); one that cannot run here is refused
+            before anything is decoded.
+        progress: called after each unit or plain tensor as ``progress(name, done, total, weights)``.
+    Returns:
+        The problems found (none).
+    Raises:
+        ChecksumError: listing every problem found; BackendUnavailableError; ModelSourceError.
+    """
     from dfloat.codec import decompress_tensor
     from dfloat.format import crc32_of
 
     ckpt = CompressedCheckpoint.open(folder)
+    dev = "cuda" if backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
+    if backend is not None:
+        from dfloat.kernels.registry import resolve
+
+        resolve(backend, dev)
     original = None
     if against is not None:
         afolder, _ = src.resolve_folder(against)
-        original = {t.name: t for t in _scan(src.weight_files(afolder))}
+        original = src.read_weight_layout(afolder).tensors
     problems: list[str] = []
     seen: set[str] = set()
-    dev = "cuda" if backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
+    total, done = len(ckpt.weight_map), 0
+
+    def report(name: str, weights: int) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(name, done, total, weights)
 
     def compare(name: str, got: torch.Tensor) -> None:
         seen.add(name)
@@ -433,8 +444,10 @@ def verify_checkpoint(
                     compare(m.name, view.view(m.shape))
             except Exception as e:  # noqa: BLE001 - a corrupt unit is reported, the rest still checked
                 problems.append(f"{path.name}: unit {uname}: {e}")
+            report(uname, ct.numel)
         for name, t in plain.items():
             compare(name, t)
+            report(name, t.numel())
     if original is not None:
         problems += [f"{n}: missing from the compressed checkpoint" for n in original if n not in seen]
     if problems:
@@ -449,27 +462,25 @@ def decompress_model(
     overwrite: bool = False,
     max_shard_bytes: int = 5 * 1024**3,
 ) -> Path:
-    """Write the original BF16 checkpoint back (tensors byte-identical to the source's), atomically."""
+    """Write the original BF16 checkpoint back (tensors byte-identical to the source's), atomically: as
+    `compress_model`, an existing ``out_dir`` is refused unless ``overwrite``, also one that appears during the
+    run, and so is one that is, holds or sits inside the source."""
     from safetensors.torch import save_file
 
     from dfloat.codec import decompress_tensor
 
+    out_dir = output.check_target(out_dir, overwrite, sources=src.local_folders(source))
     folder, _ = src.resolve_folder(source)
     ckpt = CompressedCheckpoint.open(folder)
-    out_dir = Path(out_dir).expanduser().resolve()
-    if out_dir.exists() and not overwrite:
-        raise OutputExistsError(f"{out_dir}: already exists (pass overwrite=True to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    os.chmod(tmp, default_mode(directory=True))
-    try:
+    output.check_target(out_dir, overwrite, sources=[folder])
+    with output.building(out_dir, overwrite) as tmp:
         written: list[tuple[Path, list[str], int]] = []
         pending: dict[str, torch.Tensor] = {}
 
         def flush() -> None:
             if pending:
                 path = tmp / f".part-{len(written) + 1:05d}.safetensors"
-                save_file(pending, str(path), metadata={"format": "pt"})
+                atomic_write(path, lambda part: save_file(pending, part, metadata={"format": "pt"}))
                 written.append(
                     (path, list(pending), sum(t.numel() * t.element_size() for t in pending.values()))
                 )
@@ -492,7 +503,7 @@ def decompress_model(
         flush()
         n = len(written)
         names = (
-            ["model.safetensors"]
+            [src.WEIGHTS_NAME]
             if n == 1
             else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
         )
@@ -508,12 +519,8 @@ def decompress_model(
                 + "\n"
             )
         for f in src.side_files(folder):
-            if f.name not in (INDEX_NAME, TRANSFORMERS_INDEX):
+            if f.name not in (INDEX_NAME, LEGACY_INDEX_NAME):
                 shutil.copy2(f, tmp / f.name)
         config = {k: v for k, v in ckpt.config.items() if k not in (CONFIG_KEY, "quantization_config")}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

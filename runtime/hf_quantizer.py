@@ -4,9 +4,9 @@
 looks the method up in its quantizer registry, where `register()` (run when transformers is imported, see
 `_dfloat_autoload`) has put `DFloatConfig` and `DFloatHfQuantizer`. The quantizer then
 
-1. points transformers at the shard index the compressed folder carries under a name it accepts
-   (``dfloat.safetensors.index.json``, through ``config.transformers_weights``), so Hub downloads, the cache and
-   tokens are transformers' and huggingface_hub's own;
+1. points transformers at the folder's shard index (``dfloat.safetensors.index.json``, a name transformers
+   accepts, through ``config.transformers_weights``), so Hub downloads, the cache and tokens are transformers' and
+   huggingface_hub's own, and dfloat then reads the very index and shards transformers fetched;
 2. before weights load, hides every unit member (coded weights) from the model's state dict: transformers loads
    the plain tensors (norms, small raw tensors) itself and never allocates or initializes the coded weights;
 3. after loading, hands the coded units to `dfloat.runtime.loader.attach`, the same decode-before-use hooks as
@@ -26,7 +26,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from dfloat.errors import ModelSourceError
-from dfloat.runtime.checkpoint import TRANSFORMERS_INDEX
+from dfloat.runtime.checkpoint import INDEX_NAME
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class DFloatHfQuantizer(HfQuantizer):
         return torch.bfloat16
 
     def _point_at_weights(self, config):
-        config.transformers_weights = TRANSFORMERS_INDEX
+        config.transformers_weights = INDEX_NAME
         return config
 
     # transformers hands the quantizer the config before it looks for weight files: through

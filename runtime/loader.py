@@ -10,7 +10,6 @@ The math is the original model's, so outputs are bit-identical.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -633,11 +632,16 @@ def weight_memory(model: torch.nn.Module) -> dict[str, int]:
 
 def describe_unit_layout(folder: str | os.PathLike) -> dict:
     """{unit: [member names]} of a compressed folder, read from its shard headers."""
+    from safetensors import safe_open
+
+    from dfloat.format import check_version
+
     out = {}
     for path in CompressedCheckpoint.open(folder).shard_files:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
-            units = json.loads(f.metadata()["units"])
-        out.update({u: [m["name"] for m in meta["members"]] for u, meta in units.items()})
+            units = check_version(f.metadata(), str(path))
+        try:
+            out.update({u: [m["name"] for m in meta["members"]] for u, meta in units.items()})
+        except (AttributeError, KeyError, TypeError) as e:
+            raise ModelSourceError(f"{path}: malformed unit metadata ({e!r}); the file is damaged") from None
     return out

@@ -315,23 +315,20 @@ def plan_checkpoint(
     for path in CompressedCheckpoint.open(folder).shard_files:
         with safe_open(str(path), framework="pt") as f:
             meta = check_version(f.metadata(), str(path))
-            nbytes: dict[str, int] = {}
-            positions = {}
-            owned = set()
-            for name in meta:
-                for key in f.keys():
-                    if key.startswith(name + ".") and key[len(name) + 1 :] in _UNIT_ARRAYS:
-                        s = f.get_slice(key)
-                        nbytes[name] = nbytes.get(name, 0) + math.prod(s.get_shape()) * sizes.get(
-                            s.get_dtype(), 1
-                        )
-                        owned.add(key)
-                if meta[name]["mode"] == "huffman":
-                    positions[name] = f.get_tensor(f"{name}.output_positions").numpy()
-            for key in f.keys():
-                if key not in owned:
-                    s = f.get_slice(key)
-                    plain += math.prod(s.get_shape()) * sizes.get(s.get_dtype(), 1)
+            nbytes: dict[str, int] = dict.fromkeys(meta, 0)
+            for key in f.keys():  # one pass over the keys: a unit's arrays are "{unit}.{array}"
+                s = f.get_slice(key)
+                size = math.prod(s.get_shape()) * sizes.get(s.get_dtype(), 1)
+                unit, _, array = key.rpartition(".")
+                if unit in nbytes and array in _UNIT_ARRAYS:
+                    nbytes[unit] += size
+                else:
+                    plain += size
+            positions = {
+                name: f.get_tensor(f"{name}.output_positions").numpy()
+                for name in meta
+                if meta[name]["mode"] == "huffman"
+            }
             units += units_from_checkpoint(meta, nbytes, positions, split)
     coded = [u for u in units if u.coded]
     plain += sum(u.stored_bytes for u in units if not u.coded)  # raw units load as plain tensors

@@ -28,7 +28,7 @@ def read_official(
     except (KeyError, TypeError, ValueError, re.error) as e:
         raise ModelSourceError(f"{folder}/config.json: unreadable dfloat11_config ({e})") from None
     tensors: dict[str, torch.Tensor] = {}
-    for path in src.weight_files(folder):
+    for path in src.read_all_safetensors(folder).files:  # what the official loader reads: every file
         with safe_open(str(path), framework="pt") as f:
             tensors.update({k: f.get_tensor(k) for k in f.keys()})
     params = dict(model.named_parameters(remove_duplicate=False))

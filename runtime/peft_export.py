@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dfloat.errors import ModelSourceError, OutputExistsError
+from dfloat.errors import ModelSourceError
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +39,18 @@ def merge_adapters(
     to ``out_dir``: a BF16 checkpoint, or with ``compress`` a dfloat checkpoint again. Written atomically."""
     from transformers import AutoModelForCausalLM
 
-    from dfloat.runtime.compress import _replace_dir, compress_model, decompress_model
+    from dfloat.runtime import output
+    from dfloat.runtime.compress import compress_model, decompress_model
 
     peft = _peft()
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ModelSourceError(f"{adapter_dir}: not a PEFT adapter folder (no adapter_config.json)")
-    out_dir = Path(out_dir).expanduser().resolve()
-    if out_dir.exists() and not overwrite:
-        raise OutputExistsError(
-            f"{out_dir}: already exists (pass overwrite=True / --overwrite to replace it)"
-        )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".dfloat-merge-", dir=out_dir.parent) as work:
-        work = Path(work)
+    from dfloat.runtime import source as src
+
+    out_dir = output.check_target(out_dir, overwrite, sources=[adapter_dir, *src.local_folders(base)])
+    work = output.new_partial(out_dir)
+    try:
         decompress_model(base, work / "base")
         model = AutoModelForCausalLM.from_pretrained(work / "base", dtype=torch.bfloat16)
         merged = peft.PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
@@ -62,9 +60,9 @@ def merge_adapters(
                 shutil.copy2(f, work / "merged" / f.name)
         if compress:
             compress_model(work / "merged", work / "out")
-            _replace_dir(work / "out", out_dir)
-        else:
-            _replace_dir(work / "merged", out_dir)
+        output.move_into_place(work / ("out" if compress else "merged"), out_dir, overwrite)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     log.info("merged %s into %s -> %s", adapter_dir, base, out_dir)
     return out_dir
 

@@ -156,8 +156,8 @@ def test_damaged_model_folder_fails_to_load_unless_verify_is_off(tmp_path):
     with pytest.raises(ChecksumError, match=shard.name):
         dfloat.load_compressed(out, device="cpu")
     dfloat.load_compressed(out, device="cpu", verify=False)  # opted out: loads
-    index = json.loads((out / "dfloat.index.json").read_text())
+    index = json.loads((out / "dfloat.safetensors.index.json").read_text())
     index["weight_map"].pop(next(iter(index["weight_map"])))
-    (out / "dfloat.index.json").write_text(json.dumps(index))
-    with pytest.raises(CorruptStreamError, match="other tensors than dfloat.index.json lists"):
+    (out / "dfloat.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CorruptStreamError, match="other tensors than dfloat.safetensors.index.json lists"):
         dfloat.load_compressed(out, device="cpu", verify=False)

@@ -124,6 +124,42 @@ def test_config_section_and_side_files(tiny_llama, tmp_path):
     dfloat.verify_checkpoint(tmp_path / "out", against=folder)
 
 
+def test_model_card_names_no_local_path_and_the_auto_class_that_loads_it(tiny_llama, tmp_path, monkeypatch):
+    """The card is published with the model: it names a local source by its folder name only, and its snippet
+    (run here as written, from the folder's parent) loads the checkpoint with the right Auto class."""
+    import re
+
+    from transformers import BertConfig, BertModel
+
+    folder, _ = tiny_llama
+    torch.manual_seed(0)
+    bert = BertModel(
+        BertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=32,
+        )
+    )
+    bert.to(torch.bfloat16).save_pretrained(tmp_path / "bert-bf16")
+    monkeypatch.chdir(tmp_path)
+    for source, out, auto, model_class in (
+        (folder, "llama-dfloat", "AutoModelForCausalLM", "LlamaForCausalLM"),
+        (tmp_path / "bert-bf16", "bert-dfloat", "AutoModel", "BertModel"),
+    ):
+        dfloat.compress_model(source, tmp_path / out)
+        card = (tmp_path / out / "README.md").read_text()
+        assert str(tmp_path) not in card and str(folder.parent) not in card, card
+        assert f"copy of `{source.name}`" in card
+        code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+        assert f"from transformers import {auto} " in code
+        scope = {}
+        exec(compile(code, "README.md", "exec"), scope)
+        assert type(scope["model"]).__name__ == model_class and scope["model"]._dfloat_units
+
+
 def test_peak_memory_while_compressing_stays_near_one_unit(tmp_path):
     """A 107 MiB checkpoint in 30 MB shards: resident memory grows by about one unit's work and one output shard."""
     from transformers import AutoModelForCausalLM, LlamaConfig

@@ -69,3 +69,44 @@ def test_readme_memory_figures_come_from_the_benchmark_json():
         for units in ("block", "matrix"):
             cell = f"{pct[model, units, 'minilm']:.2f} / {pct[model, units, 'demo']:.2f}"
             assert cell in readme, (model, units, cell)
+
+
+def test_checkpoint_plan_reads_each_header_entry_once(tmp_path, monkeypatch):
+    """`dfloat inspect` on a checkpoint of many units: one pass over each shard's keys, not one per unit."""
+    import safetensors
+
+    from dfloat.testing import save_random_model
+
+    save_random_model(tmp_path / "src", num_hidden_layers=24)
+    dfloat.compress_model(tmp_path / "src", tmp_path / "c", unit="matrix", verify=False, allow_raw=False)
+    real, counts = safetensors.safe_open, {"keys": 0, "get_slice": 0, "entries": 0}
+
+    class Counting:
+        def __init__(self, *args, **kwargs):
+            self.f = real(*args, **kwargs)
+
+        def __enter__(self):
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def keys(self):
+            counts["keys"] += 1
+            keys = self.f.keys()
+            counts["entries"] += len(keys)
+            return keys
+
+        def get_slice(self, name):
+            counts["get_slice"] += 1
+            return self.f.get_slice(name)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(safetensors, "safe_open", Counting)
+    plan = plan_checkpoint(tmp_path / "c")
+    shards = len(list((tmp_path / "c").glob("dfloat-*.safetensors")))
+    assert len(plan.units) > 24 * 7 and counts["keys"] == shards  # was one pass over the keys per unit
+    assert counts["get_slice"] == counts["entries"]
