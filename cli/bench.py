@@ -58,16 +58,25 @@ def decode_rows(units, repeats: int) -> list[dict]:
 @click.command("bench")
 @click.argument("model", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Timed runs per backend, after one warm-up; the median is reported.",
+)
 @NO_VERIFY
 def command(model, as_json, repeats, no_verify):
-    """Decode throughput of MODEL's units (default: the bundled demo model) on every available backend."""
+    """Decode throughput of MODEL's units (default: the bundled demo model) on every available backend; on a
+    CUDA GPU with MODEL given, also per-token generation latency and weight memory against BF16."""
     from dfloat.demo import demo_model_path
     from dfloat.runtime.checkpoint import CompressedCheckpoint
 
     units = [
         ct
-        for _, us, _ in CompressedCheckpoint.open(model or demo_model_path()).iter_shards(verify=not no_verify)
+        for _, us, _ in CompressedCheckpoint.open(model or demo_model_path()).iter_shards(
+            verify=not no_verify
+        )
         for ct in us.values()
         if ct.is_coded
     ]
@@ -78,6 +87,9 @@ def command(model, as_json, repeats, no_verify):
     gen = _generation_rows(model) if model and torch.cuda.is_available() else []
     if gen:
         result["generation"] = gen
+    else:
+        why = "no CUDA GPU here" if not torch.cuda.is_available() else "no MODEL given"
+        result["note"] = f"decoding only: generation is compared with BF16 on a CUDA GPU with MODEL ({why})"
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -91,6 +103,8 @@ def command(model, as_json, repeats, no_verify):
         click.echo(
             f"{r['weights']:<8} {r['ms_per_token']:.2f} ms/token, weight memory {r['weight_MiB']:.0f} MiB"
         )
+    if "note" in result:
+        click.echo(result["note"])
 
 
 def _generation_rows(model) -> list[dict]:

@@ -10,7 +10,10 @@ import click
 
 
 def default_out(source: str) -> Path:
-    return Path.cwd() / f"{Path(str(source).rstrip('/')).name}-dfloat"
+    """./NAME-dfloat, NAME being the folder's name (also for "." or "..") or the Hub id's model name."""
+    path = Path(str(source)).expanduser()
+    name = (path.resolve() if path.exists() else path).name or "model"
+    return Path.cwd() / f"{name}-dfloat"
 
 
 @click.command("compress")
@@ -18,7 +21,9 @@ def default_out(source: str) -> Path:
 @click.option(
     "-o", "--out", "out", type=click.Path(path_type=Path), help="Output folder [default: ./NAME-dfloat]."
 )
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="Codec threads [default: all cores].")
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=None, help="Codec threads [default: all cores]."
+)
 @click.option("--no-verify", is_flag=True, help="Skip decoding the result against the stored checksums.")
 @click.option(
     "--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is complete)."
@@ -39,9 +44,10 @@ def command(source, out, workers, no_verify, overwrite, push_to_hub, revision, u
     import dfloat
 
     out = out or default_out(source)
-    bar = None
-    # Ctrl-C is honoured between units, so it never lands inside a native reader (which would turn it into
-    # another error); a second Ctrl-C stops at once. Either way nothing half-written is left behind.
+    bars: dict[str, tqdm] = {}
+    # Ctrl-C is honoured between units (coding or checking them), so it never lands inside a native reader
+    # (which would turn it into another error); a second Ctrl-C stops at once. Either way nothing half-written
+    # is left behind.
     interrupted: list[bool] = []
 
     def on_sigint(signum, frame):
@@ -49,14 +55,18 @@ def command(source, out, workers, no_verify, overwrite, push_to_hub, revision, u
             raise KeyboardInterrupt
         interrupted.append(True)
 
-    def progress(unit, done, total, weights):
-        nonlocal bar
-        if interrupted:
-            raise KeyboardInterrupt
-        if bar is None:
-            bar = tqdm(total=total, unit="unit", desc="compress", leave=False)
-        bar.set_postfix_str(unit[-32:])
-        bar.update(1)
+    def bar(desc: str):
+        def progress(unit, done, total, weights):
+            if interrupted:
+                raise KeyboardInterrupt
+            if desc not in bars:
+                for other in bars.values():
+                    other.close()
+                bars[desc] = tqdm(total=total, unit="unit", desc=desc, leave=False)
+            bars[desc].set_postfix_str(unit[-32:])
+            bars[desc].update(1)
+
+        return progress
 
     t0 = time.perf_counter()
     previous = signal.signal(signal.SIGINT, on_sigint)
@@ -68,7 +78,8 @@ def command(source, out, workers, no_verify, overwrite, push_to_hub, revision, u
             verify=not no_verify,
             workers=workers,
             revision=revision,
-            progress=progress,
+            progress=bar("compress"),
+            verify_progress=bar("verify"),
             unit=unit,
         )
     except Exception:
@@ -77,8 +88,8 @@ def command(source, out, workers, no_verify, overwrite, push_to_hub, revision, u
         raise
     finally:
         signal.signal(signal.SIGINT, previous)
-        if bar is not None:
-            bar.close()
+        for b in bars.values():
+            b.close()
     seconds = time.perf_counter() - t0
     click.echo(f"compressed {source} -> {out}")
     rows = [

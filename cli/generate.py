@@ -43,13 +43,76 @@ def load_for_generation(model_path, device, verify: bool = True, matmul="decode"
     return model, tokenizer, compressed
 
 
+def _check_prompts(prompts: tuple[str, ...]) -> list[str]:
+    """Refuse empty prompts and bytes that are not UTF-8 text (the shell passes them through as surrogates)."""
+    hint = "'--prompt'"
+    for i, prompt in enumerate(prompts):
+        which = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            byte = ord(prompt[e.start]) - 0xDC00 if 0xDC80 <= ord(prompt[e.start]) <= 0xDCFF else None
+            what = f"byte 0x{byte:02x}" if byte is not None else repr(prompt[e.start])
+            raise click.BadParameter(
+                f"{which} is not UTF-8 text ({what} at character {e.start}); pass UTF-8 text", param_hint=hint
+            ) from None
+        if not prompt.strip():
+            raise click.BadParameter(f"{which} is empty; give some text to continue", param_hint=hint)
+    return list(prompts)
+
+
+def _prompt_ids(tok, prompt: str, chat: bool) -> list[int]:
+    if chat:
+        return tok.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )["input_ids"][0].tolist()
+    return tok(prompt)["input_ids"]
+
+
+def _check_context(lm, prompt_tokens: int, max_new_tokens: int) -> None:
+    context = getattr(lm.config, "max_position_embeddings", None)
+    if isinstance(context, int) and prompt_tokens + max_new_tokens > context:
+        raise click.BadParameter(
+            f"{prompt_tokens} prompt tokens + {max_new_tokens} new ones exceed the model's {context} positions; "
+            "lower it or shorten the prompt",
+            param_hint="'--max-new-tokens'",
+        )
+
+
 @click.command("generate")
 @click.argument("model", required=False)
-@click.option("--prompt", "-p", required=True, help="Text to continue.")
-@click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0), default=None,
-              help="0 for greedy [default: the model's setting].")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None)
+@click.option(
+    "--prompt",
+    "-p",
+    "prompts",
+    required=True,
+    multiple=True,
+    help="Text to continue; repeat -p to generate for several prompts as one batch.",
+)
+@click.option(
+    "--max-new-tokens",
+    "-n",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Tokens to generate for each prompt (fewer when the model ends its text).",
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="0 for greedy [default: the model's setting].",
+)
+@click.option(
+    "--top-p",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=None,
+    help="Sample only from the most likely tokens whose probabilities add up to this [default: the model's "
+    "setting; 1 = all].",
+)
 @click.option("--seed", type=int, default=None, help="Seed for sampling.")
 @click.option("--device", type=DEVICE, default=None, help="cpu, cuda, cuda:1 ... [default: cuda if present].")
 @click.option("--chat", is_flag=True, help="Apply the tokenizer's chat template to the prompt.")
@@ -59,11 +122,14 @@ def load_for_generation(model_path, device, verify: bool = True, matmul="decode"
     is_flag=True,
     help="On CUDA, use transformers' eager generate instead of the static-cache, CUDA-graph fast path.",
 )
-@click.option("--fused", is_flag=True,
-              help="CUDA: multiply straight from the coded weights (deterministic, not bit-identical to BF16).")
+@click.option(
+    "--fused",
+    is_flag=True,
+    help="CUDA: multiply straight from the coded weights (deterministic, not bit-identical to BF16).",
+)
 @NO_VERIFY
 def command(
-    model, prompt, max_new_tokens, temperature, top_p, seed, device, chat, stats, no_graphs, fused, no_verify
+    model, prompts, max_new_tokens, temperature, top_p, seed, device, chat, stats, no_graphs, fused, no_verify
 ):
     """Generate text with MODEL (Hub id or folder; default: the bundled demo model)."""
     import torch
@@ -71,8 +137,7 @@ def command(
 
     from dfloat.demo import demo_model_path
 
-    if not prompt.strip():
-        raise click.BadParameter("the prompt is empty; give some text to continue", param_hint="'--prompt'")
+    prompts = _check_prompts(prompts)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if seed is not None:
@@ -82,23 +147,28 @@ def command(
         model or demo_model_path(), device, verify=not no_verify, matmul="fused" if fused else "decode"
     )
     t_load = time.perf_counter() - t_load
-    if chat:
-        if not getattr(tok, "chat_template", None):
-            raise click.UsageError("this model's tokenizer has no chat template; drop --chat")
-        ids = tok.apply_chat_template(
-            [{"role": "user", "content": prompt}],
-            add_generation_prompt=True,
-            return_tensors="pt",
-            return_dict=True,
-        )["input_ids"]
-    else:
-        ids = tok(prompt, return_tensors="pt").input_ids
-    ids = ids.to(device)
-    context = getattr(lm.config, "max_position_embeddings", None)
-    if isinstance(context, int) and ids.shape[1] + max_new_tokens > context:
-        raise click.BadParameter(
-            f"{ids.shape[1]} prompt tokens + {max_new_tokens} new ones exceed the model's {context} positions; "
-            "lower it or shorten the prompt", param_hint="'--max-new-tokens'")
+    if chat and not getattr(tok, "chat_template", None):
+        raise click.UsageError("this model's tokenizer has no chat template; drop --chat")
+    if len(prompts) > 1:
+        _batch(
+            lm,
+            tok,
+            prompts,
+            chat,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            stats,
+            t_load,
+            device,
+            compressed,
+            no_graphs,
+        )
+        return
+    prompt = prompts[0]
+    ids = torch.tensor([_prompt_ids(tok, prompt, chat)], device=device)
+    _check_context(lm, ids.shape[1], max_new_tokens)
     gen = {"max_new_tokens": max_new_tokens}
     if temperature is not None:
         gen.update(do_sample=temperature > 0, **({"temperature": temperature} if temperature > 0 else {}))
@@ -138,18 +208,80 @@ def command(
         )
 
 
-def _fast(lm, tok, ids, max_new_tokens, temperature, top_p, seed, stats, t_load, device, compressed):
-    """The fast path (static cache, decode step replayed from a CUDA graph), with the model's sampling settings."""
-    from dfloat.runtime.generate import _text_streamer, generate_ids
-
+def _sampling(lm, temperature, top_p) -> dict:
+    """Sampling options for `generate_ids`: the ones given, else the model's generation config."""
     cfg = lm.generation_config
     sample = bool(cfg.do_sample) if temperature is None else temperature > 0
-    options = dict(
+    return dict(
         temperature=(temperature or getattr(cfg, "temperature", None) or 1.0) if sample else 0.0,
         top_p=(top_p or getattr(cfg, "top_p", None) or 1.0) if sample else 1.0,
         top_k=(getattr(cfg, "top_k", None) or 0) if sample else 0,
         repetition_penalty=getattr(cfg, "repetition_penalty", None) or 1.0,
     )
+
+
+def _batch(
+    lm,
+    tok,
+    prompts,
+    chat,
+    max_new_tokens,
+    temperature,
+    top_p,
+    seed,
+    stats,
+    t_load,
+    device,
+    compressed,
+    no_graphs,
+):
+    """Several prompts as one left-padded batch through `dfloat.generate`'s loop (CUDA graphs on a GPU unless
+    --no-graphs); each completion is printed under a "--- i/n" line once all are done."""
+    import torch
+
+    from dfloat.runtime.generate import generate_ids
+
+    rows = [_prompt_ids(tok, p, chat) for p in prompts]
+    _check_context(lm, max(map(len, rows)), max_new_tokens)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    result = generate_ids(
+        lm,
+        ids,
+        mask,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        graphs=False if no_graphs else None,
+        **_sampling(lm, temperature, top_p),
+    )
+    elapsed = time.perf_counter() - t0
+    for i, (prompt, tokens) in enumerate(zip(prompts, result.tokens)):
+        click.echo(f"--- {i + 1}/{len(prompts)}")
+        click.echo(("" if chat else prompt) + tok.decode(tokens, skip_special_tokens=True))
+    if stats:
+        click.echo(f"--- path         {result.path}, batch of {len(prompts)}", err=True)
+        _print_stats(
+            lm,
+            result.new_tokens,
+            elapsed,
+            result.capture_s + result.prefill_s,
+            t_load,
+            device,
+            compressed,
+            rows=len(prompts),
+        )
+
+
+def _fast(lm, tok, ids, max_new_tokens, temperature, top_p, seed, stats, t_load, device, compressed):
+    """The fast path (static cache, decode step replayed from a CUDA graph), with the model's sampling settings."""
+    from dfloat.runtime.generate import _text_streamer, generate_ids
+
+    options = _sampling(lm, temperature, top_p)
     t0 = time.perf_counter()
     result = generate_ids(
         lm,
@@ -174,7 +306,7 @@ def _fast(lm, tok, ids, max_new_tokens, temperature, top_p, seed, stats, t_load,
         )
 
 
-def _print_stats(lm, n_new, elapsed, ttft, t_load, device, compressed):
+def _print_stats(lm, n_new, elapsed, ttft, t_load, device, compressed, rows: int = 1):
     import resource
 
     import torch
@@ -188,7 +320,7 @@ def _print_stats(lm, n_new, elapsed, ttft, t_load, device, compressed):
         else sum(p.numel() * p.element_size() for p in lm.parameters())
     )
     decode_time = max(elapsed - ttft, 1e-9)
-    tps = (n_new - 1) / decode_time if n_new > 1 else n_new / elapsed
+    tps = (n_new - rows) / decode_time if n_new > rows else n_new / elapsed
     peak = (
         torch.cuda.max_memory_allocated()
         if device.startswith("cuda")

@@ -27,8 +27,29 @@ class DeviceType(click.ParamType):
         return str(value)
 
 
+class BackendType(click.Choice):
+    """cpu, triton or cuda, and only one that can decode on this machine (cuda and triton on its GPU)."""
+
+    def __init__(self):
+        super().__init__(["cpu", "triton", "cuda"])
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        import torch
+
+        from dfloat.errors import BackendUnavailableError
+        from dfloat.kernels.registry import resolve
+
+        device = "cuda" if value != "cpu" and torch.cuda.is_available() else "cpu"
+        try:
+            resolve(value, device)
+        except BackendUnavailableError as e:
+            self.fail(f"{value!r} cannot decode on this machine: {str(e).split(': ', 1)[-1]}", param, ctx)
+        return value
+
+
 DEVICE = DeviceType()
-BACKEND = click.Choice(["cpu", "triton", "cuda"])
+BACKEND = BackendType()
 NO_VERIFY = click.option(
     "--no-verify",
     is_flag=True,

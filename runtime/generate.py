@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import numbers
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -280,17 +281,29 @@ def _stop_ids(model, stop_token_ids) -> list[int]:
     return [int(t) for t in stop_token_ids]
 
 
-def _check_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, input_ids, attention_mask):
-    if top_k < 0:
-        raise GenerationError(f"top_k={top_k}: must be >= 0 (0 = no top-k cut)")
-    if repetition_penalty <= 0:
-        raise GenerationError(f"repetition_penalty={repetition_penalty}: must be > 0 (1.0 = none)")
-    if max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens={max_new_tokens}: must be at least 1")
-    if temperature < 0:
-        raise GenerationError(f"temperature={temperature}: must be >= 0 (0 = greedy)")
-    if not 0 < top_p <= 1:
-        raise GenerationError(f"top_p={top_p}: must be in (0, 1]")
+def _check_options(
+    model, max_new_tokens, temperature, top_p, top_k, repetition_penalty, input_ids, attention_mask
+):
+    """Every argument checked before anything runs: a bad one is a GenerationError naming it."""
+
+    def integer(x) -> bool:
+        return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+    def real(x) -> bool:
+        return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not integer(max_new_tokens) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens={max_new_tokens!r}: must be an int of at least 1")
+    if not real(temperature) or temperature < 0:
+        raise GenerationError(f"temperature={temperature!r}: must be a finite number >= 0 (0 = greedy)")
+    if not real(top_p) or not 0 < top_p <= 1:
+        raise GenerationError(f"top_p={top_p!r}: must be in (0, 1]")
+    if not integer(top_k) or top_k < 0:
+        raise GenerationError(f"top_k={top_k!r}: must be an int >= 0 (0 = no top-k cut)")
+    if not real(repetition_penalty) or repetition_penalty <= 0:
+        raise GenerationError(
+            f"repetition_penalty={repetition_penalty!r}: must be a finite number > 0 (1.0 = none)"
+        )
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise GenerationError(
             f"input_ids has shape {list(input_ids.shape)}: expected (batch, prompt length > 0)"
@@ -299,9 +312,20 @@ def _check_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty
         raise GenerationError(
             f"attention_mask has shape {list(attention_mask.shape)} but input_ids {list(input_ids.shape)}"
         )
+    lengths = attention_mask.bool().sum(-1)
+    if not bool(lengths.all()):
+        row = int((lengths == 0).nonzero()[0])
+        raise GenerationError(f"prompt {row} is empty: it has no tokens, only padding")
     if not bool(attention_mask[:, -1].all()):
         raise GenerationError(
             "prompts must be left-padded: the attention mask has padding in its last column"
+        )
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    longest = int(lengths.max())
+    if isinstance(context, int) and longest + max_new_tokens > context:
+        raise GenerationError(
+            f"{longest} prompt tokens + max_new_tokens={max_new_tokens} exceed the model's {context} positions "
+            "(max_position_embeddings); ask for fewer tokens or shorten the prompt"
         )
 
 
@@ -338,13 +362,16 @@ def generate_ids(
     Returns:
         GenerationResult with the new tokens per row, the path taken and timings.
     Raises:
-        GenerationError: bad options, right-padded prompts, or graphs asked for on a non-CUDA device.
+        GenerationError: bad options (wrong types, NaN, out of range), an empty or right-padded prompt, prompt +
+            new tokens beyond the model's ``max_position_embeddings``, or graphs asked for on a non-CUDA device.
     """
     device = input_ids.device
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     attention_mask = attention_mask.to(device)
-    _check_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, input_ids, attention_mask)
+    _check_options(
+        model, max_new_tokens, temperature, top_p, top_k, repetition_penalty, input_ids, attention_mask
+    )
     if graphs and device.type != "cuda":
         raise GenerationError(f"graphs=True needs a CUDA device; the inputs are on {device}")
     use_graphs = device.type == "cuda" if graphs is None else graphs
@@ -490,6 +517,11 @@ def generate(
     batch = [prompts] if isinstance(prompts, str) else list(prompts)
     if not batch:
         raise GenerationError("no prompts given")
+    for i, text in enumerate(batch):
+        if not isinstance(text, str):
+            raise GenerationError(f"prompt {i} is a {type(text).__name__}, not text")
+        if not text.strip():
+            raise GenerationError(f"prompt {i} is empty; give some text to continue")
     side, pad = tokenizer.padding_side, tokenizer.pad_token
     try:
         tokenizer.padding_side = "left"

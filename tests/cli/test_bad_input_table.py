@@ -32,7 +32,10 @@ def folders(tmp_path_factory):
         edit(root / name)
         f[name] = root / name
 
-    copy("no_weight_map", lambda d: (d / "dfloat.index.json").write_text(json.dumps({"metadata": {}})))
+    copy(
+        "no_weight_map",
+        lambda d: (d / "dfloat.safetensors.index.json").write_text(json.dumps({"metadata": {}})),
+    )
 
     def fewer_layers(d):
         cfg = json.loads((d / "config.json").read_text())
@@ -48,6 +51,35 @@ def folders(tmp_path_factory):
         shard.write_bytes(bytes(data))
 
     copy("damaged", damage)
+    nested = "[" * 100_000 + "]" * 100_000
+    copy("nested_index", lambda d: (d / "dfloat.safetensors.index.json").write_text(nested))
+
+    def outside(d):
+        index = json.loads((d / "dfloat.safetensors.index.json").read_text())
+        shard = next(iter(index["weight_map"].values()))
+        shutil.copy(d / shard, root / "outside.safetensors")  # a valid shard: only the path check refuses it
+        index["weight_map"] = {k: "../outside.safetensors" for k in index["weight_map"]}
+        (d / "dfloat.safetensors.index.json").write_text(json.dumps(index))
+
+    copy("outside_index", outside)
+
+    def disagree(d):
+        index = json.loads((d / "dfloat.safetensors.index.json").read_text())
+        index["weight_map"].popitem()
+        (d / "dfloat.index.json").write_text(json.dumps(index))
+
+    copy("disagree", disagree)
+    shutil.copytree(src, root / "src_outside")  # a BF16 source whose index points outside its folder
+    (root / "src_outside" / "model.safetensors").rename(root / "src_outside.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(root / "src_outside.safetensors"), framework="pt") as sf:
+        tensors = {k: "../src_outside.safetensors" for k in sf.keys()}
+    (root / "src_outside" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": tensors}))
+    f["src_outside"] = root / "src_outside"
+    shutil.copytree(src, root / "nested_config")
+    (root / "nested_config" / "config.json").write_text(nested)
+    f["nested_config"] = root / "nested_config"
     torch.manual_seed(0)
     encoder = BertModel(
         BertConfig(
@@ -93,12 +125,31 @@ TABLE = [
     (["bench", "{damaged}"], "checksum"),
     (["bench", "{no_weight_map}"], "weight_map"),
     (["bench", "{missing}"], "not a dfloat checkpoint"),
+    (["compress", "{nested_config}"], "nested too deeply"),
+    (["compress", "{src}", "-o", "{src}/compressed"], "is inside the source folder"),
+    (["compress", "{src}", "-o", "{src}", "--overwrite"], "output folder is the source folder"),
+    (["decompress", "{good}", "-o", "{good}", "--overwrite"], "output folder is the source folder"),
+    (["verify", "{nested_index}"], "nested too deeply"),
+    (["generate", "{nested_index}", *P], "nested too deeply"),
+    (["inspect", "{nested_index}"], "nested too deeply"),
+    (["verify", "{outside_index}"], "outside"),
+    (["verify", "{good}", "--against", "{src_outside}"], "outside"),
+    (["compress", "{src_outside}"], "outside"),
+    (["generate", "{outside_index}", *P], "outside"),
+    (["inspect", "{outside_index}"], "outside"),
+    (["bench", "{outside_index}"], "outside"),
+    (["decompress", "{outside_index}", "-o", "{missing}"], "outside"),
+    (["verify", "{disagree}"], "list different shards or tensors"),
+    (["generate", "{disagree}", *P], "list different shards or tensors"),
+    (["generate", "{good}", "-p", "caf\udce9", "--device", "cpu"], "not UTF-8 text (byte 0xe9"),
+    (["generate", "{good}", "-p", "hi", "-p", " ", "--device", "cpu"], "prompt 2 is empty"),
+    (["verify", "{good}", "--backend", "cuda"], "'--backend': 'cuda' cannot decode on this machine"),
 ]
 
 
 @pytest.mark.parametrize("args, says", TABLE, ids=[" ".join(a)[:60] for a, _ in TABLE])
 def test_bad_input_is_one_error_line_and_exit_1(folders, args, says):
-    if "cuda:0" in args and torch.cuda.is_available():
+    if ("cuda:0" in args or "--backend" in args and "cuda" in args) and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     argv = [a.format(**{k: str(v) for k, v in folders.items()}) for a in args]
     r = CliRunner().invoke(main, argv)
@@ -114,7 +165,7 @@ def test_overwriting_a_file_leaves_nothing_behind(folders, tmp_path):
     target.write_text("in the way")
     r = CliRunner().invoke(main, ["compress", str(folders["src"]), "-o", str(target), "--overwrite"])
     assert r.exit_code == 0, r.output
-    assert (target / "dfloat.index.json").is_file()
+    assert (target / "dfloat.safetensors.index.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -126,3 +177,45 @@ def test_compressed_files_follow_the_umask(folders):
 
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folders["good"].iterdir() if p.is_file()}
     assert set(modes.values()) == {default_mode()}, (modes, oct(default_mode()), os.getpid())
+
+
+@pytest.mark.parametrize("command", ["compress", "decompress"])
+def test_disk_full_while_writing_a_shard_is_one_line_and_leaves_nothing(
+    folders, tmp_path, monkeypatch, command
+):
+    """safetensors reports a full disk as SafetensorError (not OSError): the message safetensors gives for
+    ENOSPC, raised from its writer."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    source = folders["src"] if command == "compress" else folders["good"]
+    r = CliRunner().invoke(main, [command, str(source), "-o", str(tmp_path / "out")])
+    errors = [line for line in r.stderr.splitlines() if line.startswith("dfloat: error:")]
+    assert r.exit_code == 1 and len(errors) == 1, r.output
+    assert "cannot be written: No space left on device (os error 28)" in errors[0], errors[0]
+    assert "Traceback" not in r.output and list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_during_the_imports_is_one_line_and_exit_130():
+    """The installed command's entry point (_dfloat_cli) catches Ctrl-C while torch and transformers import;
+    a finder that raises KeyboardInterrupt when torch is imported stands in for the key press."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+class CtrlC:
+    def find_spec(self, name, path, target=None):
+        if name == "torch":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, CtrlC())
+import _dfloat_cli
+sys.argv = ["dfloat", "inspect", "x"]
+sys.exit(_dfloat_cli.main())
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 130 and run.stderr == "dfloat: interrupted\n", run.stderr

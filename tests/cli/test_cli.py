@@ -53,7 +53,7 @@ def test_version_and_help():
 
 
 def test_compress_writes_a_folder_and_refuses_a_missing_source(compressed):
-    assert (compressed / "dfloat.index.json").is_file()
+    assert (compressed / "dfloat.safetensors.index.json").is_file()
     r = CliRunner().invoke(main, ["compress", str(compressed.parent / "x"), "-o", str(compressed)])
     assert r.exit_code == 1
 
@@ -211,9 +211,102 @@ def test_push_to_hub_without_network_fails_after_the_local_result(model_dir, tmp
         main, ["compress", str(model_dir), "-o", str(out), "--push-to-hub", "me/tiny-dfloat"]
     )
     assert r.exit_code == 1 and "could not push to me/tiny-dfloat" in r.output
-    assert f"complete in {out}" in r.output and (out / "dfloat.index.json").is_file()
+    assert f"complete in {out}" in r.output and (out / "dfloat.safetensors.index.json").is_file()
 
 
 def test_chat_needs_a_chat_template():
     r = CliRunner().invoke(main, ["generate", "--prompt", "hi", "--chat", "--max-new-tokens", "2"])
     assert r.exit_code == 1 and "dfloat: error: this model's tokenizer has no chat template" in r.output
+
+
+def test_several_prompts_generate_as_one_batch():
+    """Repeated -p: every prompt is completed (the same text `dfloat.generate` gives for the batch)."""
+    from transformers import AutoTokenizer
+
+    import dfloat
+    from dfloat.demo import demo_model_path
+
+    prompts = ["Once upon a time", "Mr. Darcy said"]
+    args = [
+        "generate",
+        "-p",
+        prompts[0],
+        "-p",
+        prompts[1],
+        "-n",
+        "6",
+        "--temperature",
+        "0",
+        "--device",
+        "cpu",
+    ]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    model = dfloat.load_compressed(demo_model_path(), device="cpu")
+    want = dfloat.generate(model, AutoTokenizer.from_pretrained(demo_model_path()), prompts, max_new_tokens=6)
+    expected = "".join(f"--- {i + 1}/2\n{p}{t}\n" for i, (p, t) in enumerate(zip(prompts, want.texts)))
+    assert r.stdout == expected
+
+
+def test_help_describes_every_option():
+    for sub, words in (
+        ("generate", ["Tokens to generate for each prompt", "add up to this", "several prompts"]),
+        ("bench", ["the median is reported", "on a CUDA GPU with MODEL given"]),
+    ):
+        text = " ".join(CliRunner().invoke(main, [sub, "--help"]).output.split())
+        assert all(w in text for w in words), (sub, text)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the note is for machines without a GPU")
+def test_bench_on_a_cpu_says_it_measures_decoding_only(compressed):
+    r = CliRunner().invoke(main, ["bench", str(compressed), "--repeats", "1"])
+    assert r.exit_code == 0 and "decoding only" in r.output and "CUDA GPU" in r.output
+    doc = json.loads(CliRunner().invoke(main, ["bench", str(compressed), "--json", "--repeats", "1"]).output)
+    assert doc["note"].startswith("decoding only") and "generation" not in doc
+
+
+def test_default_output_folder_is_named_after_the_model(tmp_path, monkeypatch):
+    from dfloat.cli.compress import default_out
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "llama-bf16").mkdir()
+    assert default_out("llama-bf16/").name == "llama-bf16-dfloat"
+    monkeypatch.chdir(tmp_path / "llama-bf16")
+    assert default_out(".").name == "llama-bf16-dfloat"  # not "-dfloat" inside the source
+    assert default_out("meta-llama/Llama-3.1-8B").name == "Llama-3.1-8B-dfloat"
+
+
+def test_installed_compress_when_the_disk_fills_is_one_line_and_leaves_nothing(tmp_path):
+    """A real write failure inside safetensors' writer: the process may write files of at most 512 KB
+    (RLIMIT_FSIZE; the shard is several MB, numba's cache files are smaller), so its write fails with EFBIG as
+    it would with ENOSPC on a full disk."""
+    resource = pytest.importorskip("resource")
+    src = make_model(tmp_path / "src", vocab_size=1024, hidden_size=256, intermediate_size=768)
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # report EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (512 << 10, 512 << 10))
+
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [shutil.which("dfloat"), "compress", str(src), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=small_files,
+    )
+    errors = [line for line in r.stderr.splitlines() if line.startswith("dfloat: error:")]
+    assert r.returncode == 1 and len(errors) == 1, r.stderr
+    assert "cannot be written: File too large" in errors[0] and "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_installed_generate_refuses_a_prompt_that_is_not_utf8():
+    r = subprocess.run(
+        [shutil.which("dfloat"), "generate", "-p", b"caf\xe9 au lait"], capture_output=True, timeout=300
+    )
+    err = r.stderr.decode()
+    assert r.returncode == 1 and "Traceback" not in err, err
+    assert err.startswith(
+        "dfloat: error: Invalid value for '--prompt': the prompt is not UTF-8 text (byte 0xe9"
+    )

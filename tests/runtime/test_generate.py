@@ -185,3 +185,46 @@ def test_bad_requests_are_clear_errors():
         generate_ids(model, ids, mask, max_new_tokens=2, graphs=True)
     with pytest.raises(GenerationError, match="top_p"):
         generate_ids(model, ids, mask, max_new_tokens=2, top_p=0)
+
+
+@pytest.mark.parametrize(
+    "option, says",
+    [
+        (dict(temperature=float("nan")), "temperature=nan"),
+        (dict(temperature=float("inf")), "temperature=inf"),
+        (dict(temperature=-0.5), "temperature=-0.5"),
+        (dict(temperature="0.7"), "temperature='0.7'"),
+        (dict(max_new_tokens=2.0), "max_new_tokens=2.0: must be an int"),
+        (dict(max_new_tokens="2"), "max_new_tokens='2': must be an int"),
+        (dict(max_new_tokens=True), "max_new_tokens=True"),
+        (dict(top_p=float("nan")), "top_p=nan"),
+        (dict(top_k=1.5), "top_k=1.5"),
+        (dict(repetition_penalty=float("nan")), "repetition_penalty=nan"),
+    ],
+)
+def test_bad_options_are_named_before_anything_runs(option, says):
+    model = _hf_model("llama")
+    ids, mask = _left_padded(256)
+    with pytest.raises(GenerationError, match=says):
+        generate_ids(model, ids, mask, **{"max_new_tokens": 2, **option})
+
+
+def test_prompt_and_new_tokens_must_fit_the_context():
+    model = _hf_model("llama")
+    model.config.max_position_embeddings = 12
+    ids, mask = _left_padded(256)  # the longest prompt has 9 tokens
+    with pytest.raises(
+        GenerationError, match="9 prompt tokens \\+ max_new_tokens=4 exceed the model's 12 positions"
+    ):
+        generate_ids(model, ids, mask, max_new_tokens=4)
+    assert generate_ids(model, ids, mask, max_new_tokens=3).new_tokens <= 9
+
+
+def test_an_empty_prompt_in_a_batch_is_named(demo):
+    model, tok = demo
+    for prompts, says in ((["Mr. Darcy", ""], "prompt 1 is empty"), (["a", None], "prompt 1 is a NoneType")):
+        with pytest.raises(GenerationError, match=says):
+            dfloat.generate(model, tok, prompts, max_new_tokens=2)
+    ids = torch.tensor([[5, 6, 7], [0, 0, 0]])
+    with pytest.raises(GenerationError, match="prompt 1 is empty: it has no tokens, only padding"):
+        generate_ids(model, ids, torch.tensor([[1, 1, 1], [0, 0, 0]]), max_new_tokens=2)
