@@ -54,14 +54,16 @@ def folders(tmp_path_factory):
     nested = "[" * 100_000 + "]" * 100_000
     copy("nested_index", lambda d: (d / "dfloat.safetensors.index.json").write_text(nested))
 
-    def outside(d):
+    def escaping(d):
         index = json.loads((d / "dfloat.safetensors.index.json").read_text())
         shard = next(iter(index["weight_map"].values()))
-        shutil.copy(d / shard, root / "outside.safetensors")  # a valid shard: only the path check refuses it
-        index["weight_map"] = {k: "../outside.safetensors" for k in index["weight_map"]}
+        shutil.copy(
+            d / shard, root / "elsewhere.safetensors"
+        )  # a valid shard: only the path check refuses it
+        index["weight_map"] = {k: "../elsewhere.safetensors" for k in index["weight_map"]}
         (d / "dfloat.safetensors.index.json").write_text(json.dumps(index))
 
-    copy("outside_index", outside)
+    copy("escaping_index", escaping)
 
     def disagree(d):
         index = json.loads((d / "dfloat.safetensors.index.json").read_text())
@@ -69,14 +71,14 @@ def folders(tmp_path_factory):
         (d / "dfloat.index.json").write_text(json.dumps(index))
 
     copy("disagree", disagree)
-    shutil.copytree(src, root / "src_outside")  # a BF16 source whose index points outside its folder
-    (root / "src_outside" / "model.safetensors").rename(root / "src_outside.safetensors")
+    shutil.copytree(src, root / "src_escaping")  # a BF16 source whose index points outside its folder
+    (root / "src_escaping" / "model.safetensors").rename(root / "src_escaping.safetensors")
     from safetensors import safe_open
 
-    with safe_open(str(root / "src_outside.safetensors"), framework="pt") as sf:
-        tensors = {k: "../src_outside.safetensors" for k in sf.keys()}
-    (root / "src_outside" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": tensors}))
-    f["src_outside"] = root / "src_outside"
+    with safe_open(str(root / "src_escaping.safetensors"), framework="pt") as sf:
+        tensors = {k: "../src_escaping.safetensors" for k in sf.keys()}
+    (root / "src_escaping" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": tensors}))
+    f["src_escaping"] = root / "src_escaping"
     shutil.copytree(src, root / "nested_config")
     (root / "nested_config" / "config.json").write_text(nested)
     f["nested_config"] = root / "nested_config"
@@ -132,13 +134,13 @@ TABLE = [
     (["verify", "{nested_index}"], "nested too deeply"),
     (["generate", "{nested_index}", *P], "nested too deeply"),
     (["inspect", "{nested_index}"], "nested too deeply"),
-    (["verify", "{outside_index}"], "outside"),
-    (["verify", "{good}", "--against", "{src_outside}"], "outside"),
-    (["compress", "{src_outside}"], "outside"),
-    (["generate", "{outside_index}", *P], "outside"),
-    (["inspect", "{outside_index}"], "outside"),
-    (["bench", "{outside_index}"], "outside"),
-    (["decompress", "{outside_index}", "-o", "{missing}"], "outside"),
+    (["verify", "{escaping_index}"], "refusing to read files outside"),
+    (["verify", "{good}", "--against", "{src_escaping}"], "refusing to read files outside"),
+    (["compress", "{src_escaping}"], "refusing to read files outside"),
+    (["generate", "{escaping_index}", *P], "refusing to read files outside"),
+    (["inspect", "{escaping_index}"], "refusing to read files outside"),
+    (["bench", "{escaping_index}"], "refusing to read files outside"),
+    (["decompress", "{escaping_index}", "-o", "{missing}"], "refusing to read files outside"),
     (["verify", "{disagree}"], "list different shards or tensors"),
     (["generate", "{disagree}", *P], "list different shards or tensors"),
     (["generate", "{good}", "-p", "caf\udce9", "--device", "cpu"], "not UTF-8 text (byte 0xe9"),

@@ -83,14 +83,15 @@ def test_indexes_that_disagree_are_refused_everywhere(model):
     assert not (root / "never").exists()
 
 
-@pytest.mark.parametrize("where", ["../outside.safetensors", "ABSOLUTE"])
+@pytest.mark.parametrize("where", ["../elsewhere/outside.safetensors", "ABSOLUTE"])
 def test_index_entries_outside_the_folder_are_refused(model, where):
     """The file outside is a valid shard, so only the path check can refuse it."""
     root, _ = model
-    folder = _copy(root, f"outside-{where[:3]}")
+    folder = _copy(root, "relative" if where.startswith("..") else "absolute")  # no "outside" in the path
     index = json.loads((folder / INDEX_NAME).read_text())
     shard = index["weight_map"][next(iter(index["weight_map"]))]
-    outside = root / "outside.safetensors"
+    outside = root / "elsewhere" / "outside.safetensors"
+    outside.parent.mkdir(exist_ok=True)
     shutil.copy(folder / shard, outside)
     name = str(outside) if where == "ABSOLUTE" else where
     index["weight_map"] = {k: (name if v == shard else v) for k, v in index["weight_map"].items()}
@@ -101,6 +102,12 @@ def test_index_entries_outside_the_folder_are_refused(model, where):
         lambda: plan_checkpoint(folder),
         lambda: describe_unit_layout(folder),
         lambda: list(CompressedCheckpoint.open(folder).iter_shards()),
+        lambda: dfloat.decompress_model(folder, root / "never"),
     ):
-        with pytest.raises(ModelSourceError, match="outside"):
+        with pytest.raises(ModelSourceError, match="outside .*; refusing to read files outside"):
             read()
+    from transformers import AutoModelForCausalLM
+
+    # refused before transformers loads any weight
+    with pytest.raises(ModelSourceError, match="shard files outside the checkpoint folder"):
+        AutoModelForCausalLM.from_pretrained(folder)
