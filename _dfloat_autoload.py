@@ -1,13 +1,18 @@
 """Makes an installed dfloat known to transformers without `import dfloat`: run at interpreter start by
 ``dfloat-autoload.pth`` (installed beside the package), it only adds an import hook, importing nothing.
 
-Once transformers has imported one of two of its packages (and no transformers module is still half-imported),
-the hook runs dfloat's registration:
+Once transformers has imported one of two of its modules (and no transformers module is still half-imported),
+the hook registers dfloat:
 
-- ``transformers.quantizers``: registers the ``dfloat`` quant method (dfloat.runtime.hf_quantizer), so
-  ``from_pretrained`` loads dfloat checkpoints;
-- ``transformers.models.auto``: registers the four research architectures (dfloat.models)
-  with AutoConfig / AutoModel / AutoModelForCausalLM.
+- ``transformers.quantizers`` (imported with transformers' modeling code): imports dfloat.runtime.hf_quantizer,
+  which registers the ``dfloat`` quant method, so ``from_pretrained`` loads dfloat checkpoints;
+- ``transformers.models.auto.configuration_auto`` (AutoConfig's module, imported by every Auto class,
+  ``AutoTokenizer`` included): makes the research architectures' model types ("polycom", "masformer",
+  "nextlat", "bottlenecked") known to AutoConfig without importing anything. The first time transformers looks
+  one of them up (``AutoConfig`` / ``AutoModel*.from_pretrained`` on such a folder, a pipeline), dfloat.models
+  is imported and registers its classes with AutoConfig / AutoModel / AutoModelForCausalLM. So
+  ``from transformers import AutoTokenizer`` imports nothing more than without dfloat
+  (tests/runtime/test_transformers_integration.py; benchmarks/autoload_cost.py measures the time).
 
 A failure inside the hook is logged and never breaks importing transformers. ``DFLOAT_NO_AUTOLOAD=1`` turns the
 hook off (then ``import dfloat.runtime.hf_quantizer`` and ``import dfloat.models`` do it by hand).
@@ -16,14 +21,74 @@ This file must stay importable without torch or transformers: it runs in every P
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import logging
 import os
 import sys
 
+# Model types of dfloat.models (a test checks this equals dfloat.models.ARCHITECTURES) -> the module registering them
+ARCHITECTURE_MODULES = dict.fromkeys(("polycom", "masformer", "nextlat", "bottlenecked"), "dfloat.models")
+
+
+def _warn(e: Exception) -> None:
+    logging.getLogger("dfloat").warning(
+        "dfloat: could not register with transformers (%s: %s)", type(e).__name__, e
+    )
+
+
+class _RegistersOnLookup(dict):
+    """Stands in for the dict behind transformers' AutoConfig registry of added model types
+    (``CONFIG_MAPPING._extra_content``, which ``AutoConfig.register`` fills): looking up one of dfloat's model
+    types imports the module that registers it (into this very dict) first."""
+
+    def __init__(self, existing: dict, pending: dict[str, str]):
+        super().__init__(existing)
+        self.pending = dict(pending)
+
+    def _load(self, key) -> None:
+        module = self.pending.get(key) if isinstance(key, str) else None
+        if module is None or dict.__contains__(self, key):
+            return
+        for k in [k for k, m in self.pending.items() if m == module]:  # one import registers all its types
+            del self.pending[k]
+        try:
+            importlib.import_module(module)
+        except Exception as e:  # noqa: BLE001 - then transformers reports the model type as unknown
+            _warn(e)
+
+    def __contains__(self, key) -> bool:
+        self._load(key)
+        return dict.__contains__(self, key)
+
+    def __getitem__(self, key):
+        self._load(key)
+        return dict.__getitem__(self, key)
+
+    def get(self, key, default=None):
+        self._load(key)
+        return dict.get(self, key, default)
+
+
+def _register_architectures_lazily() -> None:
+    if "dfloat.models" in sys.modules:  # imported (or being imported): it registers itself
+        return
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    extra = CONFIG_MAPPING._extra_content
+    if not isinstance(extra, _RegistersOnLookup):
+        CONFIG_MAPPING._extra_content = _RegistersOnLookup(extra, ARCHITECTURE_MODULES)
+
+
+def _register_quant_method() -> None:
+    if "dfloat.runtime.hf_quantizer" in sys.modules:  # imported (or being imported): it registers itself
+        return
+    importlib.import_module("dfloat.runtime.hf_quantizer").register()
+
+
 _AFTER = {
-    "transformers.quantizers": ("dfloat.runtime.hf_quantizer", "register"),
-    "transformers.models.auto": ("dfloat.models", "register_auto_classes"),
+    "transformers.quantizers": _register_quant_method,
+    "transformers.models.auto.configuration_auto": _register_architectures_lazily,
 }
 
 
@@ -32,17 +97,10 @@ _depth = 0  # transformers modules executing right now (imports nest)
 
 
 def _run(target: str) -> None:
-    module_name, func = _AFTER[target]
-    if module_name in sys.modules:  # being imported (or imported): it registers itself when its import ends
-        return
     try:
-        import importlib
-
-        getattr(importlib.import_module(module_name), func)()
+        _AFTER[target]()
     except Exception as e:  # noqa: BLE001 - never break `import transformers`
-        logging.getLogger("dfloat").warning(
-            "dfloat: could not register with transformers (%s: %s)", type(e).__name__, e
-        )
+        _warn(e)
 
 
 def _register_ready() -> None:

@@ -104,11 +104,9 @@ _CARD_AUTO_CLASSES = (
 def card_auto_class(config: dict) -> str:
     """The transformers Auto class that loads this checkpoint's architecture (AutoModel for a BertModel,
     AutoModelForCausalLM for a LlamaForCausalLM or a research architecture's ...ForCausalLM)."""
+    from transformers.models.auto import modeling_auto
+
     archs = set(config.get("architectures") or [])
-    try:
-        from transformers.models.auto import modeling_auto
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        modeling_auto = None
     for auto, mapping in _CARD_AUTO_CLASSES:
         names = getattr(modeling_auto, mapping, {})
         listed = {n for v in names.values() for n in (v if isinstance(v, list | tuple) else (v,))}
@@ -237,7 +235,9 @@ def compress_model(
     Returns:
         A CompressionReport with sizes and timing.
     Raises:
-        ModelSourceError, UnsupportedDtypeError (not BF16), OutputExistsError, ChecksumError.
+        ModelSourceError (also: the output is, holds or sits inside the source), UnsupportedDtypeError (not
+        BF16), OutputExistsError (also when it appears during the run), OutputWriteError (disk full),
+        ChecksumError.
     """
     t0 = time.perf_counter()
     if unit not in UNIT_KINDS:

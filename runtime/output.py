@@ -98,7 +98,7 @@ def clean_stale_partials(out: Path) -> list[Path]:
             and _is_stale(path, prefix, now)
         ):
             shutil.rmtree(path, ignore_errors=True)
-            log.info("removed %s, left behind by an interrupted run", path)
+            log.warning("removed %s, the work folder of a run that was killed", path)
             cleaned.append(path)
     return cleaned
 

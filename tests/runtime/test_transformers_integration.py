@@ -49,11 +49,49 @@ def test_startup_hook_is_installed_and_imports_nothing():
     assert run.stdout.split() == ["True", "False", "False", "False"], run.stderr
 
 
-def test_compress_model_writes_quant_method_and_transformers_index(llama):
+def test_importing_transformers_auto_classes_imports_nothing_of_dfloat():
+    """The hook used to import dfloat.models, and with it transformers' modeling code, whenever a program
+    imported an Auto class (`from transformers import AutoTokenizer`: +2.5 s, +170 MB). Now the modules a
+    program imports are the same with and without it (benchmarks/autoload_cost.py measures the time). Importing
+    transformers' modeling code (a model class, `pipeline`) still registers the quant method: 9 small modules."""
+    code = (
+        "import json, sys\n"
+        "from transformers import AutoTokenizer, AutoConfig, AutoModelForCausalLM\n"
+        "print(json.dumps(sorted(sys.modules)))"
+    )
+    on, off = _python(code), _python(code, DFLOAT_NO_AUTOLOAD="1")
+    assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
+    on, off = set(json.loads(on.stdout)), set(json.loads(off.stdout))
+    assert on == off, sorted(on ^ off)[:20]
+    assert "transformers.modeling_utils" not in on and not any(m.split(".")[0] == "dfloat" for m in on)
+
+
+def test_research_model_types_register_on_first_lookup():
+    import _dfloat_autoload
+    from dfloat.models import ARCHITECTURES
+
+    assert set(_dfloat_autoload.ARCHITECTURE_MODULES) == set(ARCHITECTURES)
+    code = f"""
+import sys
+from transformers import AutoConfig, PretrainedConfig
+assert "dfloat.models" not in sys.modules
+config = AutoConfig.from_pretrained({str(DEMO)!r})
+print(type(config).__name__, "dfloat.models" in sys.modules)
+class MyConfig(PretrainedConfig):
+    model_type = "my-own"
+AutoConfig.register("my-own", MyConfig)  # other registrations still work beside dfloat's
+print(type(AutoConfig.for_model("my-own")).__name__, "masformer" in AutoConfig.for_model("masformer").model_type)
+"""
+    run = _python(code)
+    assert run.stdout.split() == ["PolyComConfig", "True", "MyConfig", "True"], run.stderr[-2000:]
+
+
+def test_compress_model_writes_quant_method_and_one_index(llama):
     config = json.loads((llama / "dfloat" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "dfloat"
-    index = (llama / "dfloat" / "dfloat.index.json").read_bytes()
-    assert (llama / "dfloat" / "dfloat.safetensors.index.json").read_bytes() == index
+    index = json.loads((llama / "dfloat" / "dfloat.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"].values())[0].startswith("dfloat-00001-of-")
+    assert not (llama / "dfloat" / "dfloat.index.json").exists()  # one index: dfloat and transformers read it
     assert not list((llama / "dfloat").glob("model*.safetensors*"))
 
 
