@@ -19,6 +19,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -58,6 +59,7 @@ def run(statement: str, hook: bool, code: str = CHILD) -> dict:
         capture_output=True,
         text=True,
         env=env,
+        cwd=tempfile.gettempdir(),  # not the repository root, whose kernels/ folder would shadow the `kernels` package
         check=True,
         timeout=600,
     )
