@@ -149,7 +149,7 @@ def test_h100_plan_five_blocks_per_sm(emu):
     ct = dfloat.compress_tensor(t, allow_raw=False)
     h100_per_sm = 233_472
     p = cuda_decode.plan(32, 256, ct.n_blocks, cuda_decode.cuda_tables(ct)[0].shape[0], smem_per_sm=h100_per_sm)
-    assert 5 * (p.smem + cuda_decode.SMEM_RESERVED_PER_BLOCK) <= h100_per_sm
+    assert cuda_decode.resident_blocks(p.smem, h100_per_sm) == 5
     assert p.stage_cap < ct.numel // ct.n_blocks  # several rounds per block
     for offset in (GUARD, GUARD + 3):
         words, status = emu_decode(emu, ct, offset=offset, smem_per_sm=h100_per_sm)
@@ -362,3 +362,72 @@ def test_packed_launch_arguments_drive_the_kernel(emu):
     for buf in bufs:
         assert torch.equal(buf[GUARD:GUARD + ct.numel], bits(t))
         assert bool((buf[:GUARD] == FILL).all()) and bool((buf[GUARD + ct.numel:] == FILL).all())
+
+
+def test_prepared_launch_takes_the_rawkernel_handle_and_decodes(emu, monkeypatch):
+    """UnitLaunch as decode() builds it, with CuPy and the CUDA driver replaced: the kernel comes from a RawModule
+    shaped like CuPy 14's, whose get_function gives a RawKernel with no ``ptr`` of its own (the handle is
+    ``.kernel.ptr``); the launch is packed for cuLaunchKernel with that handle and decodes bit-exact through the
+    emulated kernel, at a 16-byte aligned output and then a misaligned one."""
+    import ctypes
+    from types import SimpleNamespace
+
+    from fake_cupy import FakeCupy
+
+    from dfloat.kernels import cuda_launch, gpu_common
+
+    fake = FakeCupy()
+    monkeypatch.setattr(cuda_decode, "_cupy", lambda: fake)
+    for cache in ("_MODULES", "_FUNCTIONS", "_POINTERS", "_SCRATCH"):
+        monkeypatch.setattr(cuda_decode, cache, {})
+    h100 = SimpleNamespace(shared_memory_per_block_optin=232_448, shared_memory_per_multiprocessor=233_472)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: h100)
+    launches = []
+
+    def fake_launch(function, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
+        names = {k.kernel.ptr: name for m in fake.modules for name, k in m.kernels.items()}
+        kinds = [{np.dtype(np.uint64): ctypes.c_uint64, np.dtype(np.int64): ctypes.c_int64,
+                  np.dtype(np.int32): ctypes.c_int32}[np.asarray(a).dtype] for a in ul.args]
+        values = [ctypes.cast(params[i], ctypes.POINTER(k)).contents.value for i, k in enumerate(kinds)]
+        launches.append((function.value, stream))
+        return emu.emu_launch(names[function.value].encode(), gx, bx, smem, *values)
+
+    monkeypatch.setattr(cuda_launch, "driver", lambda: SimpleNamespace(cuLaunchKernel=fake_launch))
+    t = weights_like(150_000, seed=21)
+    ct = dfloat.compress_tensor(t, allow_raw=False)
+    buf = torch.full((ct.numel + 2 * GUARD,), FILL, dtype=torch.int16)
+    out = buf[GUARD:GUARD + ct.numel].view(torch.bfloat16)
+    ul = cuda_decode.UnitLaunch(ct, gpu_common.launch_arrays(ct, out), torch.device("cpu"))
+    kernel = fake.modules[0].kernels[ul.plan.kernel]
+    assert ul.function is kernel and not hasattr(kernel, "ptr")
+    assert ul.packed is not None, "the RawKernel's handle was not found: decodes would take CuPy's launch"
+    assert ul.plan.kernel == "dfloat_decode_w32_t256" and cuda_decode.resident_blocks(ul.plan.smem, 233_472) == 5
+    for offset in (GUARD, GUARD + 3):
+        buf.fill_(FILL)
+        ul.launch(buf[offset:].data_ptr(), 77)
+        assert torch.equal(buf[offset:offset + ct.numel], bits(t)), offset
+        assert bool((buf[:offset] == FILL).all()) and bool((buf[offset + ct.numel:] == FILL).all())
+    assert launches == [(kernel.kernel.ptr, 77)] * 2 and not kernel.calls  # never CuPy's launch
+    assert int(ul.scratch[0]) == 0 and fake.compiles == 1
+
+
+@pytest.mark.parametrize("per_sm", [233_472, 167_936, 102_400, 65_536], ids=["sm90", "sm80", "sm86", "sm75"])
+@pytest.mark.parametrize("kernel", sorted(cuda_decode.BLOCKS_PER_SM))
+@pytest.mark.parametrize("n_tables", [1, 3])
+def test_plan_shares_an_sm_as_the_hardware_counts(per_sm, kernel, n_tables):
+    """Shared memory is allocated per block as its bytes + the 1 KiB reserve, rounded up to 128 B: a plan that shrinks
+    staging for BLOCKS_PER_SM blocks must fit them after that rounding."""
+    bpw, wpb = next(k for k, v in cuda_decode.SPECIALISED.items() if v == kernel)
+    want = cuda_decode.BLOCKS_PER_SM[kernel]
+    p = cuda_decode.plan(bpw, wpb, 1000, n_tables, smem_per_sm=per_sm)
+    share = per_sm // want // cuda_decode.SMEM_GRANULE * cuda_decode.SMEM_GRANULE - cuda_decode.SMEM_RESERVED_PER_BLOCK
+    if p.smem <= share:  # staging was shrunk for `want` blocks (else the fixed part alone is too big for that)
+        assert cuda_decode.resident_blocks(p.smem, per_sm) >= want
+    assert cuda_decode.resident_blocks(p.smem, per_sm) >= 1
+
+
+def test_resident_blocks_rounds_like_the_hardware():
+    # the issue's arithmetic: 45,664 B + 1 KiB reserve -> 46,720 B per block -> 4 blocks in 228 KiB, not 5
+    assert cuda_decode.resident_blocks(45_664, 233_472) == 4
+    assert cuda_decode.resident_blocks(45_568, 233_472) == 5  # 46,592 B per block: 5 x 46,592 = 232,960
+    assert cuda_decode.resident_blocks(0, 233_472) == 228

@@ -185,3 +185,21 @@ def test_bad_requests_are_clear_errors():
         generate_ids(model, ids, mask, max_new_tokens=2, graphs=True)
     with pytest.raises(GenerationError, match="top_p"):
         generate_ids(model, ids, mask, max_new_tokens=2, top_p=0)
+
+
+def test_checked_decodes_turn_graphs_off_with_a_log_line(monkeypatch, caplog):
+    from dfloat.runtime.generate import _graph_choice
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv("DFLOAT_CHECK", raising=False)
+    assert _graph_choice(cuda, None) == (True, None) and _graph_choice(cuda, False) == (False, None)
+    assert _graph_choice(cpu, None) == (False, None)
+    monkeypatch.setenv("DFLOAT_CHECK", "1")
+    with caplog.at_level("WARNING", logger="dfloat.runtime.generate"):
+        for graphs in (None, True):
+            use, why = _graph_choice(cuda, graphs)
+            assert not use and "DFLOAT_CHECK=1" in why
+    assert sum("without CUDA graphs" in r.message for r in caplog.records) == 2
+    assert _graph_choice(cpu, None) == (False, None)  # no graphs on a CPU anyway: nothing to say
+    with pytest.raises(dfloat.errors.GenerationError, match="graphs=True needs a CUDA device"):
+        _graph_choice(cpu, True)
