@@ -26,8 +26,10 @@ def launch_arrays(ct, out: torch.Tensor):
     """The unit's stream arrays, flat and contiguous on ``out``'s device; None when there is nothing to decode."""
     device = out.device
     if out.dtype != torch.bfloat16 or not out.is_contiguous() or out.numel() < ct.numel:
-        raise ValueError(f"out must be a contiguous bfloat16 tensor of >= {ct.numel} elements, "
-                         f"got {out.dtype}[{out.numel()}]")
+        raise ValueError(
+            f"out must be a contiguous bfloat16 tensor of >= {ct.numel} elements, "
+            f"got {out.dtype}[{out.numel()}]"
+        )
     if ct.numel == 0 or ct.n_blocks == 0:
         return None
     arrays = [ct.encoded_exponent, ct.sign_mantissa, ct.gaps, ct.output_positions]
@@ -52,12 +54,17 @@ def wants_check(check: bool) -> bool:
         return False
     if capturing():
         if check:
-            raise DFloatError("check=True waits for the decode on the host, which CUDA-graph capture cannot "
-                              "record: check outside the capture")
+            raise DFloatError(
+                "check=True waits for the decode on the host, which CUDA-graph capture cannot "
+                "record: check outside the capture"
+            )
         if not _CAPTURE_NOTED:
             _CAPTURE_NOTED.append(True)
-            log.warning("%s=1: decodes captured in a CUDA graph are not checked (a graph cannot read the status "
-                        "word back on the host)", CHECK_ENV)
+            log.warning(
+                "%s=1: decodes captured in a CUDA graph are not checked (a graph cannot read the status "
+                "word back on the host)",
+                CHECK_ENV,
+            )
         return False
     return True
 
@@ -72,7 +79,8 @@ def raise_if_flagged(ct, status: torch.Tensor, explain, backend: str) -> None:
     if flags:
         raise CorruptStreamError(
             f"unit {ct.members[0].name if ct.members else '?'}: block {block} of {ct.n_blocks} is corrupt: "
-            f"{explain(flags)} ({backend} decoder)")
+            f"{explain(flags)} ({backend} decoder)"
+        )
 
 
 def is_source_error(e: BaseException) -> bool:

@@ -21,7 +21,9 @@ SOURCE_ERROR_LOG = (
     '1 error detected in the compilation of "/tmp/tmpab12/8f3c_2.cubin.cu".\n'
 )
 ARCH_ERROR_LOG = "nvrtc: error: invalid value for --gpu-architecture (-arch)\n"
-HEADER_ERROR_LOG = '/tmp/tmpab12/8f3c_2.cubin.cu(1): catastrophic error: cannot open source file "cuda_bf16.h"\n'
+HEADER_ERROR_LOG = (
+    '/tmp/tmpab12/8f3c_2.cubin.cu(1): catastrophic error: cannot open source file "cuda_bf16.h"\n'
+)
 
 
 class CompileException(Exception):

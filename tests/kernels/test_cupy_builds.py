@@ -36,7 +36,10 @@ from fake_cupy import (  # noqa: E402
 @pytest.fixture
 def fake(monkeypatch):
     cupy = FakeCupy()
-    for module, caches in ((cuda_decode, ("_MODULES", "_FUNCTIONS", "_POINTERS")), (cuda_gemv, ("_MODULES", "_FUNCTIONS"))):
+    for module, caches in (
+        (cuda_decode, ("_MODULES", "_FUNCTIONS", "_POINTERS")),
+        (cuda_gemv, ("_MODULES", "_FUNCTIONS")),
+    ):
         monkeypatch.setattr(module, "_cupy", lambda: cupy)
         for cache in caches:
             monkeypatch.setattr(module, cache, {})
@@ -115,7 +118,9 @@ def test_a_compile_error_in_the_source_is_shown_as_it_is(fake):
     with pytest.raises(CompileException, match="dfg_oops"):
         cuda_gemv._function(0, "fused", 8, "dfloat_gemv<8, 1, 0>")
     assert gpu_common.is_source_error(fake.fail)
-    assert not gpu_common.is_source_error(RuntimeError(SOURCE_ERROR_LOG))  # only CuPy's compiler reports these
+    assert not gpu_common.is_source_error(
+        RuntimeError(SOURCE_ERROR_LOG)
+    )  # only CuPy's compiler reports these
 
 
 def test_other_build_failures_are_unavailable(fake):
@@ -136,7 +141,9 @@ def test_auto_falls_back_when_nvrtc_cannot_build_the_decoder(fake, monkeypatch):
     stand_in.decode = decode
     monkeypatch.setitem(sys.modules, stand_in.__name__, stand_in)
     monkeypatch.setitem(registry._MODULES, registry.Backend.CUDA, stand_in.__name__)
-    monkeypatch.setattr(registry, "available_backends", lambda d: [registry.Backend.CUDA, registry.Backend.CPU])
+    monkeypatch.setattr(
+        registry, "available_backends", lambda d: [registry.Backend.CUDA, registry.Backend.CPU]
+    )
     monkeypatch.setattr(registry, "_FAILED", set())
     monkeypatch.setattr(registry, "_CHOSEN", {})
     t = weights_like(20_000, seed=5)
