@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
 from common import print_table, write_result  # noqa: E402
 
 from dfloat.kernels import cuda_gemv, gemv_layout  # noqa: E402
@@ -198,7 +199,10 @@ def mean_code_bits() -> tuple[float, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--out", default=None, help="folder for the JSON (default benchmarks/results)")
     args = ap.parse_args()
+    if args.out:
+        common.RESULTS = Path(args.out)
     code_bits, code_source = mean_code_bits()
     refill_prob = 2 * code_bits / 32  # a refill check follows every 2 codes; a refill happens per 32 bits
     per_pass = {}
