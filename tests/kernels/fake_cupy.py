@@ -61,6 +61,24 @@ class RawKernel:
     def max_dynamic_shared_size_bytes(self, value: int) -> None:
         self.dynamic_smem = value
 
+    @property
+    def attributes(self) -> dict:
+        keys = (
+            "max_threads_per_block",
+            "shared_size_bytes",
+            "const_size_bytes",
+            "local_size_bytes",
+            "num_regs",
+            "ptx_version",
+            "binary_version",
+            "cache_mode_ca",
+            "max_dynamic_shared_size_bytes",
+            "preferred_shared_memory_carveout",
+        )
+        return {
+            k: {"num_regs": 40, "max_dynamic_shared_size_bytes": self.dynamic_smem}.get(k, 0) for k in keys
+        }
+
     def __call__(self, grid, block, args, shared_mem=0):
         self.calls.append((grid, block, args, shared_mem))
 
