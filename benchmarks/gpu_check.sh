@@ -290,7 +290,9 @@ step_sass_proxy() {
   limited "$1" bash -c 'out=$1; shift; "$@" benchmarks/sass_proxy.py --out "$out" \
     && "$@" benchmarks/gemv_sass_proxy.py --out "$out"' sass "$WORK" "${PY[@]}" 2>&1 | tee "$WORK/sass_proxy.log"
   local rc=${PIPESTATUS[0]}
-  note sass_proxy "$(grep -E "^new:dfloat_decode_w32_t256|arguments accepted" "$WORK/sass_proxy.log" | head -1)"
+  note sass_proxy "$(awk '/^new:dfloat_decode_w32_t256/ {print "decoder w32_t256: " $NF " instructions per weight"}
+    /^dfloat_gemv<8, 1, 0>/ {print "fused GEMV batch 1: " $11 " instructions per weight"}' "$WORK/sass_proxy.log" \
+    | paste -sd';')"
   return "$rc"
 }
 
