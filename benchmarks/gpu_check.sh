@@ -108,12 +108,13 @@ run_step() {
   ( sleep $(( limit + 5 )); touch "$WORK/.steps/$name.timeout"; kill -TERM -- "-$pid" 2>/dev/null
     sleep "$KILL_AFTER_S"; kill -KILL -- "-$pid" 2>/dev/null ) >/dev/null 2>&1 &
   watchdog=$!
+  WATCHDOG=$watchdog
   wait "$pid"
   rc=$?
   kill -KILL -- "-$watchdog" 2>/dev/null
   wait "$watchdog" 2>/dev/null
   if kill -KILL -- "-$pid" 2>/dev/null; then echo "   ($name left processes running: killed)"; fi
-  CURRENT=
+  CURRENT= WATCHDOG=
   if (( rc == 0 )); then status=ok
   elif (( rc == SKIP )); then status=SKIPPED
   elif [ -e "$WORK/.steps/$name.timeout" ] || (( rc == 124 || rc == 137 )); then status=TIMEOUT
@@ -124,8 +125,10 @@ run_step() {
   record "$name" "$status" $(( $(date +%s) - start )) "$limit"
 }
 
-CURRENT=
-trap '[ -n "$CURRENT" ] && kill -KILL -- "-$CURRENT" 2>/dev/null' EXIT
+CURRENT= WATCHDOG=
+# stopped early: take the running step and its watchdog along
+trap 'for g in $CURRENT $WATCHDOG; do kill -KILL -- "-$g" 2>/dev/null; done' EXIT
+trap 'exit 143' TERM INT
 
 # ---- the steps -------------------------------------------------------------------------------------------------
 

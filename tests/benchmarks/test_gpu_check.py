@@ -128,3 +128,42 @@ def test_a_missing_sanitizer_is_skipped_not_passed(tmp_path):
     res, summary, _ = run_check(tmp_path, STEPS="memcheck:60 racecheck:60 fuzz:60")
     assert statuses(summary) == {"memcheck": "SKIPPED", "racecheck": "SKIPPED", "fuzz": "SKIPPED"}
     assert all("compute-sanitizer not found" in s["result"] for s in summary["steps"]) and res.returncode == 2
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
+def test_stopping_the_check_stops_the_running_step(tmp_path):
+    # the device tool's own time limit sends SIGTERM to the script: the running step goes with it
+    pids = tmp_path / "pids"
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path / "out"),
+        "PYTHON": sys.executable,
+        "GPU_CHECK_DRY_RUN": "1",
+        "GPU_CHECK_DRY_HANG": "env",
+        "GPU_CHECK_DRY_PIDS": str(pids),
+        "STEPS": "env:120",
+        "MIN_STEP_S": "1",
+    }
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPT)],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(600):
+            if pids.is_file() and len(pids.read_text().split()) == 2:
+                break
+            time.sleep(0.1)
+        proc.terminate()
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    for pid in [int(p) for p in pids.read_text().split()]:
+        for _ in range(50):
+            if not _alive(pid):
+                break
+            time.sleep(0.1)
+        assert not _alive(pid), f"process {pid} outlived the check"
