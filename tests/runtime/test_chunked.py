@@ -161,6 +161,21 @@ def test_chunked_linear_equals_the_whole_matmul_for_any_input_rows(threads):
     assert {k[0] for k in unit.exact} >= {1, 3, 16, 33, 64, 200}
 
 
+def test_run_time_check_takes_nan_rows_and_empty_inputs():
+    """A NaN input row gives NaN in both results: bit-identical, not a failed check; an empty input is no check."""
+    _, unit = _chunked_demo()
+    whole = dfloat.decompress_tensor(unit.ct).reshape(4096, 256)
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    x[2] = float("nan")
+    with torch.no_grad():
+        got = unit.linear(x, None)
+        assert chunked.same_bits(got, F.linear(x, whole)) and got[2].isnan().all()
+        assert unit.exact == {(5, True, False, torch.get_num_threads()): True}
+        assert unit.linear(x[:0], None).shape == (0, 4096) and len(unit.exact) == 1
+    zero = torch.zeros(2, dtype=torch.bfloat16)
+    assert not chunked.same_bits(zero, -zero) and chunked.same_bits(zero.float(), zero.float())  # bits
+
+
 def test_a_failing_run_time_check_decodes_whole_for_that_size(monkeypatch, caplog):
     """A CPU like the Intel one of issue 19, emulated: chunks of the matrix give other bits from 33 input rows
     on. The load-time check (one row) passes, the first call with 33+ rows finds the difference, logs it and
