@@ -25,6 +25,9 @@ ALIGN_ELEMENTS = 64
 _NUMBERED = re.compile(r"(^|\.)\d+(\.|$)")  # a numbered module in the name: model.layers.7, transformer.h.0
 DEFAULT_CHUNK_NUMEL = 1 << 24  # when no unit must be decoded whole
 CHUNK_ROW_MULTIPLE = 128  # chunks of many rows are a multiple of this (GEMM tile sizes)
+# Fewest rows in a chunk: below this the per-chunk work (a decode call and a GEMM call) costs more than the rows'
+# math; a chunk also holds at least as many weights as its overhang, so decoding it costs at most twice its rows.
+MIN_CHUNK_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -123,11 +126,21 @@ def in_block(unit: str) -> bool:
 
 
 def chunk_rows(budget: int, cols: int, overhang: int) -> int:
-    """Rows per chunk so that rows * cols plus the overhang of the blocks at both ends fits ``budget`` elements."""
-    rows = max(1, (budget - overhang) // max(1, cols))
-    if rows >= 2 * CHUNK_ROW_MULTIPLE:
-        rows -= rows % CHUNK_ROW_MULTIPLE
-    return rows
+    """Rows per chunk so that rows * cols plus the overhang of the blocks at both ends fits ``budget`` elements,
+    but never fewer than `min_chunk_rows` (the buffer then grows past the budget: a tiny budget would otherwise
+    give chunks of a row or two, each paying a decode and a GEMM call, and the blocks around it, for one row)."""
+    cols = max(1, cols)
+    least = min_chunk_rows(cols, overhang)
+    fit = (budget - overhang) // cols
+    if fit < least:
+        return least + (-least) % CHUNK_ROW_MULTIPLE if least >= 2 * CHUNK_ROW_MULTIPLE else least
+    rounded = fit - fit % CHUNK_ROW_MULTIPLE
+    return rounded if fit >= 2 * CHUNK_ROW_MULTIPLE and rounded >= least else fit
+
+
+def min_chunk_rows(cols: int, overhang: int) -> int:
+    """`MIN_CHUNK_ROWS`, or more when a chunk of that many rows holds fewer weights than its overhang."""
+    return max(MIN_CHUNK_ROWS, -(-overhang // max(1, cols)))
 
 
 def chunk_overhang(max_block_numel: int) -> int:
@@ -280,7 +293,13 @@ def units_from_checkpoint(
             )
         out.append(
             UnitSize(
-                name, int(meta["numel"]), int(arrays_nbytes[name]), coded, matrix, matrix is not None, block,
+                name,
+                int(meta["numel"]),
+                int(arrays_nbytes[name]),
+                coded,
+                matrix,
+                matrix is not None,
+                block,
                 decode_numel=split_numel,
             )
         )
