@@ -19,7 +19,7 @@ import torch
 
 import dfloat
 from dfloat.errors import GenerationError
-from dfloat.runtime.generate import CACHE_LEN_STEP, _cache_kwarg, generate_ids, release_graphs
+from dfloat.runtime.generate import CACHE_LEN_STEP, _cache_kwarg, generate_ids
 
 NEW = 12
 COMMON = dict(
@@ -84,8 +84,7 @@ def test_transformers_families_match_generate(family):
         got = generate_ids(model, ids[:rows], mask[:rows], max_new_tokens=NEW, stop_token_ids=[])
         assert got.path == "static"
         assert got.tokens == _greedy(model, ids[:rows], mask[:rows], past_key_values=_static_cache(model))
-    release_graphs(model)  # its static caches are BF16
-    model = model.float()  # float32: against the default generate (a dynamic cache)
+    model = model.float()  # float32 (new static caches): against the default generate (a dynamic cache)
     three = generate_ids(model, ids, mask, max_new_tokens=NEW, stop_token_ids=[])
     assert three.tokens == _greedy(model, ids, mask)
     # a batch padded up to a graph bucket (copies of a row) gives the same rows
@@ -106,8 +105,7 @@ def test_research_architectures_match_generate(arch, caplog):
                 assert result.tokens == _greedy(model, ids[:rows], mask[:rows])
             else:
                 assert result.tokens == _static_greedy(model, ids[:rows], mask[:rows])
-        release_graphs(model)  # its static caches are BF16
-        model = model.float()
+            model = model.float()
         for rows in (1, 3):  # float32: against transformers' generate
             result = generate_ids(model, ids[:rows], mask[:rows], max_new_tokens=NEW, stop_token_ids=[])
             assert result.tokens == _greedy(model, ids[:rows], mask[:rows])
