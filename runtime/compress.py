@@ -199,8 +199,9 @@ def compress_model(
 
     Args:
         source: a Hub id ("owner/name"), a local folder of safetensors, an official DFloat11 checkpoint
-            (decoded and coded again as dfloat, verified byte for byte against the decoded weights), or an
-            in-memory transformers model.
+            (decoded and coded again as dfloat, verified byte for byte against the decoded weights), an
+            in-memory transformers model, or a diffusers pipeline or model folder (compressed component by
+            component: `dfloat.runtime.pipeline`).
         out_dir: the folder to create. Written to a temporary folder beside it and renamed when complete and
             verified; an existing folder is refused unless ``overwrite``.
         verify: decode every unit after writing and check it against the checksums of the original bytes.
@@ -234,6 +235,15 @@ def compress_model(
     stack: list[tempfile.TemporaryDirectory] = []
     try:
         folder, origin = _resolve_source(source, revision, token, stack)
+        from dfloat.runtime import pipeline
+
+        if pipeline.diffusion_layout(folder):  # a diffusers pipeline or model: component by component
+            options = dict(workers=workers, max_shard_bytes=max_shard_bytes, allow_raw=allow_raw)
+            options.update(bytes_per_window=bytes_per_window, windows_per_block=windows_per_block)
+            options.update(max_code_length=max_code_length, unit=unit, progress=progress)
+            return pipeline.compress_diffusers(
+                folder, out_dir, origin, overwrite=overwrite, verify=verify, **options
+            )
         config = src.read_config(folder)
         if CONFIG_KEY in config:
             raise ModelSourceError(f"{folder}: is already compressed")

@@ -310,6 +310,9 @@ def attach(
     model._dfloat_buffers = buffers
     model._dfloat_units = {u.name: u.ct for u in coded}
     model._dfloat_plan = plan
+    from dfloat.runtime import placement
+
+    placement.install(model, coded)  # model.to(device) moves the compressed units (runtime/placement.py)
     return buffers
 
 

@@ -1,0 +1,345 @@
+"""Diffusers checkpoints, compressed component by component: a pipeline folder (model_index.json) or one model.
+
+A pipeline folder holds a subfolder per component (model_index.json names them). Every component whose weights
+are BF16 is compressed: diffusers models (transformer, unet, vae; ``diffusion_pytorch_model.safetensors``) with
+the units of `dfloat.runtime.diffusers_units`, transformers models (text encoders; ``model.safetensors``) as
+language models are. Everything else (tokenizers, schedulers, a VAE stored in float32) is copied as it is (hard
+links where the file system allows). The result is again a pipeline folder, which ``DiffusionPipeline.from_pretrained``
+loads through the quantizers of both libraries (runtime/diffusers_quantizer.py, runtime/hf_quantizer.py).
+
+A compressed diffusers model is a dfloat checkpoint (runtime/checkpoint.py) with one more copy of its index,
+``diffusion_pytorch_model.safetensors.index.json``: the name diffusers reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dfloat.errors import ModelSourceError, OutputExistsError
+from dfloat.format import default_mode
+from dfloat.runtime.checkpoint import CONFIG_KEY, DIFFUSERS_CONFIG_KEY, INDEX_NAME
+from dfloat.runtime.compress import CompressionReport
+from dfloat.runtime.grouping import UNIT_KINDS, plan_units
+
+log = logging.getLogger(__name__)
+
+MODEL_INDEX = "model_index.json"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"  # what diffusers models name their weights
+TRANSFORMERS_WEIGHTS = "model"
+DIFFUSERS_INDEX = f"{DIFFUSERS_WEIGHTS}.safetensors.index.json"  # the index under the name diffusers reads
+_FLOAT = {"BF16", "F16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
+
+
+@dataclass
+class PipelineReport(CompressionReport):
+    """A CompressionReport over the compressed components, and what became of each component."""
+
+    components: dict[str, str] = field(default_factory=dict)  # name -> "compressed ..." / "copied: why"
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelSourceError(f"{path}: unreadable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelSourceError(f"{path}: not a JSON object")
+    return data
+
+
+def is_diffusers_config(config: dict) -> bool:
+    """A diffusers model's config.json (diffusers writes the class name into it)."""
+    return "_class_name" in config and "dfloat11_config" not in config
+
+
+def diffusion_layout(folder: Path) -> str | None:
+    """The kind of diffusers folder: "pipeline" (model_index.json), "model" (a diffusers model: its config.json and
+    weights as diffusers names them), or None."""
+    if (folder / MODEL_INDEX).is_file():
+        return "pipeline"
+    config = folder / "config.json"
+    named = (folder / f"{DIFFUSERS_WEIGHTS}.safetensors").is_file() or (folder / DIFFUSERS_INDEX).is_file()
+    if named and config.is_file() and is_diffusers_config(read_json(config)):
+        return "model"
+    return None
+
+
+def weight_files(folder: Path, basename: str) -> list[Path]:
+    """The safetensors files a library reads from a model folder: the shards named by
+    ``{basename}.safetensors.index.json``, else ``{basename}.safetensors``. Other files (variants such as
+    ``{basename}.fp16.safetensors``, leftovers) are not read."""
+    index = folder / f"{basename}.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ModelSourceError(f"{index}: has no 'weight_map' of tensor names to files")
+        files = [folder / f for f in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelSourceError(f"{index}: names missing shard(s) {', '.join(missing[:3])}")
+        return files
+    single = folder / f"{basename}.safetensors"
+    if single.is_file():
+        return [single]
+    others = sorted(p.name for p in folder.glob("*.safetensors"))
+    hint = f" (it has {', '.join(others[:3])}: variants are not read)" if others else ""
+    raise ModelSourceError(f"{folder}: no {basename}.safetensors or {index.name}{hint}")
+
+
+def tensor_headers(files: list[Path]) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, dtype) of every tensor in ``files``, from their headers; a name in two files is an error."""
+    from safetensors import SafetensorError, safe_open
+
+    out, seen = [], {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for k in f.keys():
+                    if k in seen:
+                        raise ModelSourceError(f"{path}: tensor {k!r} is also in {seen[k].name}")
+                    seen[k] = path
+                    s = f.get_slice(k)
+                    out.append((k, tuple(s.get_shape()), s.get_dtype()))
+        except (SafetensorError, OSError) as e:
+            raise ModelSourceError(f"{path}: not a readable safetensors file ({e})") from None
+    return out
+
+
+@dataclass
+class Component:
+    """One model folder to compress, and how."""
+
+    name: str  # "" for a lone model folder
+    folder: Path
+    library: str  # "diffusers" or "transformers"
+    files: list[Path]
+    grouping: Callable
+    units: int  # units it will have (for progress)
+
+
+def _grouping(config: dict, library: str, unit: str):
+    if library == "transformers":
+        return UNIT_KINDS[unit]
+    from dfloat.runtime.diffusers_units import diffusers_grouping
+
+    return diffusers_grouping(keep_in_fp32_modules(config), unit)
+
+
+def keep_in_fp32_modules(config: dict) -> list[str]:
+    """The modules a diffusers model class keeps in float32 when loaded in BF16 (from ``_class_name``)."""
+    try:
+        import diffusers
+    except ImportError:
+        raise ModelSourceError(
+            "compressing a diffusers model needs diffusers: pip install diffusers"
+        ) from None
+    cls = getattr(diffusers, str(config.get("_class_name")), None)
+    return list(getattr(cls, "_keep_in_fp32_modules", None) or [])
+
+
+def plan_component(name: str, folder: Path, library: str, unit: str) -> Component | str:
+    """The Component to compress, or why the folder is copied as it is."""
+    if not (folder / "config.json").is_file():
+        return "copied: no config.json"
+    basename = DIFFUSERS_WEIGHTS if library == "diffusers" else TRANSFORMERS_WEIGHTS
+    try:
+        files = weight_files(folder, basename)
+    except ModelSourceError as e:
+        return f"copied: {e}"
+    config = read_json(folder / "config.json")
+    if CONFIG_KEY in config or DIFFUSERS_CONFIG_KEY in config:
+        return "copied: already compressed"
+    if config.get("quantization_config"):
+        return f"copied: {config['quantization_config'].get('quant_method', 'quantized')}-quantized"
+    headers = tensor_headers(files)
+    others = sorted({d for _, s, d in headers if d in _FLOAT and d != "BF16" and len(s) >= 2})
+    if others:
+        return f"copied: {'/'.join(others)} weights (dfloat is lossless for BF16 only)"
+    grouping = _grouping(config, library, unit)
+    units = plan_units(headers, grouping)
+    if not units:
+        return "copied: no BF16 weights"
+    return Component(name, folder, library, files, grouping, len(units))
+
+
+def compress_diffusers(
+    folder: Path,
+    out_dir: Path,
+    origin: dict,
+    *,
+    overwrite: bool = False,
+    verify: bool = True,
+    unit: str = "block",
+    progress=None,
+    **options,
+) -> PipelineReport:
+    """Compress a diffusers pipeline folder or model folder into ``out_dir`` (written beside it, then renamed).
+
+    ``options`` go to `dfloat.compress_model` for each component (workers, stream parameters, shard size)."""
+    from dfloat.runtime.compress import _replace_dir
+
+    t0 = time.perf_counter()
+    layout = diffusion_layout(folder)
+    if out_dir.exists() and not overwrite:
+        raise OutputExistsError(
+            f"{out_dir}: already exists (pass overwrite=True / --overwrite to replace it)"
+        )
+    if layout == "pipeline":
+        index = read_json(folder / MODEL_INDEX)
+        plans: dict[str, Component | str] = {}
+        for name, spec in index.items():
+            if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[0] is None:
+                continue
+            sub = folder / name
+            if not sub.is_dir():
+                raise ModelSourceError(
+                    f"{folder}: {MODEL_INDEX} names component {name!r}, which has no folder"
+                )
+            library = (
+                "diffusers" if spec[0] == "diffusers" else "transformers" if spec[0] == "transformers" else ""
+            )
+            plans[name] = plan_component(name, sub, library, unit) if library else "copied: not a model"
+    else:
+        plans = {"": plan_component("", folder, "diffusers", unit)}
+        if isinstance(plans[""], str):
+            raise ModelSourceError(f"{folder}: nothing to compress ({plans[''].removeprefix('copied: ')})")
+    todo = [c for c in plans.values() if isinstance(c, Component)]
+    if not todo:
+        raise ModelSourceError(f"{folder}: no component has BF16 weights to compress")
+    report = PipelineReport(str(out_dir), 0, 0, 0, 0, 0, 0.0)
+    total = sum(c.units for c in todo)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    os.chmod(tmp, default_mode(directory=True))
+    try:
+        done = 0
+        for name, plan in plans.items():
+            target = tmp / name if name else tmp / "model"
+            if isinstance(plan, str):
+                _copy_tree(folder / name, target)
+                report.components[name] = plan
+                log.info("%s: %s", name, plan)
+                continue
+
+            def step(u, i, n, weights, _name=name, _base=done):
+                if progress:
+                    progress(f"{_name}/{u}" if _name else u, _base + i, total, weights)
+
+            part = _compress_component(plan, target, origin, verify, unit, step, options)
+            done += plan.units
+            for k in ("units", "coded_units", "weights", "original_bytes", "stored_bytes"):
+                setattr(report, k, getattr(report, k) + getattr(part, k))
+            report.components[name] = f"compressed: {100 * part.ratio:.2f}% of BF16 ({part.units} units)"
+        if layout == "pipeline":
+            for f in folder.iterdir():
+                if f.is_file() and f.name != "README.md":
+                    _link_or_copy(f, tmp / f.name)
+            (tmp / "README.md").write_text(_pipeline_card(report, origin, read_json(folder / MODEL_INDEX)))
+            final = tmp
+        else:
+            final = tmp / "model"
+        _replace_dir(final, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report.seconds = time.perf_counter() - t0
+    log.info(
+        "compressed %s -> %s: %.2f%% of BF16 in %.1fs",
+        origin["source"],
+        out_dir,
+        100 * report.ratio,
+        report.seconds,
+    )
+    return report
+
+
+def _compress_component(plan: Component, out: Path, origin: dict, verify, unit, progress, options):
+    """`compress_model` on a view of the component that names its weights the way compress_model reads them
+    (config.json, ``model.safetensors.index.json``, ``model-*.safetensors``: links to the component's own files,
+    nothing copied)."""
+    from dfloat.runtime.compress import compress_model
+
+    with tempfile.TemporaryDirectory(prefix="dfloat-view-") as view:
+        view = Path(view)
+        (view / "config.json").symlink_to((plan.folder / "config.json").resolve())
+        weight_map = {}
+        for i, f in enumerate(plan.files, start=1):
+            link = f"model-{i:05d}-of-{len(plan.files):05d}.safetensors"
+            (view / link).symlink_to(f.resolve())
+            weight_map.update(dict.fromkeys([n for n, _, _ in tensor_headers([f])], link))
+        (view / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        report = compress_model(
+            view, out, verify=verify, grouping=plan.grouping, progress=progress, unit=unit, **options
+        )
+    config = read_json(out / "config.json")
+    source = origin["source"] + (f"/{plan.name}" if plan.name else "")
+    config[CONFIG_KEY].update(source=source, revision=origin.get("revision"))
+    if plan.library == "diffusers":
+        shutil.copy2(out / INDEX_NAME, out / DIFFUSERS_INDEX)
+        # diffusers warns about unknown config keys except those starting with "_"
+        config[DIFFUSERS_CONFIG_KEY] = config.pop(CONFIG_KEY)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if plan.name:  # inside a pipeline the pipeline's card says how to use it
+        (out / "README.md").unlink(missing_ok=True)
+    else:
+        (out / "README.md").write_text(_model_card(report, source, config))
+    return report
+
+
+def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """A hard link (no bytes copied, and the source is never modified through it), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, copy_function=_link_or_copy)
+
+
+def _model_card(report: CompressionReport, source: str, config: dict) -> str:
+    cls = config.get("_class_name", "the model class")
+    return f"""---
+tags: [dfloat, lossless, bf16, diffusers]
+---
+# {Path(source).name} (dfloat, lossless)
+
+Losslessly compressed copy of `{source}` ({cls}) made with dfloat: BF16 exponents Huffman-coded, sign and mantissa
+kept, so every weight decodes bit-identical to the original ({100 * report.ratio:.2f}% of the BF16 bytes).
+
+```python
+import torch
+from diffusers import {cls}  # with `pip install dfloat`; no import of dfloat needed
+model = {cls}.from_pretrained("{report.out_dir}", torch_dtype=torch.bfloat16)
+```
+"""
+
+
+def _pipeline_card(report: PipelineReport, origin: dict, index: dict) -> str:
+    rows = "\n".join(f"| {name} | {what} |" for name, what in report.components.items())
+    return f"""---
+tags: [dfloat, lossless, bf16, diffusers]
+---
+# {Path(origin["source"]).name} (dfloat, lossless)
+
+Losslessly compressed copy of the `{index.get("_class_name", "diffusers")}` pipeline `{origin["source"]}` made with
+dfloat: every BF16 component decodes bit-identical to the original, so images equal the BF16 pipeline's.
+
+| component | |
+|---|---|
+{rows}
+
+```python
+import torch
+from diffusers import DiffusionPipeline  # with `pip install dfloat`; no import of dfloat needed
+pipe = DiffusionPipeline.from_pretrained("{report.out_dir}", torch_dtype=torch.bfloat16)
+```
+"""
