@@ -93,14 +93,15 @@ def _scan(files: list[Path]) -> list[_Tensor]:
     return out
 
 
-def _check_lossless(config: dict, tensors: list[_Tensor], folder: Path) -> None:
+def _check_lossless(config: dict, tensors: list[_Tensor], folder: Path, unit_of: Grouping) -> None:
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "quantized")
         raise UnsupportedDtypeError(
             f"{folder}: the model is {method}-quantized; its weights are not BF16, and coding them as BF16 would "
             "not reproduce them. dfloat compresses BF16 checkpoints only."
         )
-    bad = [t for t in tensors if t.dtype in _FLOAT_DTYPES and len(t.shape) >= 2]
+    # weights a unit would hold were they BF16 (a float32 buffer saved with the weights stays plain, as is)
+    bad = [t for t in tensors if t.dtype in _FLOAT_DTYPES and unit_of(t.name, t.shape) is not None]
     if bad:
         dtypes = sorted({t.dtype for t in bad})
         raise UnsupportedDtypeError(
@@ -252,8 +253,8 @@ def compress_model(
             folder = _official_to_bf16(folder, config, stack)
             config = src.read_config(folder)
         tensors = _scan(src.weight_files(folder))
-        _check_lossless(config, tensors, folder)
         unit_of = grouping_from(grouping) if grouping is not None else UNIT_KINDS[unit]
+        _check_lossless(config, tensors, folder, unit_of)
         plan = plan_units(((t.name, t.shape, t.dtype) for t in tensors), unit_of)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))

@@ -28,7 +28,7 @@ import torch
 from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
-from dfloat.errors import ModelSourceError
+from dfloat.errors import DFloatError, ModelSourceError
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,7 @@ class DFloatDiffusersQuantizer(DiffusersQuantizer):
             cpu_offload=bool(getattr(cfg, "cpu_offload", False)),
             device_map=mapping,
         )
+        model.fuse_lora = _refuse_fuse  # fusing would write into the decode buffer shared by every unit
         log.info("dfloat: %s: %s", self.folder, model._dfloat_plan.summary())
         return model
 
@@ -191,6 +192,14 @@ class DFloatDiffusersQuantizer(DiffusersQuantizer):
     @property
     def is_compileable(self) -> bool:
         return False
+
+
+def _refuse_fuse(*args, **kwargs):
+    raise DFloatError(
+        "fuse_lora on a dfloat model: its weights are decoded from the compressed checkpoint before every use, "
+        "so a LoRA cannot be fused into them. It runs unfused (the outputs equal the BF16 model's with the same "
+        "unfused LoRA). To bake a LoRA in, fuse it into the BF16 model and compress that again."
+    )
 
 
 def register() -> None:

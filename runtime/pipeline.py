@@ -125,28 +125,44 @@ class Component:
     units: int  # units it will have (for progress)
 
 
-def _grouping(config: dict, library: str, unit: str):
+def _grouping(config: dict, library: str, unit: str, folder: Path):
     if library == "transformers":
         return UNIT_KINDS[unit]
     from dfloat.runtime.diffusers_units import diffusers_grouping
 
-    return diffusers_grouping(keep_in_fp32_modules(config), unit)
+    cls = diffusers_class(config, folder)
+    keep = getattr(cls, "_keep_in_fp32_modules", None) or []
+    return diffusers_grouping(keep, unit, parameters=parameter_names(cls, config))
 
 
-def keep_in_fp32_modules(config: dict) -> list[str]:
-    """The modules a diffusers model class keeps in float32 when loaded in BF16 (from ``_class_name``)."""
+def diffusers_class(config: dict, folder: Path):
+    """The diffusers model class named by a config's ``_class_name``."""
     try:
         import diffusers
     except ImportError:
-        raise ModelSourceError(
-            "compressing a diffusers model needs diffusers: pip install diffusers"
-        ) from None
+        raise ModelSourceError("diffusers models need diffusers: pip install diffusers") from None
     cls = getattr(diffusers, str(config.get("_class_name")), None)
-    return list(getattr(cls, "_keep_in_fp32_modules", None) or [])
+    if cls is None:
+        raise ModelSourceError(
+            f"{folder}/config.json: _class_name {config.get('_class_name')!r} is no model class of diffusers "
+            f"{diffusers.__version__}"
+        )
+    return cls
 
 
-def plan_component(name: str, folder: Path, library: str, unit: str) -> Component | str:
-    """The Component to compress, or why the folder is copied as it is."""
+def parameter_names(cls, config: dict) -> set[str]:
+    """The parameter names of the model (built on the meta device): only parameters are coded, buffers saved
+    with the weights (SD3's ``pos_embed.pos_embed``) stay plain tensors."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = cls.from_config(config)
+    return {n for n, _ in model.named_parameters(remove_duplicate=False)}
+
+
+def plan_component(name: str, folder: Path, library: str, unit: str, strict: bool = False) -> Component | str:
+    """The Component to compress, or why the folder is copied as it is. ``strict`` (a lone model, not a pipeline
+    component): weights that are not BF16 are compress_model's error, not a reason to copy."""
     if not (folder / "config.json").is_file():
         return "copied: no config.json"
     basename = DIFFUSERS_WEIGHTS if library == "diffusers" else TRANSFORMERS_WEIGHTS
@@ -160,12 +176,12 @@ def plan_component(name: str, folder: Path, library: str, unit: str) -> Componen
     if config.get("quantization_config"):
         return f"copied: {config['quantization_config'].get('quant_method', 'quantized')}-quantized"
     headers = tensor_headers(files)
-    others = sorted({d for _, s, d in headers if d in _FLOAT and d != "BF16" and len(s) >= 2})
-    if others:
+    grouping = _grouping(config, library, unit, folder)
+    others = sorted({d for n, s, d in headers if d in _FLOAT and d != "BF16" and grouping(n, s) is not None})
+    if others and not strict:
         return f"copied: {'/'.join(others)} weights (dfloat is lossless for BF16 only)"
-    grouping = _grouping(config, library, unit)
     units = plan_units(headers, grouping)
-    if not units:
+    if not units and not strict:
         return "copied: no BF16 weights"
     return Component(name, folder, library, files, grouping, len(units))
 
@@ -208,7 +224,7 @@ def compress_diffusers(
             )
             plans[name] = plan_component(name, sub, library, unit) if library else "copied: not a model"
     else:
-        plans = {"": plan_component("", folder, "diffusers", unit)}
+        plans = {"": plan_component("", folder, "diffusers", unit, strict=True)}
         if isinstance(plans[""], str):
             raise ModelSourceError(f"{folder}: nothing to compress ({plans[''].removeprefix('copied: ')})")
     todo = [c for c in plans.values() if isinstance(c, Component)]
@@ -318,7 +334,7 @@ kept, so every weight decodes bit-identical to the original ({100 * report.ratio
 ```python
 import torch
 from diffusers import {cls}  # with `pip install dfloat`; no import of dfloat needed
-model = {cls}.from_pretrained("{report.out_dir}", torch_dtype=torch.bfloat16)
+model = {cls}.from_pretrained("{report.out_dir}", dtype=torch.bfloat16)
 ```
 """
 
@@ -340,6 +356,6 @@ dfloat: every BF16 component decodes bit-identical to the original, so images eq
 ```python
 import torch
 from diffusers import DiffusionPipeline  # with `pip install dfloat`; no import of dfloat needed
-pipe = DiffusionPipeline.from_pretrained("{report.out_dir}", torch_dtype=torch.bfloat16)
+pipe = DiffusionPipeline.from_pretrained("{report.out_dir}", dtype=torch.bfloat16)
 ```
 """
