@@ -87,12 +87,13 @@ def _vae(latent_channels: int, **kw):
     )
 
 
-def build_tiny_pipeline(kind: str, seed: int = 0):
-    """The pipeline object (random BF16 weights, in eval mode)."""
+def build_tiny_pipeline(kind: str, seed: int = 0, **transformer):
+    """The pipeline object (random BF16 weights, in eval mode); ``transformer`` overrides the denoiser's config
+    (e.g. ``attention_head_dim=128, axes_dims_rope=[16, 56, 56]`` for FLUX's real head size)."""
     before = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # built in BF16 (casting after would warn about float32 modules)
     try:
-        pipe = _build(kind, seed)
+        pipe = _build(kind, seed, transformer)
     finally:
         torch.set_default_dtype(before)
     for component in pipe.components.values():
@@ -101,22 +102,25 @@ def build_tiny_pipeline(kind: str, seed: int = 0):
     return pipe
 
 
-def _build(kind: str, seed: int):
+def _build(kind: str, seed: int, overrides: dict):
     import diffusers
 
     torch.manual_seed(seed)
     if kind == "flux":
         tok, t5tok = clip_tokenizer(), t5_tokenizer()
         transformer = diffusers.FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=16,
-            num_layers=2,
-            num_single_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=32,
-            pooled_projection_dim=32,
-            axes_dims_rope=[4, 4, 8],
+            **{
+                "patch_size": 1,
+                "in_channels": 16,
+                "num_layers": 2,
+                "num_single_layers": 2,
+                "attention_head_dim": 16,
+                "num_attention_heads": 2,
+                "joint_attention_dim": 32,
+                "pooled_projection_dim": 32,
+                "axes_dims_rope": [4, 4, 8],
+                **overrides,
+            }
         )
         pipe = diffusers.FluxPipeline(
             scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
@@ -130,16 +134,19 @@ def _build(kind: str, seed: int):
     elif kind == "sd3":
         tok, t5tok = clip_tokenizer(), t5_tokenizer()
         transformer = diffusers.SD3Transformer2DModel(
-            sample_size=32,
-            patch_size=1,
-            in_channels=4,
-            num_layers=2,
-            attention_head_dim=8,
-            num_attention_heads=4,
-            caption_projection_dim=32,
-            joint_attention_dim=32,
-            pooled_projection_dim=64,
-            out_channels=4,
+            **{
+                "sample_size": 32,
+                "patch_size": 1,
+                "in_channels": 4,
+                "num_layers": 2,
+                "attention_head_dim": 8,
+                "num_attention_heads": 4,
+                "caption_projection_dim": 32,
+                "joint_attention_dim": 32,
+                "pooled_projection_dim": 64,
+                "out_channels": 4,
+                **overrides,
+            }
         )
         pipe = diffusers.StableDiffusion3Pipeline(
             scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
@@ -155,18 +162,21 @@ def _build(kind: str, seed: int):
     elif kind == "wan":
         t5tok = t5_tokenizer()
         transformer = diffusers.WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=2,
-            attention_head_dim=12,
-            in_channels=16,
-            out_channels=16,
-            text_dim=32,
-            freq_dim=32,
-            ffn_dim=32,
-            num_layers=2,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            rope_max_seq_len=32,
+            **{
+                "patch_size": (1, 2, 2),
+                "num_attention_heads": 2,
+                "attention_head_dim": 12,
+                "in_channels": 16,
+                "out_channels": 16,
+                "text_dim": 32,
+                "freq_dim": 32,
+                "ffn_dim": 32,
+                "num_layers": 2,
+                "cross_attn_norm": True,
+                "qk_norm": "rms_norm_across_heads",
+                "rope_max_seq_len": 32,
+                **overrides,
+            }
         )
         vae = diffusers.AutoencoderKLWan(
             base_dim=12,
@@ -185,16 +195,19 @@ def _build(kind: str, seed: int):
     elif kind == "unet":
         tok = clip_tokenizer()
         unet = diffusers.UNet2DConditionModel(
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=4,
-            norm_num_groups=4,
+            **{
+                "block_out_channels": (8, 16),
+                "layers_per_block": 1,
+                "sample_size": 16,
+                "in_channels": 4,
+                "out_channels": 4,
+                "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+                "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+                "cross_attention_dim": 32,
+                "attention_head_dim": 4,
+                "norm_num_groups": 4,
+                **overrides,
+            }
         )
         pipe = diffusers.StableDiffusionPipeline(
             vae=_vae(4, scaling_factor=0.5),
@@ -211,8 +224,8 @@ def _build(kind: str, seed: int):
     return pipe
 
 
-def save_tiny_pipeline(kind: str, folder: str | Path, seed: int = 0) -> Path:
-    """``build_tiny_pipeline(kind)`` saved to ``folder`` (safetensors, BF16)."""
+def save_tiny_pipeline(kind: str, folder: str | Path, seed: int = 0, **transformer) -> Path:
+    """``build_tiny_pipeline(kind, seed, **transformer)`` saved to ``folder`` (safetensors, BF16)."""
     folder = Path(folder)
-    build_tiny_pipeline(kind, seed).save_pretrained(folder)
+    build_tiny_pipeline(kind, seed, **transformer).save_pretrained(folder)
     return folder

@@ -195,6 +195,7 @@ def compress_model(
     allow_raw: bool = True,
     progress: ProgressFn | None = None,
     unit: str = "block",
+    config_from: str | os.PathLike | None = None,
 ) -> CompressionReport:
     """Compress a BF16 checkpoint losslessly into ``out_dir``.
 
@@ -216,6 +217,8 @@ def compress_model(
         unit: what shares one code: "block" (default: the weights of each transformer block; embeddings and
             lm_head alone) or "matrix" (every weight alone: the decode buffer then holds one matrix, the leanest
             memory at run time, for a slightly larger stored size). ``grouping`` overrides either.
+        config_from: for an official DFloat11 diffusion checkpoint (no model config of its own): the original
+            model's folder or Hub id whose diffusers config.json describes it (`dfloat.runtime.official_diffusion`).
     Returns:
         A CompressionReport with sizes and timing.
     Raises:
@@ -235,16 +238,21 @@ def compress_model(
         numba.set_num_threads(max(1, min(workers, numba.config.NUMBA_NUM_THREADS)))
     stack: list[tempfile.TemporaryDirectory] = []
     try:
-        folder, origin = _resolve_source(source, revision, token, stack)
         from dfloat.runtime import pipeline
 
+        if pipeline.is_local_file(source):  # an official DFloat11 single file (ComfyUI), or an error below
+            folder, origin = Path(source).expanduser(), {"source": str(source), "revision": None}
+        else:
+            folder, origin = _resolve_source(source, revision, token, stack)
         if pipeline.diffusion_layout(folder):  # a diffusers pipeline or model: component by component
             options = dict(workers=workers, max_shard_bytes=max_shard_bytes, allow_raw=allow_raw)
             options.update(bytes_per_window=bytes_per_window, windows_per_block=windows_per_block)
-            options.update(max_code_length=max_code_length, unit=unit, progress=progress)
+            options.update(max_code_length=max_code_length, unit=unit, progress=progress, config_from=config_from)
             return pipeline.compress_diffusers(
                 folder, out_dir, origin, overwrite=overwrite, verify=verify, **options
             )
+        if folder.is_file():
+            raise ModelSourceError(f"{folder}: is a file, not a model folder (nor a DFloat11 single file)")
         config = src.read_config(folder)
         if CONFIG_KEY in config:
             raise ModelSourceError(f"{folder}: is already compressed")

@@ -20,6 +20,8 @@ Text encoders in a pipeline are transformers models and load through runtime/hf_
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import enum
 import logging
 from pathlib import Path
@@ -71,6 +73,22 @@ class DFloatDiffusersConfig(QuantizationConfigMixin):
 
     def to_diff_dict(self) -> dict:  # what diffusers' repr and logs call (the mixin lacks it)
         return self.to_dict()
+
+
+_OPTIONS: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "dfloat_diffusers_options", default=None
+)
+
+
+@contextlib.contextmanager
+def load_options(**options):
+    """Decoder options (``backend``, ``cpu_offload``, ``verify``) for the dfloat models loaded inside the block,
+    over those stored in their config.json (diffusers keeps a checkpoint's own quantization_config)."""
+    token = _OPTIONS.set({k: v for k, v in options.items() if v is not None})
+    try:
+        yield
+    finally:
+        _OPTIONS.reset(token)
 
 
 def _one_device(d) -> torch.device:
@@ -155,10 +173,12 @@ class DFloatDiffusersQuantizer(DiffusersQuantizer):
         else:
             device = torch.device("cpu")
         cfg = self.quantization_config
+        opts = {k: getattr(cfg, k, None) for k in ("backend", "cpu_offload", "verify")} | (
+            _OPTIONS.get() or {}
+        )
         units, plain = {}, {}
-        for _, shard_units, shard_plain in CompressedCheckpoint.open(self.folder).iter_shards(
-            verify=bool(getattr(cfg, "verify", True))
-        ):
+        verify = opts["verify"] is not False
+        for _, shard_units, shard_plain in CompressedCheckpoint.open(self.folder).iter_shards(verify=verify):
             units.update(shard_units)
             plain.update(shard_plain)
         attach(
@@ -166,8 +186,8 @@ class DFloatDiffusersQuantizer(DiffusersQuantizer):
             units,
             plain,
             device,
-            backend=getattr(cfg, "backend", None),
-            cpu_offload=bool(getattr(cfg, "cpu_offload", False)),
+            backend=opts["backend"],
+            cpu_offload=bool(opts["cpu_offload"]),
             device_map=mapping,
         )
         model.fuse_lora = _refuse_fuse  # fusing would write into the decode buffer shared by every unit

@@ -60,16 +60,28 @@ def is_diffusers_config(config: dict) -> bool:
     return "_class_name" in config and "dfloat11_config" not in config
 
 
-def diffusion_layout(folder: Path) -> str | None:
-    """The kind of diffusers folder: "pipeline" (model_index.json), "model" (a diffusers model: its config.json and
-    weights as diffusers names them), or None."""
-    if (folder / MODEL_INDEX).is_file():
+def diffusion_layout(path: Path) -> str | None:
+    """What kind of diffusion checkpoint ``path`` is: "pipeline" (model_index.json), "model" (a diffusers model:
+    its config.json and weights as diffusers names them), "official" (an official DFloat11 diffusers-naming
+    folder), "comfyui" (an official DFloat11 single file), or None (not a diffusion checkpoint)."""
+    from dfloat.runtime import official_diffusion
+
+    if path.is_file():
+        return "comfyui" if official_diffusion.is_comfyui_file(path) else None
+    if (path / MODEL_INDEX).is_file():
         return "pipeline"
-    config = folder / "config.json"
-    named = (folder / f"{DIFFUSERS_WEIGHTS}.safetensors").is_file() or (folder / DIFFUSERS_INDEX).is_file()
+    config = path / "config.json"
+    named = (path / f"{DIFFUSERS_WEIGHTS}.safetensors").is_file() or (path / DIFFUSERS_INDEX).is_file()
     if named and config.is_file() and is_diffusers_config(read_json(config)):
         return "model"
+    if official_diffusion.is_official_diffusion(path):
+        return "official"
     return None
+
+
+def is_local_file(source) -> bool:
+    """A path to an existing file (a ComfyUI single-file checkpoint is not a folder)."""
+    return isinstance(source, (str, os.PathLike)) and Path(source).expanduser().is_file()
 
 
 def weight_files(folder: Path, basename: str) -> list[Path]:
@@ -195,9 +207,12 @@ def compress_diffusers(
     verify: bool = True,
     unit: str = "block",
     progress=None,
+    config_from=None,
     **options,
 ) -> PipelineReport:
     """Compress a diffusers pipeline folder or model folder into ``out_dir`` (written beside it, then renamed).
+    An official DFloat11 diffusion checkpoint is decoded into a temporary BF16 diffusers model folder first
+    (``config_from``: where its model config is, see `dfloat.runtime.official_diffusion.model_config`).
 
     ``options`` go to `dfloat.compress_model` for each component (workers, stream parameters, shard size)."""
     from dfloat.runtime.compress import _replace_dir
@@ -208,6 +223,14 @@ def compress_diffusers(
         raise OutputExistsError(
             f"{out_dir}: already exists (pass overwrite=True / --overwrite to replace it)"
         )
+    if layout in ("official", "comfyui"):
+        from dfloat.runtime import official_diffusion
+
+        with tempfile.TemporaryDirectory(prefix="dfloat-df11-") as decoded:
+            bf16 = official_diffusion.to_bf16_folder(folder, config_from, Path(decoded) / "model")
+            return compress_diffusers(
+                bf16, out_dir, origin, overwrite=overwrite, verify=verify, unit=unit, progress=progress, **options
+            )
     if layout == "pipeline":
         index = read_json(folder / MODEL_INDEX)
         plans: dict[str, Component | str] = {}
