@@ -414,7 +414,11 @@ def verify_checkpoint(
     checkpoint's tensors byte for byte). Returns the problems found; raises ChecksumError if any."""
     from dfloat.codec import decompress_tensor
     from dfloat.format import crc32_of
+    from dfloat.runtime import pipeline
 
+    diffusers_against = against is not None and pipeline.diffusion_layout(Path(against)) in ("pipeline", "model")
+    if pipeline.diffusion_layout(Path(folder)) == "pipeline" or diffusers_against:
+        return pipeline.verify_diffusers(Path(folder), Path(against) if against else None, backend)
     ckpt = CompressedCheckpoint.open(folder)
     original = None
     if against is not None:
@@ -474,8 +478,12 @@ def decompress_model(
     from dfloat.codec import decompress_tensor
 
     folder, _ = src.resolve_folder(source)
-    ckpt = CompressedCheckpoint.open(folder)
     out_dir = Path(out_dir).expanduser().resolve()
+    from dfloat.runtime import pipeline
+
+    if pipeline.diffusion_layout(folder) in ("pipeline", "model"):  # diffusers' weight names again
+        return pipeline.decompress_diffusers(folder, out_dir, overwrite=overwrite)
+    ckpt = CompressedCheckpoint.open(folder)
     if out_dir.exists() and not overwrite:
         raise OutputExistsError(f"{out_dir}: already exists (pass overwrite=True to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -229,7 +229,14 @@ def compress_diffusers(
         with tempfile.TemporaryDirectory(prefix="dfloat-df11-") as decoded:
             bf16 = official_diffusion.to_bf16_folder(folder, config_from, Path(decoded) / "model")
             return compress_diffusers(
-                bf16, out_dir, origin, overwrite=overwrite, verify=verify, unit=unit, progress=progress, **options
+                bf16,
+                out_dir,
+                origin,
+                overwrite=overwrite,
+                verify=verify,
+                unit=unit,
+                progress=progress,
+                **options,
             )
     if layout == "pipeline":
         index = read_json(folder / MODEL_INDEX)
@@ -382,3 +389,125 @@ from diffusers import DiffusionPipeline  # with `pip install dfloat`; no import 
 pipe = DiffusionPipeline.from_pretrained("{report.out_dir}", dtype=torch.bfloat16)
 ```
 """
+
+
+# ---- verify and decompress ----------------------------------------------------------------------------------------
+def is_compressed_component(folder: Path) -> bool:
+    config = folder / "config.json"
+    if not config.is_file():
+        return False
+    data = read_json(config)
+    return CONFIG_KEY in data or DIFFUSERS_CONFIG_KEY in data
+
+
+def _weights_view(folder: Path, basename: str, view: Path) -> Path:
+    """``view`` made a folder of links that names ``folder``'s weights as compress_model / verify read them."""
+    files = weight_files(folder, basename)
+    weight_map = {}
+    for i, f in enumerate(files, start=1):
+        link = f"model-{i:05d}-of-{len(files):05d}.safetensors"
+        (view / link).symlink_to(f.resolve())
+        weight_map.update(dict.fromkeys([n for n, _, _ in tensor_headers([f])], link))
+    (view / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (view / "config.json").symlink_to((folder / "config.json").resolve())
+    return view
+
+
+def components(folder: Path) -> dict[str, Path]:
+    """{name: folder} of a pipeline's components ("" and the folder itself for a lone model)."""
+    if diffusion_layout(folder) != "pipeline":
+        return {"": folder}
+    index = read_json(folder / MODEL_INDEX)
+    return {n: folder / n for n, spec in index.items() if not n.startswith("_") and (folder / n).is_dir()}
+
+
+def verify_diffusers(folder: Path, against: Path | None = None, backend: str | None = None) -> list[str]:
+    """`dfloat.verify_checkpoint` for a compressed pipeline (every compressed component), and for a diffusers
+    model or pipeline checked against its original (whose weights carry diffusers' names); a copied component is
+    compared file by file."""
+    from dfloat.errors import ChecksumError
+    from dfloat.runtime.compress import verify_checkpoint
+
+    problems: list[str] = []
+    originals = components(against) if against is not None else {}
+    for name, comp in components(folder).items():
+        orig = originals.get(name)
+        if against is not None and orig is None:
+            problems.append(f"{name}: not in {against}")
+            continue
+        try:
+            if not is_compressed_component(comp):
+                if orig is not None:
+                    for f in sorted(p for p in orig.rglob("*") if p.is_file()):
+                        mine = comp / f.relative_to(orig)
+                        if not mine.is_file() or mine.read_bytes() != f.read_bytes():
+                            problems.append(f"{name}: {f.relative_to(orig)} differs from {against}")
+                continue
+            if orig is None:
+                verify_checkpoint(comp, backend=backend)
+                continue
+            basename = DIFFUSERS_WEIGHTS if is_diffusers_config(read_json(orig / "config.json")) else "model"
+            with tempfile.TemporaryDirectory(prefix="dfloat-view-") as view:
+                verify_checkpoint(comp, against=_weights_view(orig, basename, Path(view)), backend=backend)
+        except ChecksumError as e:
+            problems += [f"{name}: {line.strip()}" for line in str(e).splitlines()[1:]]
+    if problems:
+        raise ChecksumError(f"{folder}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    return problems
+
+
+def decompress_diffusers(folder: Path, out_dir: Path, overwrite: bool = False) -> Path:
+    """`dfloat.decompress_model` for a compressed diffusers model or pipeline: BF16 weights under diffusers'
+    names again (``diffusion_pytorch_model.safetensors`` for diffusers models), copied components as they are."""
+    from dfloat.runtime.compress import _replace_dir, decompress_model
+
+    if out_dir.exists() and not overwrite:
+        raise OutputExistsError(f"{out_dir}: already exists (pass overwrite=True to replace it)")
+    if not any(is_compressed_component(c) for c in components(folder).values()):
+        raise ModelSourceError(f"{folder}: not compressed by dfloat (no component has a dfloat section)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    os.chmod(tmp, default_mode(directory=True))
+    try:
+        layout = diffusion_layout(folder)
+        for name, comp in components(folder).items():
+            target = tmp / name if name else tmp / "model"
+            if not is_compressed_component(comp):
+                _copy_tree(comp, target)
+                continue
+            with tempfile.TemporaryDirectory(prefix="dfloat-view-") as view:
+                view = Path(view)
+                for (
+                    f
+                ) in comp.iterdir():  # the checkpoint without the index copy that makes it look diffusers'
+                    if f.name != DIFFUSERS_INDEX:
+                        (view / f.name).symlink_to(f.resolve())
+                decompress_model(view, target)
+            config = read_json(target / "config.json")
+            if config.pop(DIFFUSERS_CONFIG_KEY, None) is not None:
+                _rename_weights(target, TRANSFORMERS_WEIGHTS, DIFFUSERS_WEIGHTS)
+            (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if layout == "pipeline":
+            for f in folder.iterdir():
+                if f.is_file() and f.name != "README.md":
+                    _link_or_copy(f, tmp / f.name)
+            _replace_dir(tmp, out_dir)
+        else:
+            _replace_dir(tmp / "model", out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _rename_weights(folder: Path, old: str, new: str) -> None:
+    """``{old}.safetensors`` (or ``{old}-0000i-of-0000n`` shards and their index) renamed to ``{new}...``."""
+    index = folder / f"{old}.safetensors.index.json"
+    if index.is_file():
+        data = read_json(index)
+        data["weight_map"] = {k: v.replace(old, new, 1) for k, v in data["weight_map"].items()}
+        for f in sorted(folder.glob(f"{old}-*.safetensors")):
+            os.replace(f, folder / f.name.replace(old, new, 1))
+        (folder / f"{new}.safetensors.index.json").write_text(json.dumps(data, indent=2) + "\n")
+        index.unlink()
+    elif (folder / f"{old}.safetensors").is_file():
+        os.replace(folder / f"{old}.safetensors", folder / f"{new}.safetensors")
