@@ -245,3 +245,32 @@ def test_float32_component_is_copied_and_float32_model_refused(tmp_path):
     with pytest.raises(ModelSourceError, match="no component"):
         dfloat.compress_model(tmp_path / "empty", tmp_path / "nothing")
     assert not list(tmp_path.glob(".nothing*")) and not list(tmp_path.glob(".out*"))
+
+
+def test_memory_plan_of_a_pipeline_equals_the_loaded_one(pipelines):
+    from dfloat.runtime.memory import plan_pipeline
+
+    root = pipelines["flux"]
+    plan = plan_pipeline(root / "dfloat")
+    assert set(plan.plans) == {"transformer", "vae", "text_encoder", "text_encoder_2"}
+    assert set(plan.copied) == {"scheduler", "tokenizer", "tokenizer_2"} and not any(plan.copied.values())
+    pipe = _load(root / "dfloat")
+    for name, expected in plan.plans.items():
+        loaded = getattr(pipe, name)._dfloat_plan.as_dict()
+        expected = expected.as_dict()
+        assert list(loaded.pop("decode_buffers").values()) == list(expected.pop("decode_buffers").values())
+        assert loaded == expected, name
+    assert plan.offload_peak_bytes == max(p.total_bytes for p in plan.plans.values())
+
+
+@pytest.mark.gpu
+def test_on_cuda_and_with_model_cpu_offload(pipelines):
+    root = pipelines["flux"]
+    want = _run(_load(root / "bf16").to("cuda"), "flux", "pt")
+    assert torch.equal(_run(_load(root / "dfloat").to("cuda"), "flux", "pt"), want)
+    assert torch.equal(_run(_load(root / "dfloat", device_map="cuda"), "flux", "pt"), want)
+    pipe = _load(root / "dfloat")
+    pipe.enable_model_cpu_offload()
+    assert torch.equal(_run(pipe, "flux", "pt"), want)
+    assert torch.equal(_run(pipe, "flux", "pt"), want)  # the components went back to the CPU and came again
+    assert pipe.transformer._dfloat_buffers.keys() == {torch.device("cpu")}
