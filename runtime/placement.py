@@ -29,6 +29,10 @@ def install(model: torch.nn.Module, units: list) -> None:
     for cu in _chunked(model):
         cu.host = cu.ct.device.type == "cpu" and cu.buffer.device.type != "cpu"
     model._dfloat_unit_list = units
+    first = next(_places(model), None)
+    if first is not None and not getattr(model, "_dfloat_guarded", False):
+        model.register_forward_pre_hook(_offload_guard(first[0]))
+        model._dfloat_guarded = True
     if getattr(model, "_dfloat_moves", False):
         return
     inner = model._apply
@@ -60,6 +64,26 @@ def install(model: torch.nn.Module, units: list) -> None:
 
     model._apply = types.MethodType(_apply, model)
     model._dfloat_moves = True
+
+
+def _offload_guard(module):
+    """A forward pre-hook for the model: accelerate's weight offloading (``enable_sequential_cpu_offload``, a
+    ``device_map`` with "cpu"/"disk" entries) swaps every module's weights for copies kept elsewhere, so a coded
+    weight would be whatever the decode buffer held when the copy was taken. ``module`` (one holding a coded
+    weight) would carry such a hook: refused before anything runs."""
+
+    def guard(model, args):
+        hook = getattr(module, "_hf_hook", None)
+        if hook is not None and any(
+            getattr(h, "offload", False) for h in getattr(hook, "hooks", None) or [hook]
+        ):
+            raise DFloatError(
+                "a dfloat model cannot run under accelerate's weight offloading (enable_sequential_cpu_offload, "
+                "device_map with cpu/disk entries): its weights are decoded into a shared buffer. Use "
+                "enable_model_cpu_offload() or cpu_offload=True instead"
+            )
+
+    return guard
 
 
 def _chunked(model):

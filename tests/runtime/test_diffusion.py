@@ -148,6 +148,14 @@ def test_device_map_and_model_cpu_offload(pipelines):
     assert torch.equal(_run(pipe, "flux", "latent"), want)
 
 
+def test_sequential_cpu_offload_is_refused(pipelines):
+    """accelerate's weight offloading would swap the coded weights for stale copies: refused, not wrong images."""
+    pipe = _load(pipelines["unet"] / "dfloat")
+    pipe.enable_sequential_cpu_offload(device="cpu")
+    with pytest.raises(DFloatError, match="enable_model_cpu_offload"):
+        _run(pipe, "unet", "latent")
+
+
 def test_model_to_moves_units_and_refuses_a_dtype(pipelines):
     root = pipelines["unet"]
     ref, pipe = _load(root / "bf16"), _load(root / "dfloat")
