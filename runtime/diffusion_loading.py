@@ -62,7 +62,12 @@ def load_diffusion(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     with load_options(backend=backend, cpu_offload=cpu_offload, verify=verify):
         if layout == "pipeline":
-            import diffusers
+            try:
+                import diffusers
+            except ImportError:
+                raise ModelSourceError(
+                    f"{folder}: a diffusers pipeline needs diffusers: pip install diffusers"
+                ) from None
 
             if not any(
                 CONFIG_KEY in read_json(p) or DIFFUSERS_CONFIG_KEY in read_json(p)

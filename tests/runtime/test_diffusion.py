@@ -215,6 +215,19 @@ def test_single_model_folder(pipelines, tmp_path):
         model.save_pretrained(tmp_path / "again")
 
 
+def test_load_compressed_on_diffusers_folders(pipelines):
+    root = pipelines["unet"]
+    pipe = dfloat.load_compressed(root / "dfloat", device="cpu")
+    assert isinstance(pipe, diffusers.StableDiffusionPipeline) and pipe.unet._dfloat_units
+    assert torch.equal(_run(pipe, "unet", "latent"), _run(_load(root / "bf16"), "unet", "latent"))
+    unet = dfloat.load_compressed(root / "dfloat" / "unet", device="cpu", verify=False)
+    assert isinstance(unet, diffusers.UNet2DConditionModel) and unet._dfloat_units
+    with pytest.raises(ModelSourceError, match="not a compressed model"):
+        dfloat.load_compressed(root / "bf16" / "unet")
+    with pytest.raises(ModelSourceError, match="no component is compressed"):
+        dfloat.load_compressed(root / "bf16")
+
+
 def test_loads_without_import_dfloat(pipelines):
     """What a user's script sees: a fresh interpreter; the .pth hook registers dfloat with diffusers."""
     folder = pipelines["flux"] / "dfloat" / "transformer"
