@@ -3,8 +3,7 @@
 A pipeline folder holds a subfolder per component (model_index.json names them). Every component whose weights
 are BF16 is compressed: diffusers models (transformer, unet, vae; ``diffusion_pytorch_model.safetensors``) with
 the units of `dfloat.runtime.diffusers_units`, transformers models (text encoders; ``model.safetensors``) as
-language models are. Everything else (tokenizers, schedulers, a VAE stored in float32) is copied as it is (hard
-links where the file system allows). The result is again a pipeline folder, which ``DiffusionPipeline.from_pretrained``
+language models are. Everything else (tokenizers, schedulers, a VAE stored in float32) is copied as it is. The result is again a pipeline folder, which ``DiffusionPipeline.from_pretrained``
 loads through the quantizers of both libraries (runtime/diffusers_quantizer.py, runtime/hf_quantizer.py).
 
 A compressed diffusers model is a dfloat checkpoint (runtime/checkpoint.py) with one more copy of its index,
@@ -253,6 +252,8 @@ def compress_diffusers(
                 "diffusers" if spec[0] == "diffusers" else "transformers" if spec[0] == "transformers" else ""
             )
             plans[name] = plan_component(name, sub, library, unit) if library else "copied: not a model"
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir() and p.name not in plans):
+            plans[sub.name] = "copied: not a component"
     else:
         plans = {"": plan_component("", folder, "diffusers", unit, strict=True)}
         if isinstance(plans[""], str):
@@ -287,7 +288,7 @@ def compress_diffusers(
         if layout == "pipeline":
             for f in folder.iterdir():
                 if f.is_file() and f.name != "README.md":
-                    _link_or_copy(f, tmp / f.name)
+                    shutil.copy2(f, tmp / f.name)
             (tmp / "README.md").write_text(_pipeline_card(report, origin, read_json(folder / MODEL_INDEX)))
             final = tmp
         else:
@@ -312,15 +313,9 @@ def _compress_component(plan: Component, out: Path, origin: dict, verify, unit, 
     nothing copied)."""
     from dfloat.runtime.compress import compress_model
 
+    basename = DIFFUSERS_WEIGHTS if plan.library == "diffusers" else TRANSFORMERS_WEIGHTS
     with tempfile.TemporaryDirectory(prefix="dfloat-view-") as view:
-        view = Path(view)
-        (view / "config.json").symlink_to((plan.folder / "config.json").resolve())
-        weight_map = {}
-        for i, f in enumerate(plan.files, start=1):
-            link = f"model-{i:05d}-of-{len(plan.files):05d}.safetensors"
-            (view / link).symlink_to(f.resolve())
-            weight_map.update(dict.fromkeys([n for n, _, _ in tensor_headers([f])], link))
-        (view / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        view = _weights_view(plan.folder, basename, Path(view))
         report = compress_model(
             view, out, verify=verify, grouping=plan.grouping, progress=progress, unit=unit, **options
         )
@@ -339,16 +334,9 @@ def _compress_component(plan: Component, out: Path, origin: dict, verify, unit, 
     return report
 
 
-def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """A hard link (no bytes copied, and the source is never modified through it), else a copy."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def _copy_tree(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst, copy_function=_link_or_copy)
+    """A copy (not hard links: editing the output in place must never change the source)."""
+    shutil.copytree(src, dst)
 
 
 def _model_card(report: CompressionReport, source: str, config: dict) -> str:
@@ -401,7 +389,8 @@ def is_compressed_component(folder: Path) -> bool:
 
 
 def _weights_view(folder: Path, basename: str, view: Path) -> Path:
-    """``view`` made a folder of links that names ``folder``'s weights as compress_model / verify read them."""
+    """``view`` made a folder of links that names ``folder``'s weights as compress_model / verify read them
+    (``model.safetensors.index.json``, ``model-*.safetensors``), with its config.json and other small files."""
     files = weight_files(folder, basename)
     weight_map = {}
     for i, f in enumerate(files, start=1):
@@ -409,7 +398,11 @@ def _weights_view(folder: Path, basename: str, view: Path) -> Path:
         (view / link).symlink_to(f.resolve())
         weight_map.update(dict.fromkeys([n for n, _, _ in tensor_headers([f])], link))
     (view / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    (view / "config.json").symlink_to((folder / "config.json").resolve())
+    for (
+        f
+    ) in folder.iterdir():  # config.json and other side files (generation config, ...): compress copies them
+        if f.is_file() and not f.name.endswith((".safetensors", ".safetensors.index.json", ".bin", ".pt")):
+            (view / f.name).symlink_to(f.resolve())
     return view
 
 
@@ -490,7 +483,7 @@ def decompress_diffusers(folder: Path, out_dir: Path, overwrite: bool = False) -
         if layout == "pipeline":
             for f in folder.iterdir():
                 if f.is_file() and f.name != "README.md":
-                    _link_or_copy(f, tmp / f.name)
+                    shutil.copy2(f, tmp / f.name)
             _replace_dir(tmp, out_dir)
         else:
             _replace_dir(tmp / "model", out_dir)
