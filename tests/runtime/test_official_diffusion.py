@@ -166,3 +166,38 @@ def test_flux_config_is_inferred_or_asked_for(flux):
     tensors["double_blocks.0.img_attn.norm.query_norm.scale"] = torch.empty(64)
     with pytest.raises(ModelSourceError, match="config_from"):
         infer_flux_config(tensors, "x")
+
+
+WAN_PATTERN = {  # the per-block layers of a Wan transformer, as the official Wan release codes them
+    r"blocks\.\d+": [
+        "attn1.to_q",
+        "attn1.to_k",
+        "attn1.to_v",
+        "attn1.to_out.0",
+        "attn2.to_q",
+        "attn2.to_k",
+        "attn2.to_v",
+        "attn2.to_out.0",
+        "ffn.net.0.proj",
+        "ffn.net.2",
+    ]
+}
+
+
+def test_wan_diffusers_naming_keeps_float32_modules_as_diffusers_does(tmp_path):
+    """Wan keeps its time embedder and modulation tables in float32: loaded from an official checkpoint they are
+    upcast as diffusers upcasts them, so the output equals from_pretrained's."""
+    save_tiny_pipeline("wan", tmp_path / "bf16")
+    cls = diffusers.WanTransformer3DModel
+    ref = cls.from_pretrained(tmp_path / "bf16" / "transformer", dtype=torch.bfloat16)
+    write_official_diffusers(tmp_path / "bf16" / "transformer", tmp_path / "df11", WAN_PATTERN)
+    model = dfloat.load_compressed(tmp_path / "df11", config_from=tmp_path / "bf16", device="cpu")
+    assert model.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(
+        hidden_states=torch.randn(1, 16, 2, 4, 4, generator=g).bfloat16(),
+        timestep=torch.tensor([500]),
+        encoder_hidden_states=torch.randn(1, 6, 32, generator=g).bfloat16(),
+    )
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).sample, ref(**inputs).sample)
