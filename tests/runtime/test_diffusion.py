@@ -295,3 +295,23 @@ def test_on_cuda_and_with_model_cpu_offload(pipelines):
     assert torch.equal(_run(pipe, "flux", "pt"), want)
     assert torch.equal(_run(pipe, "flux", "pt"), want)  # the components went back to the CPU and came again
     assert pipe.transformer._dfloat_buffers.keys() == {torch.device("cpu")}
+
+
+def test_readme_diffusion_figures_come_from_the_benchmark_json():
+    from pathlib import Path
+
+    root = Path(__file__).parents[2]
+    doc = json.loads((root / "benchmarks" / "results" / "diffusion_cpu.json").read_text())
+    readme = (root / "README.md").read_text()
+    for r in doc["rows"]:
+        if r["part"] == "stored_size":
+            cell = (
+                f"| {r['pct_of_bf16']:.2f}% | {r['bits_per_weight']:.3f} | {r['bound_bits_per_weight']:.3f} |"
+            )
+        else:
+            assert r["equal_outputs"]
+            cell = (
+                f"| {r['bf16_ms_per_step']} ({r['best_bf16_ms']}) | {r['dfloat_ms_per_step']} ({r['best_dfloat_ms']})"
+                f" | {r['decode_ms_per_step']} ({r['best_decode_ms']}) |"
+            )
+        assert cell in readme, cell
