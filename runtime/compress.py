@@ -247,7 +247,8 @@ def compress_model(
         if pipeline.diffusion_layout(folder):  # a diffusers pipeline or model: component by component
             options = dict(workers=workers, max_shard_bytes=max_shard_bytes, allow_raw=allow_raw)
             options.update(bytes_per_window=bytes_per_window, windows_per_block=windows_per_block)
-            options.update(max_code_length=max_code_length, unit=unit, progress=progress, config_from=config_from)
+            options.update(max_code_length=max_code_length, unit=unit, progress=progress)
+            options.update(config_from=config_from, grouping=grouping)
             return pipeline.compress_diffusers(
                 folder, out_dir, origin, overwrite=overwrite, verify=verify, **options
             )

@@ -207,13 +207,16 @@ def compress_diffusers(
     unit: str = "block",
     progress=None,
     config_from=None,
+    grouping=None,
     **options,
 ) -> PipelineReport:
     """Compress a diffusers pipeline folder or model folder into ``out_dir`` (written beside it, then renamed).
     An official DFloat11 diffusion checkpoint is decoded into a temporary BF16 diffusers model folder first
     (``config_from``: where its model config is, see `dfloat.runtime.official_diffusion.model_config`).
 
-    ``options`` go to `dfloat.compress_model` for each component (workers, stream parameters, shard size)."""
+    ``grouping`` (which tensors share a code, `dfloat.runtime.grouping.grouping_from`) applies to one model, not
+    to a pipeline's components. ``options`` go to `dfloat.compress_model` for each component (workers, stream
+    parameters, shard size)."""
     from dfloat.runtime.compress import _replace_dir
 
     t0 = time.perf_counter()
@@ -235,8 +238,14 @@ def compress_diffusers(
                 verify=verify,
                 unit=unit,
                 progress=progress,
+                grouping=grouping,
                 **options,
             )
+    if layout == "pipeline" and grouping is not None:
+        raise ModelSourceError(
+            f"{folder}: grouping= applies to one model; compress a component's folder with it, or the pipeline "
+            "without it"
+        )
     if layout == "pipeline":
         index = read_json(folder / MODEL_INDEX)
         plans: dict[str, Component | str] = {}
@@ -258,6 +267,10 @@ def compress_diffusers(
         plans = {"": plan_component("", folder, "diffusers", unit, strict=True)}
         if isinstance(plans[""], str):
             raise ModelSourceError(f"{folder}: nothing to compress ({plans[''].removeprefix('copied: ')})")
+        if grouping is not None:
+            from dfloat.runtime.grouping import grouping_from
+
+            plans[""].grouping = grouping_from(grouping)
     todo = [c for c in plans.values() if isinstance(c, Component)]
     if not todo:
         raise ModelSourceError(f"{folder}: no component has BF16 weights to compress")
