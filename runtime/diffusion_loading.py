@@ -1,9 +1,9 @@
 """`dfloat.load_compressed` for diffusion checkpoints.
 
-A dfloat-compressed diffusers model or pipeline loads through diffusers' own ``from_pretrained`` (the quantizer of
-runtime/diffusers_quantizer.py does the rest), so ``load_compressed`` returns what diffusers would. An official
-DFloat11 diffusion checkpoint (runtime/official_diffusion.py) has no config diffusers could read: it is built
-from ``config_from`` and its units are attached as they are stored.
+A dfloat-compressed diffusers model or pipeline loads through diffusers' own ``from_pretrained`` (the
+quantizer of runtime/diffusers_quantizer.py does the rest), so ``load_compressed`` returns what diffusers
+would. An official DFloat11 diffusion checkpoint (runtime/official_diffusion.py) has no config diffusers could
+read: it is built from ``config_from`` and its units are attached as they are stored.
 """
 
 from __future__ import annotations

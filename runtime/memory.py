@@ -404,7 +404,9 @@ class PipelinePlan:
         )
 
 
-def plan_pipeline(folder, chunk_numel: int | None = None, chunking: bool = True, split: bool = True) -> PipelinePlan:
+def plan_pipeline(
+    folder, chunk_numel: int | None = None, chunking: bool = True, split: bool = True
+) -> PipelinePlan:
     """The memory plan of a compressed diffusers pipeline folder, component by component (`plan_checkpoint` for
     each compressed one; the weight files' bytes for the others), from headers only."""
     from pathlib import Path

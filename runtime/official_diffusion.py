@@ -1,21 +1,22 @@
 """Official DFloat11 diffusion checkpoints, read into diffusers models: two layouts.
 
-- diffusers naming (the Hub's ``DFloat11/FLUX.1-dev-DF11``, Wan, Qwen-Image releases): a folder whose config.json
-  holds ``dfloat11_config`` (and no model config: the official loader fills a BF16 model the user built from the
-  original repository), one ``transformer_blocks_0.safetensors``-style file per unit (the unit's arrays and the
-  block's other tensors) and the rest under ``diffusion_pytorch_model*.safetensors`` (or everything in one
-  ``model.safetensors``). The official loader reads every ``*.safetensors`` of the folder, and so does this one.
-  The model's diffusers config comes from ``config_from``: the original model folder, a pipeline folder, or a Hub
-  id (``owner/name`` with an optional ``/subfolder``); only its config.json is read.
-- ComfyUI single files (FLUX in Black Forest Labs' naming: ``double_blocks.N.img_attn.qkv``, ``single_blocks.N``):
-  one ``.safetensors`` with no config. The FluxTransformer2DModel config is inferred from the tensors (or taken
-  from ``config_from``), and every unit member is renamed to diffusers' names; a fused matrix (``img_attn.qkv``,
-  ``linear1``) is a run of consecutive rows, so its parts (``to_q``, ``to_k``, ``to_v``, ``proj_mlp``) are
-  consecutive ranges of the same decoded stream, members of the unit like any other.
+- diffusers naming (the Hub's ``DFloat11/FLUX.1-dev-DF11``, Wan, Qwen-Image releases): a folder whose
+  config.json holds ``dfloat11_config`` (and no model config: the official loader fills a BF16 model the user
+  built from the original repository), one ``transformer_blocks_0.safetensors``-style file per unit (the unit's
+  arrays and the block's other tensors) and the rest under ``diffusion_pytorch_model*.safetensors`` (or
+  everything in one ``model.safetensors``). The official loader reads every ``*.safetensors`` of the folder,
+  and so does this one. The model's diffusers config comes from ``config_from``: the original model folder, a
+  pipeline folder, or a Hub id (``owner/name`` with an optional ``/subfolder``); only its config.json is read.
+- ComfyUI single files (FLUX in Black Forest Labs' naming: ``double_blocks.N.img_attn.qkv``,
+  ``single_blocks.N``): one ``.safetensors`` with no config. The FluxTransformer2DModel config is inferred from
+  the tensors (or taken from ``config_from``), and every unit member is renamed to diffusers' names; a fused
+  matrix (``img_attn.qkv``, ``linear1``) is a run of consecutive rows, so its parts (``to_q``, ``to_k``,
+  ``to_v``, ``proj_mlp``) are consecutive ranges of the same decoded stream, members of the unit like any other.
 
 Either way the units are used as they are stored (official code tables and 8-byte windows) and loaded with
-`dfloat.runtime.loader.attach`; ``dfloat compress`` decodes them once and writes a dfloat diffusers model (with
-checksums). The writers at the end build such checkpoints from a BF16 diffusers model, for tests and interop.
+`dfloat.runtime.loader.attach`; ``dfloat compress`` decodes them once and writes a dfloat diffusers model
+(with checksums). The writers at the end build such checkpoints from a BF16 diffusers model, for tests and
+interop.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ _SWAPPED = "final_layer.adaLN_modulation.1"
 _COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 
-# ---- what a source is -----------------------------------------------------------------------------------------
+# ---- what a source is --------------------------------------------------------------------------------------
 def is_official_diffusion(folder: Path) -> bool:
     """An official DFloat11 diffusers-naming folder: config.json with ``dfloat11_config`` whose patterns name
     diffusion blocks, or one beside diffusers' weight names."""
@@ -154,11 +155,12 @@ def _json(path: Path) -> dict:
     return data
 
 
-# ---- the model's diffusers config -------------------------------------------------------------------------------
+# ---- the model's diffusers config --------------------------------------------------------------------------
 def model_config(config_from, source: Path | None = None) -> dict:
     """The diffusers config.json of the model: from ``config_from`` (a model folder, a pipeline folder whose
-    ``transformer``/``unet`` it is, a config.json file, or a Hub id with an optional ``/subfolder``), else from
-    ``source``'s own config.json when it has one, else from the Hub repository its model card names as base."""
+    ``transformer``/``unet`` it is, a config.json file, or a Hub id with an optional ``/subfolder``), else
+    from ``source``'s own config.json when it has one, else from the Hub repository its model card names as
+    base."""
     if config_from is None and source is not None:
         own = _json(source / "config.json") if (source / "config.json").is_file() else {}
         if "_class_name" in own:
@@ -235,7 +237,7 @@ def empty_model(config: dict):
     return model.eval()
 
 
-# ---- reading ----------------------------------------------------------------------------------------------------
+# ---- reading -----------------------------------------------------------------------------------------------
 def read_diffusers_official(folder: Path, config_from=None):
     """(diffusers config, units, plain tensors) of an official diffusers-naming folder."""
     from safetensors import safe_open
@@ -258,7 +260,7 @@ def read_diffusers_official(folder: Path, config_from=None):
 
 
 def read_comfyui_flux(path: Path, config_from=None):
-    """(diffusers config, units, plain tensors, empty model) of a ComfyUI DFloat11 FLUX file, in diffusers names."""
+    """(diffusers config, units, plain tensors, empty model) of a ComfyUI DFloat11 FLUX file, diffusers' names."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -338,7 +340,7 @@ def _rename_plain_to_diffusers(
                     f"{where}: {name} is stored uncoded; only whole coded blocks are supported"
                 )
         raise ModelSourceError(
-            f"{where}: tensor {name!r} has no place in a FLUX model (ComfyUI DFloat11 files of FLUX are supported)"
+            f"{where}: tensor {name!r} has no place in a FLUX model (only ComfyUI DFloat11 files of FLUX load)"
         )
     return out
 
@@ -396,8 +398,8 @@ def read(source: Path, config_from=None):
 def _load_plain_as_diffusers(
     model, plain: dict[str, torch.Tensor], coded: set[str]
 ) -> dict[str, torch.Tensor]:
-    """Plain floating tensors in BF16, except those of the class's ``_keep_in_fp32_modules`` (in float32): what
-    ``from_pretrained(..., dtype=torch.bfloat16)`` makes of them."""
+    """Plain floating tensors in BF16, except those of the class's ``_keep_in_fp32_modules`` (in float32):
+    what ``from_pretrained(..., dtype=torch.bfloat16)`` makes of them."""
     keep = set(getattr(type(model), "_keep_in_fp32_modules", None) or [])
     out = {}
     for name, t in plain.items():
@@ -451,7 +453,7 @@ def to_bf16_folder(source: Path, config_from, out: Path) -> Path:
     return out
 
 
-# ---- writing (tests and interop) ----------------------------------------------------------------------------------
+# ---- writing (tests and interop) ---------------------------------------------------------------------------
 def _read_bf16(model_folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -472,10 +474,11 @@ def _official_arrays(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 def write_official_diffusers(
     model_folder: Path, out_dir: Path, pattern_dict: dict[str, list[str]], single_file: bool = False
 ) -> None:
-    """A BF16 diffusers model folder written as the official tool writes it: a file per unit named after the module
-    (``transformer_blocks_0.safetensors``: the unit's arrays and the block's other tensors), the rest in
+    """A BF16 diffusers model folder written as the official tool writes it: a file per unit named after the
+    module (``transformer_blocks_0.safetensors``: the unit's arrays and the block's other tensors), the rest in
     ``diffusion_pytorch_model.safetensors``, config.json holding only ``dfloat11_config``; ``single_file``:
-    everything in ``model.safetensors``. The streams carry no end-of-stream code (dfloat.df11.to_official_unit)."""
+    everything in ``model.safetensors``. The streams carry no end-of-stream code
+    (dfloat.df11.to_official_unit)."""
     from safetensors.torch import save_file
 
     tensors = _read_bf16(model_folder)
@@ -503,8 +506,9 @@ def write_official_diffusers(
 
 
 def write_comfyui_flux(model_folder: Path, out_file: Path) -> None:
-    """A BF16 FluxTransformer2DModel folder written as a ComfyUI DFloat11 file: BFL names, each double and single
-    block one official unit (ComfyUI-DFloat11's patterns), everything else uncoded, in one ``.safetensors``."""
+    """A BF16 FluxTransformer2DModel folder written as a ComfyUI DFloat11 file: BFL names, each double and
+    single block one official unit (ComfyUI-DFloat11's patterns), everything else uncoded, in one
+    ``.safetensors``."""
     from safetensors.torch import save_file
 
     tensors = _read_bf16(model_folder)

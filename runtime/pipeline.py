@@ -1,10 +1,11 @@
-"""Diffusers checkpoints, compressed component by component: a pipeline folder (model_index.json) or one model.
+"""Diffusers checkpoints, compressed component by component: a pipeline folder or one diffusers model.
 
 A pipeline folder holds a subfolder per component (model_index.json names them). Every component whose weights
-are BF16 is compressed: diffusers models (transformer, unet, vae; ``diffusion_pytorch_model.safetensors``) with
-the units of `dfloat.runtime.diffusers_units`, transformers models (text encoders; ``model.safetensors``) as
-language models are. Everything else (tokenizers, schedulers, a VAE stored in float32) is copied as it is. The result is again a pipeline folder, which ``DiffusionPipeline.from_pretrained``
-loads through the quantizers of both libraries (runtime/diffusers_quantizer.py, runtime/hf_quantizer.py).
+are BF16 is compressed: diffusers models (transformer, unet, vae; ``diffusion_pytorch_model.safetensors``)
+with the units of `dfloat.runtime.diffusers_units`, transformers models (text encoders; ``model.safetensors``)
+as language models are. Everything else (tokenizers, schedulers, a VAE stored in float32) is copied as it is.
+The result is again a pipeline folder, which ``DiffusionPipeline.from_pretrained`` loads through the
+quantizers of both libraries (runtime/diffusers_quantizer.py, runtime/hf_quantizer.py).
 
 A compressed diffusers model is a dfloat checkpoint (runtime/checkpoint.py) with one more copy of its index,
 ``diffusion_pytorch_model.safetensors.index.json``: the name diffusers reads.
@@ -60,9 +61,10 @@ def is_diffusers_config(config: dict) -> bool:
 
 
 def diffusion_layout(path: Path) -> str | None:
-    """What kind of diffusion checkpoint ``path`` is: "pipeline" (model_index.json), "model" (a diffusers model:
-    its config.json and weights as diffusers names them), "official" (an official DFloat11 diffusers-naming
-    folder), "comfyui" (an official DFloat11 single file), or None (not a diffusion checkpoint)."""
+    """What kind of diffusion checkpoint ``path`` is: "pipeline" (model_index.json), "model" (a diffusers
+    model: its config.json and weights as diffusers names them), "official" (an official DFloat11
+    diffusers-naming folder), "comfyui" (an official DFloat11 single file), or None (not a diffusion
+    checkpoint)."""
     from dfloat.runtime import official_diffusion
 
     if path.is_file():
@@ -106,7 +108,7 @@ def weight_files(folder: Path, basename: str) -> list[Path]:
 
 
 def tensor_headers(files: list[Path]) -> list[tuple[str, tuple[int, ...], str]]:
-    """(name, shape, dtype) of every tensor in ``files``, from their headers; a name in two files is an error."""
+    """(name, shape, dtype) of every tensor in ``files``, from their headers (a name in two files: an error)."""
     from safetensors import SafetensorError, safe_open
 
     out, seen = [], {}
@@ -172,8 +174,8 @@ def parameter_names(cls, config: dict) -> set[str]:
 
 
 def plan_component(name: str, folder: Path, library: str, unit: str, strict: bool = False) -> Component | str:
-    """The Component to compress, or why the folder is copied as it is. ``strict`` (a lone model, not a pipeline
-    component): weights that are not BF16 are compress_model's error, not a reason to copy."""
+    """The Component to compress, or why the folder is copied as it is. ``strict`` (a lone model, not a
+    pipeline component): weights that are not BF16 are compress_model's error, not a reason to copy."""
     if not (folder / "config.json").is_file():
         return "copied: no config.json"
     basename = DIFFUSERS_WEIGHTS if library == "diffusers" else TRANSFORMERS_WEIGHTS
@@ -210,13 +212,14 @@ def compress_diffusers(
     grouping=None,
     **options,
 ) -> PipelineReport:
-    """Compress a diffusers pipeline folder or model folder into ``out_dir`` (written beside it, then renamed).
-    An official DFloat11 diffusion checkpoint is decoded into a temporary BF16 diffusers model folder first
-    (``config_from``: where its model config is, see `dfloat.runtime.official_diffusion.model_config`).
+    """Compress a diffusers pipeline folder or model folder into ``out_dir`` (written beside it, then
+    renamed). An official DFloat11 diffusion checkpoint is decoded into a temporary BF16 diffusers model
+    folder first (``config_from``: where its model config is, see
+    `dfloat.runtime.official_diffusion.model_config`).
 
-    ``grouping`` (which tensors share a code, `dfloat.runtime.grouping.grouping_from`) applies to one model, not
-    to a pipeline's components. ``options`` go to `dfloat.compress_model` for each component (workers, stream
-    parameters, shard size)."""
+    ``grouping`` (which tensors share a code, `dfloat.runtime.grouping.grouping_from`) applies to one model,
+    not to a pipeline's components. ``options`` go to `dfloat.compress_model` for each component (workers,
+    stream parameters, shard size)."""
     from dfloat.runtime.compress import _replace_dir
 
     t0 = time.perf_counter()
@@ -243,8 +246,8 @@ def compress_diffusers(
             )
     if layout == "pipeline" and grouping is not None:
         raise ModelSourceError(
-            f"{folder}: grouping= applies to one model; compress a component's folder with it, or the pipeline "
-            "without it"
+            f"{folder}: grouping= applies to one model; compress a component's folder with it, or the "
+            "pipeline without it"
         )
     if layout == "pipeline":
         index = read_json(folder / MODEL_INDEX)
@@ -322,8 +325,8 @@ def compress_diffusers(
 
 def _compress_component(plan: Component, out: Path, origin: dict, verify, unit, progress, options):
     """`compress_model` on a view of the component that names its weights the way compress_model reads them
-    (config.json, ``model.safetensors.index.json``, ``model-*.safetensors``: links to the component's own files,
-    nothing copied)."""
+    (config.json, ``model.safetensors.index.json``, ``model-*.safetensors``: links to the component's own
+    files, nothing copied)."""
     from dfloat.runtime.compress import compress_model
 
     basename = DIFFUSERS_WEIGHTS if plan.library == "diffusers" else TRANSFORMERS_WEIGHTS
@@ -359,8 +362,9 @@ tags: [dfloat, lossless, bf16, diffusers]
 ---
 # {Path(source).name} (dfloat, lossless)
 
-Losslessly compressed copy of `{source}` ({cls}) made with dfloat: BF16 exponents Huffman-coded, sign and mantissa
-kept, so every weight decodes bit-identical to the original ({100 * report.ratio:.2f}% of the BF16 bytes).
+Losslessly compressed copy of `{source}` ({cls}) made with dfloat: BF16 exponents Huffman-coded, sign and
+mantissa kept, so every weight decodes bit-identical to the original ({100 * report.ratio:.2f}% of the BF16
+bytes).
 
 ```python
 import torch
@@ -377,8 +381,8 @@ tags: [dfloat, lossless, bf16, diffusers]
 ---
 # {Path(origin["source"]).name} (dfloat, lossless)
 
-Losslessly compressed copy of the `{index.get("_class_name", "diffusers")}` pipeline `{origin["source"]}` made with
-dfloat: every BF16 component decodes bit-identical to the original, so images equal the BF16 pipeline's.
+Losslessly compressed copy of the `{index.get("_class_name", "diffusers")}` pipeline `{origin["source"]}` made
+with dfloat: every BF16 component decodes bit-identical to the original, so images equal the BF16 pipeline's.
 
 | component | |
 |---|---|
@@ -392,7 +396,7 @@ pipe = DiffusionPipeline.from_pretrained("{report.out_dir}", dtype=torch.bfloat1
 """
 
 
-# ---- verify and decompress ----------------------------------------------------------------------------------------
+# ---- verify and decompress ---------------------------------------------------------------------------------
 def is_compressed_component(folder: Path) -> bool:
     config = folder / "config.json"
     if not config.is_file():
@@ -403,7 +407,8 @@ def is_compressed_component(folder: Path) -> bool:
 
 def _weights_view(folder: Path, basename: str, view: Path) -> Path:
     """``view`` made a folder of links that names ``folder``'s weights as compress_model / verify read them
-    (``model.safetensors.index.json``, ``model-*.safetensors``), with its config.json and other small files."""
+    (``model.safetensors.index.json``, ``model-*.safetensors``), with its config.json and other small
+    files."""
     files = weight_files(folder, basename)
     weight_map = {}
     for i, f in enumerate(files, start=1):
@@ -429,8 +434,8 @@ def components(folder: Path) -> dict[str, Path]:
 
 def verify_diffusers(folder: Path, against: Path | None = None, backend: str | None = None) -> list[str]:
     """`dfloat.verify_checkpoint` for a compressed pipeline (every compressed component), and for a diffusers
-    model or pipeline checked against its original (whose weights carry diffusers' names); a copied component is
-    compared file by file."""
+    model or pipeline checked against its original (whose weights carry diffusers' names); a copied component
+    is compared file by file."""
     from dfloat.errors import ChecksumError
     from dfloat.runtime.compress import verify_checkpoint
 
@@ -464,7 +469,8 @@ def verify_diffusers(folder: Path, against: Path | None = None, backend: str | N
 
 def decompress_diffusers(folder: Path, out_dir: Path, overwrite: bool = False) -> Path:
     """`dfloat.decompress_model` for a compressed diffusers model or pipeline: BF16 weights under diffusers'
-    names again (``diffusion_pytorch_model.safetensors`` for diffusers models), copied components as they are."""
+    names again (``diffusion_pytorch_model.safetensors`` for diffusers models), copied components as they
+    are."""
     from dfloat.runtime.compress import _replace_dir, decompress_model
 
     if out_dir.exists() and not overwrite:

@@ -1,13 +1,14 @@
 """Moving a compressed model between devices: ``model.to("cuda")``, ``.cpu()``, and what calls them
 (accelerate's ``cpu_offload_with_hook`` behind diffusers' ``enable_model_cpu_offload``, ``pipe.to(device)``).
 
-A coded weight is a view of its device's decode buffer (runtime/loader.py). Left to ``nn.Module._apply``, ``.to``
-would copy every such view into a tensor of its own (the whole BF16 model on the new device) and the decode hooks
-would go on writing into the old buffer, so the copies would keep whatever the buffer held: wrong weights. So
-`install` wraps the model's ``_apply``: the coded weights are taken out of their modules while the model's own
-``_apply`` moves the plain tensors, then the compressed units move (their stored bytes, ~70% of BF16), each device
-gets a fresh decode buffer, and the weights are put back as views of it. A model loaded with ``cpu_offload`` keeps
-its units in host memory. A dtype change is refused: coded weights decode to BF16 only.
+A coded weight is a view of its device's decode buffer (runtime/loader.py). Left to ``nn.Module._apply``,
+``.to`` would copy every such view into a tensor of its own (the whole BF16 model on the new device) and the
+decode hooks would go on writing into the old buffer, so the copies would keep whatever the buffer held: wrong
+weights. So `install` wraps the model's ``_apply``: the coded weights are taken out of their modules while the
+model's own ``_apply`` moves the plain tensors, then the compressed units move (their stored bytes, ~70% of
+BF16), each device gets a fresh decode buffer, and the weights are put back as views of it. A model loaded
+with ``cpu_offload`` keeps its units in host memory. A dtype change is refused: coded weights decode to BF16
+only.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def install(model: torch.nn.Module, units: list) -> None:
-    """Make ``model.to``/``.cuda``/``.cpu`` move its compressed units (``units``: the loader's ``_Unit`` list)."""
+    """Make ``model.to`` / ``.cuda`` / ``.cpu`` move the compressed units (``units``: the loader's _Unit list)."""
     for unit in units:  # units kept on the host while their decode buffer is on a GPU (cpu_offload)
         unit.host = unit.ct.device.type == "cpu" and unit.device.type != "cpu"
     for cu in _chunked(model):
@@ -68,9 +69,9 @@ def install(model: torch.nn.Module, units: list) -> None:
 
 def _offload_guard(module):
     """A forward pre-hook for the model: accelerate's weight offloading (``enable_sequential_cpu_offload``, a
-    ``device_map`` with "cpu"/"disk" entries) swaps every module's weights for copies kept elsewhere, so a coded
-    weight would be whatever the decode buffer held when the copy was taken. ``module`` (one holding a coded
-    weight) would carry such a hook: refused before anything runs."""
+    ``device_map`` with "cpu"/"disk" entries) swaps every module's weights for copies kept elsewhere, so a
+    coded weight would be whatever the decode buffer held when the copy was taken. ``module`` (one holding a
+    coded weight) would carry such a hook: refused before anything runs."""
 
     def guard(model, args):
         hook = getattr(module, "_hf_hook", None)

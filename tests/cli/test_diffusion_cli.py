@@ -1,5 +1,5 @@
-"""`dfloat compress / inspect / verify / decompress` on a diffusers pipeline, and on official DFloat11 diffusion
-checkpoints; bad input is one error line and exit 1."""
+"""`dfloat compress / inspect / verify / decompress` on a diffusers pipeline, and on official DFloat11
+diffusion checkpoints; bad input is one error line and exit 1."""
 
 from __future__ import annotations
 

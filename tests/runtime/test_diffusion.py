@@ -1,6 +1,7 @@
 """Diffusion models through diffusers: pipelines and models compress component by component, load with
 ``from_pretrained`` (no ``import dfloat`` needed), and with a fixed generator give latents and pixels
-``torch.equal`` to the BF16 pipeline's, for tiny FLUX, SD3, Wan and Stable Diffusion (UNet) pipelines on the CPU."""
+``torch.equal`` to the BF16 pipeline's, for tiny FLUX, SD3, Wan and Stable Diffusion (UNet) pipelines on the
+CPU."""
 
 from __future__ import annotations
 
@@ -104,7 +105,8 @@ def test_units_follow_the_blocks(pipelines):
     assert "down_blocks.1.attentions.0" in unet and "down_blocks.0.resnets.0" in unet
     wan = describe_unit_layout(pipelines["wan"] / "dfloat" / "transformer")
     assert "blocks.0" in wan and "patch_embedding" in wan  # a Conv3d
-    # Wan keeps its time embedder and scale_shift_table in float32: those stay plain, as diffusers upcasts them
+    # Wan keeps its time embedder and scale_shift_table in float32: those stay plain, as diffusers upcasts
+    # them
     members = {m for names in wan.values() for m in names}
     assert not any("time_embedder" in m or "scale_shift_table" in m for m in members)
     sd3 = describe_unit_layout(pipelines["sd3"] / "dfloat" / "transformer")

@@ -1,7 +1,8 @@
 """Official DFloat11 diffusion checkpoints, built here the way the official tools write them: the diffusers
-naming of the FLUX.1 release (a file per block, config.json with only dfloat11_config; or one model.safetensors)
-and ComfyUI-DFloat11's single FLUX file (Black Forest Labs' names, fused qkv). Both load as diffusers models with
-outputs equal to the BF16 model's, and ``dfloat compress`` converts them to dfloat checkpoints."""
+naming of the FLUX.1 release (a file per block, config.json with only dfloat11_config; or one
+model.safetensors) and ComfyUI-DFloat11's single FLUX file (Black Forest Labs' names, fused qkv). Both load as
+diffusers models with outputs equal to the BF16 model's, and ``dfloat compress`` converts them to dfloat
+checkpoints."""
 
 from __future__ import annotations
 
@@ -185,8 +186,8 @@ WAN_PATTERN = {  # the per-block layers of a Wan transformer, as the official Wa
 
 
 def test_wan_diffusers_naming_keeps_float32_modules_as_diffusers_does(tmp_path):
-    """Wan keeps its time embedder and modulation tables in float32: loaded from an official checkpoint they are
-    upcast as diffusers upcasts them, so the output equals from_pretrained's."""
+    """Wan keeps its time embedder and modulation tables in float32: loaded from an official checkpoint they
+    are upcast as diffusers upcasts them, so the output equals from_pretrained's."""
     save_tiny_pipeline("wan", tmp_path / "bf16")
     cls = diffusers.WanTransformer3DModel
     ref = cls.from_pretrained(tmp_path / "bf16" / "transformer", dtype=torch.bfloat16)

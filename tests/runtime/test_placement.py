@@ -1,5 +1,6 @@
 """``model.to(device)`` on a compressed model moves its compressed units and rebinds the weights to a decode
-buffer on the new device (runtime/placement.py): outputs stay equal, and no BF16 copy of the weights is made."""
+buffer on the new device (runtime/placement.py): outputs stay equal, and no BF16 copy of the weights is
+made."""
 
 from __future__ import annotations
 
