@@ -88,9 +88,12 @@ def _offload_guard(module):
 
 
 def _chunked(model):
+    """The piecewise units (runtime/chunked.py), each once (a tied embedding and lm_head share one)."""
+    seen = set()
     for module in model.modules():
         cu = getattr(module, "_dfloat_chunked", None)
-        if cu is not None:
+        if cu is not None and id(cu) not in seen:
+            seen.add(id(cu))
             yield cu
 
 
@@ -125,9 +128,17 @@ def _relocate(model, device: torch.device, hidden) -> None:
         backend = next((b.backend for b in buffers.values()), None)
         buffers.clear()
         buffers[device] = DecodeBuffer(device, numel, backend)
+        moved: dict[int, object] = {}  # a piecewise unit's arrays are shared by its _Unit and ChunkedUnit
+
+        def move(ct, host: bool):
+            if host:
+                return ct
+            if id(ct) not in moved:
+                moved[id(ct)] = ct.to(device)
+            return moved[id(ct)]
+
         for unit in units:
-            if not unit.host:
-                unit.ct = unit.ct.to(device)
+            unit.ct = move(unit.ct, unit.host)
             unit.device = device
             for part in unit.parts or ():
                 part.subs = (
@@ -136,8 +147,7 @@ def _relocate(model, device: torch.device, hidden) -> None:
                     else [block_range(unit.ct, b0, b1) for b0, b1, _ in part.runs]
                 )
         for cu in _chunked(model):
-            if not cu.host:
-                cu.ct = cu.ct.to(device)
+            cu.ct = move(cu.ct, cu.host)
             cu.buffer = buffers[device]
             for c in cu.chunks:
                 c.sub = None if device.type == "cpu" else block_range(cu.ct, *c.blocks)

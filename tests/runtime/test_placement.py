@@ -48,6 +48,32 @@ def test_to_cpu_rebinds_and_outputs_stay_equal(folders, chunk_numel):
         assert p.untyped_storage().data_ptr() == storage or 0 in p.stride(), name
 
 
+@pytest.mark.parametrize("chunk_numel", [None, 2000])
+def test_a_move_rebuilds_the_buffer_and_rebinds(folders, chunk_numel):
+    """The relocation path of a real device change, on the CPU: units said to be elsewhere (``cpu:0``) come to
+    ``cpu``; a new decode buffer is made, the weights point into it, a piecewise unit shares its arrays."""
+    model = dfloat.load_compressed(folders / "dfloat", device="cpu", chunk_numel=chunk_numel)
+    want = model(IDS).logits
+    old = model._dfloat_buffers[torch.device("cpu")]
+    elsewhere = torch.device("cpu", 0)
+    for unit in model._dfloat_unit_list:
+        unit.device = elsewhere
+    model._dfloat_buffers[elsewhere] = model._dfloat_buffers.pop(torch.device("cpu"))
+    model.to("cpu")
+    assert list(model._dfloat_buffers) == [torch.device("cpu")]
+    new = model._dfloat_buffers[torch.device("cpu")]
+    assert new is not old and new.numel == old.numel
+    assert all(u.device == torch.device("cpu") for u in model._dfloat_unit_list)
+    chunked = [m._dfloat_chunked for m in model.modules() if getattr(m, "_dfloat_chunked", None) is not None]
+    assert bool(chunked) == (chunk_numel is not None)
+    for cu in chunked:
+        assert cu.buffer is new and any(cu.ct is u.ct for u in model._dfloat_unit_list)
+    assert torch.equal(model(IDS).logits, want)
+    storage = new.tensor.untyped_storage().data_ptr()
+    for name, p in _coded_params(model).items():
+        assert p.untyped_storage().data_ptr() == storage or 0 in p.stride(), name
+
+
 def test_a_dtype_change_is_refused_and_leaves_the_model_intact(folders):
     model = dfloat.load_compressed(folders / "dfloat", device="cpu")
     want = model(IDS).logits
