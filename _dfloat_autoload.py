@@ -1,17 +1,20 @@
-"""Makes an installed dfloat known to transformers without `import dfloat`: run at interpreter start by
-``dfloat-autoload.pth`` (installed beside the package), it only adds an import hook, importing nothing.
+"""Makes an installed dfloat known to transformers and diffusers without `import dfloat`: run at interpreter
+start by ``dfloat-autoload.pth`` (installed beside the package), it only adds an import hook, importing nothing.
 
-Once transformers has imported one of two of its packages (and no transformers module is still half-imported),
-the hook runs dfloat's registration:
+Once transformers or diffusers has imported one of these packages (and no module of either is still
+half-imported), the hook runs dfloat's registration:
 
 - ``transformers.quantizers``: registers the ``dfloat`` quant method (dfloat.runtime.hf_quantizer), so
   ``from_pretrained`` loads dfloat checkpoints;
 - ``transformers.models.auto``: registers the four research architectures (dfloat.models)
-  with AutoConfig / AutoModel / AutoModelForCausalLM.
+  with AutoConfig / AutoModel / AutoModelForCausalLM;
+- ``diffusers.quantizers``: registers the ``dfloat`` quant method with diffusers
+  (dfloat.runtime.diffusers_quantizer), so diffusers models and pipelines load dfloat checkpoints.
 
-A failure inside the hook is logged and never breaks importing transformers. ``DFLOAT_NO_AUTOLOAD=1`` turns the
-hook off (then ``import dfloat.runtime.hf_quantizer`` and ``import dfloat.models`` do it by hand).
-This file must stay importable without torch or transformers: it runs in every Python of the environment.
+A failure inside the hook is logged and never breaks the import. ``DFLOAT_NO_AUTOLOAD=1`` turns the
+hook off (then ``import dfloat.runtime.hf_quantizer``, ``import dfloat.runtime.diffusers_quantizer`` and
+``import dfloat.models`` do it by hand). This file must stay importable without torch, transformers or diffusers:
+it runs in every Python of the environment.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ import sys
 _AFTER = {
     "transformers.quantizers": ("dfloat.runtime.hf_quantizer", "register"),
     "transformers.models.auto": ("dfloat.models", "register_auto_classes"),
+    "diffusers.quantizers": ("dfloat.runtime.diffusers_quantizer", "register"),
 }
+_ROOTS = tuple(sorted({target.split(".")[0] for target in _AFTER}))  # the packages whose imports are tracked
 
 
 _pending = dict(_AFTER)
-_depth = 0  # transformers modules executing right now (imports nest)
+_depth = 0  # tracked modules executing right now (imports nest)
 
 
 def _run(target: str) -> None:
@@ -39,15 +44,15 @@ def _run(target: str) -> None:
         import importlib
 
         getattr(importlib.import_module(module_name), func)()
-    except Exception as e:  # noqa: BLE001 - never break `import transformers`
+    except Exception as e:  # noqa: BLE001 - never break `import transformers` or `import diffusers`
         logging.getLogger("dfloat").warning(
-            "dfloat: could not register with transformers (%s: %s)", type(e).__name__, e
+            "dfloat: could not register with %s (%s: %s)", target.split(".")[0], type(e).__name__, e
         )
 
 
 def _register_ready() -> None:
-    """Registers once its trigger package is imported and no transformers module is half-initialized (an import
-    chain inside transformers is complete), so registering cannot meet a circular import."""
+    """Registers once its trigger package is imported and no tracked module is half-initialized (an import chain
+    inside transformers or diffusers is complete), so registering cannot meet a circular import."""
     if _depth:
         return
     for target in [t for t in _pending if t in sys.modules]:
@@ -56,7 +61,7 @@ def _register_ready() -> None:
 
 
 class _Tracked(importlib.abc.Loader):
-    """Wraps a transformers module's own loader to know when its import chain is complete."""
+    """Wraps a tracked module's own loader to know when its import chain is complete."""
 
     def __init__(self, inner):
         self._inner = inner
@@ -79,7 +84,7 @@ class _Tracked(importlib.abc.Loader):
 
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if not _pending or not (name == "transformers" or name.startswith("transformers.")):
+        if not _pending or name.split(".")[0] not in _ROOTS:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -95,7 +100,7 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """Add the hook (once). If transformers was imported already, register now."""
+    """Add the hook (once). If transformers or diffusers was imported already, register now."""
     if os.environ.get("DFLOAT_NO_AUTOLOAD") == "1" or any(isinstance(f, _Finder) for f in sys.meta_path):
         return
     sys.meta_path.insert(0, _Finder())

@@ -59,6 +59,7 @@ def versions() -> dict:
             "numba",
             "triton",
             "transformers",
+            "diffusers",
             "cupy-cuda12x",
             "cupy-cuda13x",
             "safetensors",

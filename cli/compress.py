@@ -10,7 +10,8 @@ import click
 
 
 def default_out(source: str) -> Path:
-    return Path.cwd() / f"{Path(str(source).rstrip('/')).name}-dfloat"
+    name = Path(str(source).rstrip("/")).name
+    return Path.cwd() / f"{name.removesuffix('.safetensors')}-dfloat"
 
 
 @click.command("compress")
@@ -32,8 +33,16 @@ def default_out(source: str) -> Path:
     show_default=True,
     help="What shares one code: each transformer block, or each matrix (leanest decode buffer).",
 )
-def command(source, out, workers, no_verify, overwrite, push_to_hub, revision, unit):
-    """Compress a BF16 model (Hub id or local folder) losslessly."""
+@click.option(
+    "--config-from",
+    "config_from",
+    metavar="MODEL",
+    default=None,
+    help="Official DFloat11 diffusion checkpoints: the original model (folder or Hub id) whose config it uses.",
+)
+def command(source, out, workers, no_verify, overwrite, push_to_hub, revision, unit, config_from):
+    """Compress a BF16 model (Hub id or local folder; a diffusers pipeline or model folder too) losslessly, or
+    convert an official DFloat11 checkpoint (folder, or a ComfyUI .safetensors file)."""
     from tqdm.auto import tqdm
 
     import dfloat
@@ -70,6 +79,7 @@ def command(source, out, workers, no_verify, overwrite, push_to_hub, revision, u
             revision=revision,
             progress=progress,
             unit=unit,
+            config_from=config_from,
         )
     except Exception:
         if interrupted:
@@ -97,6 +107,8 @@ def command(source, out, workers, no_verify, overwrite, push_to_hub, revision, u
     ]
     for k, v in rows:
         click.echo(f"  {k:<9} {v}")
+    for name, what in getattr(report, "components", {}).items():  # a diffusers pipeline
+        click.echo(f"  {name or 'model':<15} {what}")
     if push_to_hub:
         _push(out, push_to_hub)
 

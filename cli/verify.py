@@ -15,11 +15,15 @@ from dfloat.cli.options import BACKEND
 @click.option("--backend", type=BACKEND, default=None, help="Decoder to check with [default: the fastest here].")
 def command(path, against, backend):
     """Decode every unit and check it against the stored checksums (exit 1 naming each bad tensor)."""
+    from pathlib import Path
+
     from dfloat.errors import ChecksumError
+    from dfloat.runtime import pipeline
     from dfloat.runtime.checkpoint import CompressedCheckpoint
     from dfloat.runtime.compress import verify_checkpoint
 
-    ckpt = CompressedCheckpoint.open(path)
+    is_pipeline = pipeline.diffusion_layout(Path(path)) == "pipeline"
+    ckpt = None if is_pipeline else CompressedCheckpoint.open(path)
     try:
         verify_checkpoint(path, against=against, backend=backend)
     except ChecksumError as e:
@@ -27,6 +31,10 @@ def command(path, against, backend):
         for line in str(e).splitlines()[1:]:
             click.echo(f"  {line.strip()}", err=True)
         raise SystemExit(1) from None
-    n = len(ckpt.weight_map)
+    if is_pipeline:
+        comps = [c for c in pipeline.components(Path(path)).values() if pipeline.is_compressed_component(c)]
+        n = sum(len(CompressedCheckpoint.open(c).weight_map) for c in comps)
+    else:
+        n = len(ckpt.weight_map)
     what = f"checksums and byte-for-byte against {against}" if against else "stored checksums"
     click.echo(f"OK {path}: {n} units and tensors decoded; {what} match")

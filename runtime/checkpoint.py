@@ -23,6 +23,7 @@ from dfloat.format import CompressedTensor, load_compressed_tensors, save_compre
 INDEX_NAME = "dfloat.index.json"
 TRANSFORMERS_INDEX = "dfloat.safetensors.index.json"  # the same index, under a name `transformers_weights` accepts
 CONFIG_KEY = "dfloat"
+DIFFUSERS_CONFIG_KEY = "_dfloat"  # the same section in a diffusers model's config (diffusers skips "_" keys)
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
 
@@ -101,7 +102,7 @@ class CompressedCheckpoint:
             config = json.loads(config_path.read_text())
         except json.JSONDecodeError as e:
             raise ModelSourceError(f"{folder}: unreadable index or config ({e})") from None
-        if CONFIG_KEY not in config:
+        if CONFIG_KEY not in config and DIFFUSERS_CONFIG_KEY not in config:
             raise ModelSourceError(f"{config_path}: has no '{CONFIG_KEY}' section: not compressed by dfloat")
         return cls(folder, config, index)
 

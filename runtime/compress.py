@@ -93,14 +93,15 @@ def _scan(files: list[Path]) -> list[_Tensor]:
     return out
 
 
-def _check_lossless(config: dict, tensors: list[_Tensor], folder: Path) -> None:
+def _check_lossless(config: dict, tensors: list[_Tensor], folder: Path, unit_of: Grouping) -> None:
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "quantized")
         raise UnsupportedDtypeError(
             f"{folder}: the model is {method}-quantized; its weights are not BF16, and coding them as BF16 would "
             "not reproduce them. dfloat compresses BF16 checkpoints only."
         )
-    bad = [t for t in tensors if t.dtype in _FLOAT_DTYPES and len(t.shape) >= 2]
+    # weights a unit would hold were they BF16 (a float32 buffer saved with the weights stays plain, as is)
+    bad = [t for t in tensors if t.dtype in _FLOAT_DTYPES and unit_of(t.name, t.shape) is not None]
     if bad:
         dtypes = sorted({t.dtype for t in bad})
         raise UnsupportedDtypeError(
@@ -194,13 +195,15 @@ def compress_model(
     allow_raw: bool = True,
     progress: ProgressFn | None = None,
     unit: str = "block",
+    config_from: str | os.PathLike | None = None,
 ) -> CompressionReport:
     """Compress a BF16 checkpoint losslessly into ``out_dir``.
 
     Args:
         source: a Hub id ("owner/name"), a local folder of safetensors, an official DFloat11 checkpoint
-            (decoded and coded again as dfloat, verified byte for byte against the decoded weights), or an
-            in-memory transformers model.
+            (decoded and coded again as dfloat, verified byte for byte against the decoded weights), an
+            in-memory transformers model, or a diffusers pipeline or model folder (compressed component by
+            component: `dfloat.runtime.pipeline`).
         out_dir: the folder to create. Written to a temporary folder beside it and renamed when complete and
             verified; an existing folder is refused unless ``overwrite``.
         verify: decode every unit after writing and check it against the checksums of the original bytes.
@@ -214,6 +217,9 @@ def compress_model(
         unit: what shares one code: "block" (default: the weights of each transformer block; embeddings and
             lm_head alone) or "matrix" (every weight alone: the decode buffer then holds one matrix, the leanest
             memory at run time, for a slightly larger stored size). ``grouping`` overrides either.
+        config_from: for an official DFloat11 diffusion checkpoint (no model config of its own): the original
+            model's folder or Hub id whose diffusers config.json describes it
+            (`dfloat.runtime.official_diffusion`).
     Returns:
         A CompressionReport with sizes and timing.
     Raises:
@@ -233,7 +239,22 @@ def compress_model(
         numba.set_num_threads(max(1, min(workers, numba.config.NUMBA_NUM_THREADS)))
     stack: list[tempfile.TemporaryDirectory] = []
     try:
-        folder, origin = _resolve_source(source, revision, token, stack)
+        from dfloat.runtime import pipeline
+
+        if pipeline.is_local_file(source):  # an official DFloat11 single file (ComfyUI), or an error below
+            folder, origin = Path(source).expanduser(), {"source": str(source), "revision": None}
+        else:
+            folder, origin = _resolve_source(source, revision, token, stack)
+        if pipeline.diffusion_layout(folder):  # a diffusers pipeline or model: component by component
+            options = dict(workers=workers, max_shard_bytes=max_shard_bytes, allow_raw=allow_raw)
+            options.update(bytes_per_window=bytes_per_window, windows_per_block=windows_per_block)
+            options.update(max_code_length=max_code_length, unit=unit, progress=progress)
+            options.update(config_from=config_from, grouping=grouping)
+            return pipeline.compress_diffusers(
+                folder, out_dir, origin, overwrite=overwrite, verify=verify, **options
+            )
+        if folder.is_file():
+            raise ModelSourceError(f"{folder}: is a file, not a model folder (nor a DFloat11 single file)")
         config = src.read_config(folder)
         if CONFIG_KEY in config:
             raise ModelSourceError(f"{folder}: is already compressed")
@@ -242,8 +263,8 @@ def compress_model(
             folder = _official_to_bf16(folder, config, stack)
             config = src.read_config(folder)
         tensors = _scan(src.weight_files(folder))
-        _check_lossless(config, tensors, folder)
         unit_of = grouping_from(grouping) if grouping is not None else UNIT_KINDS[unit]
+        _check_lossless(config, tensors, folder, unit_of)
         plan = plan_units(((t.name, t.shape, t.dtype) for t in tensors), unit_of)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
@@ -395,7 +416,11 @@ def verify_checkpoint(
     checkpoint's tensors byte for byte). Returns the problems found; raises ChecksumError if any."""
     from dfloat.codec import decompress_tensor
     from dfloat.format import crc32_of
+    from dfloat.runtime import pipeline
 
+    against_diffusers = against is not None and pipeline.diffusion_layout(Path(against)) in ("pipeline", "model")
+    if pipeline.diffusion_layout(Path(folder)) == "pipeline" or against_diffusers:  # diffusers' weight names
+        return pipeline.verify_diffusers(Path(folder), Path(against) if against else None, backend)
     ckpt = CompressedCheckpoint.open(folder)
     original = None
     if against is not None:
@@ -455,8 +480,12 @@ def decompress_model(
     from dfloat.codec import decompress_tensor
 
     folder, _ = src.resolve_folder(source)
-    ckpt = CompressedCheckpoint.open(folder)
     out_dir = Path(out_dir).expanduser().resolve()
+    from dfloat.runtime import pipeline
+
+    if pipeline.diffusion_layout(folder) in ("pipeline", "model"):  # diffusers' weight names again
+        return pipeline.decompress_diffusers(folder, out_dir, overwrite=overwrite)
+    ckpt = CompressedCheckpoint.open(folder)
     if out_dir.exists() and not overwrite:
         raise OutputExistsError(f"{out_dir}: already exists (pass overwrite=True to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -318,6 +318,9 @@ def attach(
     model._dfloat_buffers = buffers
     model._dfloat_units = {u.name: u.ct for u in coded}
     model._dfloat_plan = plan
+    from dfloat.runtime import placement
+
+    placement.install(model, coded)  # model.to(device) moves the compressed units (runtime/placement.py)
     return buffers
 
 
@@ -595,7 +598,8 @@ def load_compressed(
     """Load a dfloat (or official DFloat11) checkpoint as a transformers model with bit-identical outputs.
 
     Args:
-        source: a compressed folder or Hub id.
+        source: a compressed folder or Hub id; a compressed diffusers model or pipeline folder, or an official
+            DFloat11 diffusion checkpoint (pass ``config_from=``, see `dfloat.runtime.diffusion_loading`).
         device: "cpu" or "cuda[:i]" (default: cuda if available, else cpu).
         device_map: "auto" places whole units across the visible GPUs; or ``{module prefix: device}``.
         cpu_offload: keep compressed units in pinned host memory and copy each to the GPU before decoding it.
@@ -620,7 +624,17 @@ def load_compressed(
     Example:
         >>> model = dfloat.load_compressed("./llama-dfloat", device="cuda")
     """
-    folder, _ = src.resolve_folder(source, revision=revision, token=token)
+    from dfloat.runtime import pipeline
+
+    if pipeline.is_local_file(source):  # an official DFloat11 single file (ComfyUI), or an error below
+        folder = Path(source).expanduser()
+    else:
+        folder, _ = src.resolve_folder(source, revision=revision, token=token)
+    if pipeline.diffusion_layout(folder):  # diffusers models and pipelines: runtime/diffusion_loading.py
+        from dfloat.runtime.diffusion_loading import load_diffusion
+
+        options = dict(device_map=device_map, cpu_offload=cpu_offload, backend=backend, verify=verify)
+        return load_diffusion(folder, device=device, **options, **kw)
     config = src.read_config(folder)
     device = canonical_device(
         device if device is not None else "cuda" if torch.cuda.is_available() else "cpu"
