@@ -15,8 +15,10 @@ from dfloat.testing import save_random_model
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("placement")
-    save_random_model(root / "bf16", trained_scale=True, seed=5, tie_word_embeddings=True)
-    dfloat.compress_model(root / "bf16", root / "dfloat")
+    save_random_model(root / "bf16", trained_scale=True, seed=5, tie_word_embeddings=True, vocab_size=1024)
+    dfloat.compress_model(
+        root / "bf16", root / "dfloat", bytes_per_window=8, windows_per_block=4
+    )  # small blocks
     return root
 
 
@@ -28,9 +30,13 @@ def _coded_params(model):
     return {n: p for n, p in model.named_parameters(remove_duplicate=False) if n in names}
 
 
-@pytest.mark.parametrize("chunk_numel", [None, 2000])  # 2000: the tied embedding / lm_head used piecewise
+@pytest.mark.parametrize(
+    "chunk_numel", [None, 2000]
+)  # 2000: the tied embedding / lm_head used piecewise; None: whole
 def test_to_cpu_rebinds_and_outputs_stay_equal(folders, chunk_numel):
-    model = dfloat.load_compressed(folders / "dfloat", device="cpu", chunk_numel=chunk_numel)
+    model = dfloat.load_compressed(
+        folders / "dfloat", device="cpu", chunk_numel=chunk_numel, chunking=chunk_numel is not None
+    )
     assert bool(model._dfloat_plan.chunked) == (chunk_numel is not None)
     want = model(IDS).logits
     old_buffer = model._dfloat_buffers[torch.device("cpu")]
@@ -48,11 +54,13 @@ def test_to_cpu_rebinds_and_outputs_stay_equal(folders, chunk_numel):
         assert p.untyped_storage().data_ptr() == storage or 0 in p.stride(), name
 
 
-@pytest.mark.parametrize("chunk_numel", [None, 2000])
+@pytest.mark.parametrize("chunk_numel", [None, 2000])  # None: every unit decoded whole
 def test_a_move_rebuilds_the_buffer_and_rebinds(folders, chunk_numel):
     """The relocation path of a real device change, on the CPU: units said to be elsewhere (``cpu:0``) come to
     ``cpu``; a new decode buffer is made, the weights point into it, a piecewise unit shares its arrays."""
-    model = dfloat.load_compressed(folders / "dfloat", device="cpu", chunk_numel=chunk_numel)
+    model = dfloat.load_compressed(
+        folders / "dfloat", device="cpu", chunk_numel=chunk_numel, chunking=chunk_numel is not None
+    )
     want = model(IDS).logits
     old = model._dfloat_buffers[torch.device("cpu")]
     elsewhere = torch.device("cpu", 0)
