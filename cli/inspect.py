@@ -44,7 +44,38 @@ def unit_rows(path: str) -> list[dict]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def command(path, as_json):
     """Show each unit: weights, bits per weight, entropy bound, % of BF16, longest code; totals; and the memory
-    plan (compressed + plain + decode buffer, % of BF16) without loading the model."""
+    plan (compressed + plain + decode buffer, % of BF16) without loading the model. For a diffusers pipeline,
+    each compressed component, then the pipeline's plan."""
+    from pathlib import Path
+
+    from dfloat.runtime import pipeline
+
+    if pipeline.diffusion_layout(Path(path)) == "pipeline":
+        _pipeline(Path(path), as_json)
+        return
+    _checkpoint(path, as_json)
+
+
+def _pipeline(folder, as_json: bool) -> None:
+    from dfloat.runtime import pipeline
+    from dfloat.runtime.memory import plan_pipeline
+
+    plan = plan_pipeline(folder)
+    compressed = {n: c for n, c in pipeline.components(folder).items() if pipeline.is_compressed_component(c)}
+    if as_json:
+        out = {n: _checkpoint(c, as_json, echo=False) for n, c in compressed.items()}
+        click.echo(json.dumps({"components": out, "memory_plan": plan.as_dict()}, indent=2))
+        return
+    for name, comp in compressed.items():
+        click.echo(f"== {name}")
+        _checkpoint(comp, as_json)
+        click.echo("")
+    for name, nbytes in plan.copied.items():
+        click.echo(f"== {name}: stored as it is ({nbytes / 2**20:.2f} MiB of weights)")
+    click.echo(plan.summary())
+
+
+def _checkpoint(path, as_json: bool, echo: bool = True) -> dict:
     rows = unit_rows(path)
     weights = sum(r["weights"] for r in rows)
     stored = sum(r["stored_bytes"] for r in rows)
@@ -63,9 +94,12 @@ def command(path, as_json):
     from dfloat.runtime.memory import plan_checkpoint
 
     plan = plan_checkpoint(path)
+    result = {"units": rows, "total": total, "memory_plan": plan.as_dict()}
+    if not echo:
+        return result
     if as_json:
-        click.echo(json.dumps({"units": rows, "total": total, "memory_plan": plan.as_dict()}, indent=2))
-        return
+        click.echo(json.dumps(result, indent=2))
+        return result
     width = max([4, *(len(r["unit"]) for r in rows)])
     cols = [
         ("unit", width),
@@ -99,3 +133,4 @@ def command(path, as_json):
         f"(entropy bound of coded units {total['bound_bits_per_weight']})"
     )
     click.echo(f"memory plan (one device, as load_compressed plans it): {plan.summary()}")
+    return result

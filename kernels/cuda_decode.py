@@ -23,7 +23,7 @@ import torch
 
 from dfloat.errors import BackendUnavailableError
 from dfloat.kernels import cuda_launch
-from dfloat.kernels.gpu_common import launch_arrays, new_status, raise_if_flagged, wants_check
+from dfloat.kernels.gpu_common import build_failure, launch_arrays, new_status, raise_if_flagged, wants_check
 
 SOURCE = "cuda/decode.cu"
 NVRTC_OPTIONS = ("-std=c++17",)  # CuPy adds -arch for the current device
@@ -38,12 +38,16 @@ GENERIC = "dfloat_decode_any"
 # occupancy) if their shared memory lets them
 BLOCKS_PER_SM = {"dfloat_decode_w32_t256": 5, "dfloat_decode_w8_t512": 3}
 SMEM_RESERVED_PER_BLOCK = 1024  # what the driver keeps per resident block (sm_80 and later)
+SMEM_GRANULE = (
+    128  # a block's shared memory (its own + the reserve) is allocated in units of this (sm_80, sm_90)
+)
 STATUS_BAD_POSITIONS, STATUS_BAD_CODE, STATUS_BAD_COUNT, STATUS_BAD_GAP = 1, 2, 4, 8
 LUT_BITS = 12  # DF_LUT_BITS in decode.cu
 LUT_BYTES = (4 + 2) << LUT_BITS  # lut_sym (uint32) + lut_info (uint16) in shared memory
 
 _MODULES: dict[tuple, object] = {}
 _FUNCTIONS: dict[tuple, object] = {}
+_POINTERS: dict[tuple, int] = {}  # the same keys: each kernel's CUfunction handle, for cuLaunchKernel
 _SCRATCH: dict[int, torch.Tensor] = {}
 _LOCK = threading.Lock()
 
@@ -99,7 +103,9 @@ def lut_tables(tables: np.ndarray, bits: int = LUT_BITS) -> tuple[np.ndarray, np
     ld = np.zeros(size, np.int64)
     live = np.ones(size, bool)
     for _ in range(bits):
-        x = (((pattern << used) & mask) << (32 - bits)) & 0xFFFFFFFF  # the unknown bits after the pattern are 0
+        x = (
+            ((pattern << used) & mask) << (32 - bits)
+        ) & 0xFFFFFFFF  # the unknown bits after the pattern are 0
         e = t[0][x >> 24]
         for d in range(1, 4):  # a code of up to 12 bits needs at most two levels; the walk is df_lookup's
             nxt = -e
@@ -153,8 +159,22 @@ def slot_words(bytes_per_thread: int) -> int:
     return ((bytes_per_thread + 7) >> 2) | 1
 
 
-def plan(bytes_per_window: int, windows_per_block: int, n_blocks: int, n_tables: int,
-         smem_limit: int = SMEM_DEFAULT, smem_optin: int = SMEM_DEFAULT, smem_per_sm: int | None = None) -> LaunchPlan:
+def resident_blocks(smem: int, smem_per_sm: int) -> int:
+    """Blocks with ``smem`` bytes of dynamic shared memory that fit on one SM, as the hardware counts: each takes
+    its bytes plus the per-block reserve, rounded up to the allocation granule."""
+    per_block = -(-(smem + SMEM_RESERVED_PER_BLOCK) // SMEM_GRANULE) * SMEM_GRANULE
+    return smem_per_sm // per_block
+
+
+def plan(
+    bytes_per_window: int,
+    windows_per_block: int,
+    n_blocks: int,
+    n_tables: int,
+    smem_limit: int = SMEM_DEFAULT,
+    smem_optin: int = SMEM_DEFAULT,
+    smem_per_sm: int | None = None,
+) -> LaunchPlan:
     """Kernel, launch shape and shared-memory layout for a unit's parameters.
 
     The staging area takes whatever is left of ``smem_limit`` (48 KiB by default), and no more than lets as many
@@ -173,7 +193,10 @@ def plan(bytes_per_window: int, windows_per_block: int, n_blocks: int, n_tables:
     fixed = nts * 1024 + LUT_BYTES + SCAN_WORDS * 4 + ((words + 3) & ~3) * 4
     limit = smem_limit
     if smem_per_sm and kernel in BLOCKS_PER_SM:
-        limit = min(limit, smem_per_sm // BLOCKS_PER_SM[kernel] - SMEM_RESERVED_PER_BLOCK)
+        # a block's share of the SM in whole granules, less the reserve (rounding after subtracting the reserve
+        # would let the granule round a block up past its share: 4 blocks of w32_t256 on an H100, not 5)
+        share = smem_per_sm // BLOCKS_PER_SM[kernel] // SMEM_GRANULE * SMEM_GRANULE
+        limit = min(limit, share - SMEM_RESERVED_PER_BLOCK)
         if limit - fixed - 16 < MIN_STAGE:
             limit = smem_limit
     if limit - fixed - 16 < MIN_STAGE:
@@ -182,7 +205,8 @@ def plan(bytes_per_window: int, windows_per_block: int, n_blocks: int, n_tables:
     if stage < MIN_STAGE:
         raise BackendUnavailableError(
             f"the CUDA decoder cannot hold {windows_per_block} windows of {bytes_per_window} bytes in shared memory "
-            f"({fixed} bytes needed before staging, {limit} available); use backend='triton'")
+            f"({fixed} bytes needed before staging, {limit} available); use backend='triton'"
+        )
     return LaunchPlan(kernel, n_blocks, block, fixed + stage + 16, wpt, nts, stage)
 
 
@@ -198,12 +222,29 @@ def _cupy():
         import cupy
     except ImportError as e:
         raise BackendUnavailableError(
-            f"the cuda backend needs CuPy: pip install 'dfloat[cuda13]' (CUDA 13) or 'dfloat[cuda12]' ({e})") from None
+            f"the cuda backend needs CuPy: pip install 'dfloat[cuda13]' (CUDA 13) or 'dfloat[cuda12]' ({e})"
+        ) from None
     return cupy
 
 
+def kernel_pointer(kernel) -> int | None:
+    """The CUfunction handle behind a CuPy kernel, for ``cuLaunchKernel``; None if it has none.
+
+    ``RawModule.get_function`` returns a ``RawKernel``, whose handle is ``.kernel.ptr`` (``.kernel`` is the
+    ``cupy.cuda.function.Function`` for the current device); a bare ``Function`` has ``.ptr`` itself.
+    """
+    function = getattr(kernel, "kernel", kernel)
+    ptr = getattr(function, "ptr", None)
+    return int(ptr) if ptr else None
+
+
 def _function(device_index: int, name: str, options: tuple[str, ...] = NVRTC_OPTIONS):
-    """The compiled kernel ``name`` for a device: NVRTC once per process and device (CuPy caches it on disk)."""
+    """The compiled kernel ``name`` for a device: NVRTC once per process and device (CuPy caches it on disk).
+
+    A compiler error in decode.cu is raised as CuPy's ``CompileException``; any other failure to build (NVRTC
+    or the CUDA toolkit missing or unusable) is a `BackendUnavailableError`, on which ``backend='auto'`` moves on
+    to Triton.
+    """
     key = (device_index, options, name)
     fn = _FUNCTIONS.get(key)
     if fn is not None:
@@ -217,15 +258,24 @@ def _function(device_index: int, name: str, options: tuple[str, ...] = NVRTC_OPT
                 extra = ("-lineinfo",) if os.environ.get("DFLOAT_CUDA_LINEINFO") == "1" else ()
                 mod = cupy.RawModule(code=source(), options=options + extra)
             fn = mod.get_function(name)  # NVRTC runs here, on first use
+            ptr = kernel_pointer(fn)  # under this device: a RawKernel's handle is per device
         except Exception as e:
-            if type(e).__name__ == "CompileException":  # a bug in decode.cu: show it as it is
-                raise
-            raise BackendUnavailableError(
-                f"CuPy could not build the CUDA decoder ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
-                "if it cannot find CUDA, set CUDA_PATH to the CUDA toolkit, or use backend='triton'") from e
+            raise build_failure(
+                e,
+                "the CUDA decoder",
+                "if it cannot find CUDA, set CUDA_PATH to the CUDA toolkit, or use backend='triton'",
+            ) from e
         _MODULES[mkey] = mod
         _FUNCTIONS[key] = fn
+        if ptr is not None:
+            _POINTERS[key] = ptr
     return fn
+
+
+def _function_pointer(device_index: int, name: str, options: tuple[str, ...] = NVRTC_OPTIONS) -> int | None:
+    """The CUfunction handle of `_function`'s kernel (None where CuPy gave none: CuPy's own launch is used)."""
+    _function(device_index, name, options)
+    return _POINTERS.get((device_index, options, name))
 
 
 def _device_tables(ct, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -263,8 +313,14 @@ def _plan_for(ct, n_tables: int, device: torch.device) -> LaunchPlan:
         props = torch.cuda.get_device_properties(device)
         optin = getattr(props, "shared_memory_per_block_optin", SMEM_DEFAULT)
         per_sm = getattr(props, "shared_memory_per_multiprocessor", None)
-        p = plan(ct.bytes_per_window, ct.windows_per_block, ct.n_blocks, n_tables, smem_optin=optin,
-                 smem_per_sm=per_sm)
+        p = plan(
+            ct.bytes_per_window,
+            ct.windows_per_block,
+            ct.n_blocks,
+            n_tables,
+            smem_optin=optin,
+            smem_per_sm=per_sm,
+        )
         ct._cache[key] = p
     return p
 
@@ -289,13 +345,26 @@ def launch_args(ct, p: LaunchPlan, enc, sm, gaps, positions, tables, lut_sym, lu
     """The kernels' parameters (DF_PARAMS in decode.cu), in order, as sized numpy scalars; tensors by data_ptr()."""
     vec = out.data_ptr() % 16 == 0 and sm.data_ptr() % 8 == 0
     return (
-        np.uint64(enc.data_ptr()), np.int64(enc.numel()), np.uint64(sm.data_ptr()),
-        np.uint64(gaps.data_ptr()), np.int64(gaps.numel()), np.uint64(positions.data_ptr()),
-        np.int32(ct.n_blocks), np.uint64(tables.data_ptr()), np.int32(tables.numel() // 256),
-        np.int32(p.n_tables_smem), np.uint64(lut_sym.data_ptr()), np.uint64(lut_info.data_ptr()),
-        np.uint64(out.data_ptr()), np.int64(ct.numel), np.int32(ct.bytes_per_window),
-        np.int32(ct.windows_per_block), np.int32(p.windows_per_thread), np.int32(p.stage_cap),
-        np.int32(1 if vec else 0), np.uint64(status.data_ptr()),
+        np.uint64(enc.data_ptr()),
+        np.int64(enc.numel()),
+        np.uint64(sm.data_ptr()),
+        np.uint64(gaps.data_ptr()),
+        np.int64(gaps.numel()),
+        np.uint64(positions.data_ptr()),
+        np.int32(ct.n_blocks),
+        np.uint64(tables.data_ptr()),
+        np.int32(tables.numel() // 256),
+        np.int32(p.n_tables_smem),
+        np.uint64(lut_sym.data_ptr()),
+        np.uint64(lut_info.data_ptr()),
+        np.uint64(out.data_ptr()),
+        np.int64(ct.numel),
+        np.int32(ct.bytes_per_window),
+        np.int32(ct.windows_per_block),
+        np.int32(p.windows_per_thread),
+        np.int32(p.stage_cap),
+        np.int32(1 if vec else 0),
+        np.uint64(status.data_ptr()),
     )
 
 
@@ -337,19 +406,27 @@ class UnitLaunch:
         self.scratch = _scratch_status(device)
         enc, sm = arrays[0], arrays[1]
         self.sm_aligned = sm.data_ptr() % 8 == 0
-        self.args = list(launch_args(ct, self.plan, *arrays, *self.tables, enc, self.scratch))  # out: set per call
+        self.args = list(
+            launch_args(ct, self.plan, *arrays, *self.tables, enc, self.scratch)
+        )  # out: set per call
         self.out_ptr = -1
         self.lock = threading.Lock()
         lib = cuda_launch.driver()
+        ptr = _function_pointer(device.index, self.plan.kernel)
         self.packed = None
-        if lib is not None and hasattr(self.function, "ptr"):
-            self.packed = cuda_launch.PackedLaunch(lib, self.function.ptr, device.index, self.plan.grid,
-                                                   self.plan.block, self.plan.smem, tuple(self.args))
+        if lib is not None and ptr is not None:
+            self.packed = cuda_launch.PackedLaunch(
+                lib, ptr, device.index, self.plan.grid, self.plan.block, self.plan.smem, tuple(self.args)
+            )
 
     def same_arrays(self, ct) -> bool:
         s = self.sources
-        return (ct.encoded_exponent is s[0]() and ct.sign_mantissa is s[1]() and ct.gaps is s[2]()
-                and ct.output_positions is s[3]())
+        return (
+            ct.encoded_exponent is s[0]()
+            and ct.sign_mantissa is s[1]()
+            and ct.gaps is s[2]()
+            and ct.output_positions is s[3]()
+        )
 
     def launch(self, out_ptr: int, stream: int, status: torch.Tensor | None = None) -> None:
         with self.lock:  # the packed arguments are shared: one thread at a time sets the output and launches
@@ -400,9 +477,16 @@ def decode(ct, out: torch.Tensor, check: bool = False) -> None:
     idx = out.get_device()
     launches = ct._cache.get(_LAUNCHES)
     ul = launches.get(idx) if launches is not None else None
-    if (ul is not None and not check and out.dtype is torch.bfloat16 and out.numel() >= ct.numel
-            and out.is_contiguous() and ul.same_arrays(ct) and torch.cuda.current_device() == idx
-            and not wants_check(False)):
+    if (
+        ul is not None
+        and not check
+        and out.dtype is torch.bfloat16
+        and out.numel() >= ct.numel
+        and out.is_contiguous()
+        and ul.same_arrays(ct)
+        and torch.cuda.current_device() == idx
+        and not wants_check(False)
+    ):
         ul.launch(out.data_ptr(), _raw_stream(idx))
         return
     _decode_first(ct, out, check)

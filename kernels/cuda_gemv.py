@@ -4,7 +4,13 @@
 W); ``twin(w, x, ...)`` runs the same kernel code on plain BF16 weights (the reference the fused product equals
 bit for bit); ``decode_matrix(gm, out)`` writes W (for prefill: decode, then cuBLAS). Nothing here synchronizes
 with the host and every launch uses ``torch.cuda.current_stream()``, so calls can be captured in a CUDA graph.
-One module is compiled per (rows_per_tile, rows per pass) on first use, once per process and device.
+
+Compiling: one NVRTC module per rows_per_tile holds every instance a layout of that tile height can launch (the
+fused kernel for 1 to 8 or 16 rows of x per pass, and the decode kernel), built on first use, once per process and
+device (CuPy keeps it on disk); the twin, a test reference, has a module of its own per rows_per_tile. A kernel
+with many accumulators (rows_per_tile x rows per pass above 48) is built with ``__launch_bounds__(128, 3)``: at most
+168 registers, so that 3 blocks of 128 threads share an SM (ptxas left alone gives them 173-191: 2 blocks, too few
+loads in flight at batch 8 and 16); a layout of 256 threads gets the unbounded build of the same code.
 """
 
 from __future__ import annotations
@@ -20,13 +26,19 @@ import torch
 from dfloat.errors import BackendUnavailableError, ShapeMismatchError, UnsupportedDtypeError
 from dfloat.kernels.cuda_decode import _stream
 from dfloat.kernels.gemv_layout import GemvMatrix
+from dfloat.kernels.gpu_common import build_failure
 
 SOURCE = "cuda/gemv.cu"
 NVRTC_OPTIONS = ("-std=c++17",)
 # Rows of x per pass: accumulators per thread are rows_per_tile * rows per pass (at most 64)
 MAX_ROWS_PER_PASS = {1: 8, 2: 8, 4: 16, 8: 8}
 MAX_FUSED_ROWS = 16  # above this the runtime decodes and calls cuBLAS (prefill)
+# Register-capped builds (see the module docstring): above this many accumulators per thread, for blocks of at
+# most CAPPED_THREADS threads, __launch_bounds__(CAPPED_THREADS, CAPPED_MIN_BLOCKS).
+CAPPED_ACCUMULATORS = 48
+CAPPED_THREADS, CAPPED_MIN_BLOCKS = 128, 3
 
+_MODULES: dict[tuple, object] = {}  # (device, module family, rows_per_tile) -> cupy.RawModule
 _FUNCTIONS: dict[tuple, object] = {}
 _LOCK = threading.Lock()
 
@@ -57,16 +69,44 @@ def rows_per_pass(batch: int, rows_per_tile: int) -> int:
     return max(1, math.ceil(batch / passes))
 
 
+def min_blocks(rows_per_tile: int, nb: int, threads: int) -> int:
+    """The fused kernel's ``__launch_bounds__`` minimum of blocks per SM for a launch (0: none, ptxas decides)."""
+    if rows_per_tile * nb > CAPPED_ACCUMULATORS and threads <= CAPPED_THREADS:
+        return CAPPED_MIN_BLOCKS
+    return 0
+
+
+def kernel_name(kind: str, rows_per_tile: int, nb: int, threads: int) -> str:
+    """The C++ name expression of the template instance a launch uses."""
+    if kind == "fused":
+        return f"dfloat_gemv<{rows_per_tile}, {nb}, {min_blocks(rows_per_tile, nb, threads)}>"
+    if kind == "twin":
+        return f"dfloat_gemv_twin<{rows_per_tile}, {nb}>"
+    if kind == "decode":
+        return f"dfloat_gemv_decode<{rows_per_tile}>"
+    raise ValueError(f"unknown GEMV kernel kind {kind!r}")
+
+
+def module_family(kind: str) -> str:
+    return "twin" if kind == "twin" else "product"
+
+
+def module_instances(family: str, rows_per_tile: int) -> tuple[str, ...]:
+    """Every name expression the module of ``family`` ("product" or "twin") for ``rows_per_tile`` holds: all that
+    `plan` can ask for, at any batch up to MAX_FUSED_ROWS and any block width."""
+    nbs = range(1, MAX_ROWS_PER_PASS[rows_per_tile] + 1)
+    if family == "twin":
+        return tuple(kernel_name("twin", rows_per_tile, nb, 32) for nb in nbs)
+    names = {kernel_name("fused", rows_per_tile, nb, t): None for nb in nbs for t in (CAPPED_THREADS, 256)}
+    return (*names, kernel_name("decode", rows_per_tile, 1, 32))
+
+
 def plan(kind: str, rows_per_tile: int, threads: int, n_tiles: int, peek: int, batch: int) -> GemvPlan:
     """Grid, block, shared memory and template instance for one launch ("fused", "twin" or "decode")."""
     nb = rows_per_pass(batch, rows_per_tile)
     lut_words = (2 << peek) if kind != "twin" else 0
     red_words = (threads // 32) * rows_per_tile * nb if kind != "decode" else 0
-    name = {
-        "fused": f"dfloat_gemv<{rows_per_tile}, {nb}>",
-        "twin": f"dfloat_gemv_twin<{rows_per_tile}, {nb}>",
-        "decode": f"dfloat_gemv_decode<{rows_per_tile}>",
-    }[kind]
+    name = kernel_name(kind, rows_per_tile, nb, threads)
     return GemvPlan(name, n_tiles, threads, 4 * (lut_words + red_words), nb)
 
 
@@ -105,22 +145,31 @@ def source() -> str:
     return resources.files("dfloat.kernels").joinpath(SOURCE).read_text()
 
 
-def _function(device_index: int, name: str):
+def _function(device_index: int, kind: str, rows_per_tile: int, name: str):
+    """Template instance ``name`` on a device, from its module (compiled whole on first use: module_instances).
+
+    A compiler error in gemv.cu is raised as CuPy's ``CompileException``; any other failure to build (NVRTC or
+    the CUDA toolkit missing or unusable) is a `BackendUnavailableError`.
+    """
     key = (device_index, name)
     fn = _FUNCTIONS.get(key)
     if fn is not None:
         return fn
     cupy = _cupy()
+    family = module_family(kind)
     with _LOCK, cupy.cuda.Device(device_index):
+        mkey = (device_index, family, rows_per_tile)
         try:
-            mod = cupy.RawModule(code=source(), options=NVRTC_OPTIONS, name_expressions=[name])
-            fn = mod.get_function(name)
+            mod = _MODULES.get(mkey)
+            if mod is None:
+                names = module_instances(family, rows_per_tile)
+                mod = cupy.RawModule(code=source(), options=NVRTC_OPTIONS, name_expressions=list(names))
+            fn = mod.get_function(name)  # NVRTC runs here for the whole module, on first use
         except Exception as e:
-            if type(e).__name__ == "CompileException":
-                raise
-            raise BackendUnavailableError(
-                f"CuPy could not build the fused GEMV kernel ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+            raise build_failure(
+                e, "the fused GEMV kernel", "load with matmul='decode' (the default) to decode before cuBLAS"
             ) from e
+        _MODULES[mkey] = mod
         _FUNCTIONS[key] = fn
     return fn
 
@@ -135,9 +184,9 @@ def _check_x(x: torch.Tensor, k: int, device: torch.device) -> torch.Tensor:
     return x if x.stride(1) == 1 else x.contiguous()
 
 
-def _launch(pl: GemvPlan, device: torch.device, args: tuple) -> None:
+def _launch(pl: GemvPlan, kind: str, rows_per_tile: int, device: torch.device, args: tuple) -> None:
     cupy = _cupy()
-    fn = _function(device.index, pl.kernel)
+    fn = _function(device.index, kind, rows_per_tile, pl.kernel)
     if pl.smem > 48 * 1024:
         fn.max_dynamic_shared_size_bytes = pl.smem
     with (
@@ -173,7 +222,7 @@ def gemv(gm: GemvMatrix, x: torch.Tensor, out: torch.Tensor | None = None) -> to
         ldy=y.stride(0),
         vec_x=x_is_vectorisable(x),
     )
-    _launch(pl, x.device, args)
+    _launch(pl, "fused", gm.rows_per_tile, x.device, args)
     return y
 
 
@@ -199,7 +248,7 @@ def twin(weight: torch.Tensor, x: torch.Tensor, rows_per_tile: int, threads: int
         ldy=y.stride(0),
         vec_x=x_is_vectorisable(x),
     )
-    _launch(pl, x.device, args)
+    _launch(pl, "twin", rows_per_tile, x.device, args)
     return y
 
 
@@ -224,5 +273,5 @@ def decode_matrix(gm: GemvMatrix, out: torch.Tensor | None = None) -> torch.Tens
         ldy=0,
         vec_x=False,
     )
-    _launch(pl, gm.device, (*args, np.uint64(w.data_ptr())))
+    _launch(pl, "decode", gm.rows_per_tile, gm.device, (*args, np.uint64(w.data_ptr())))
     return w

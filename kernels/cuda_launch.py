@@ -113,3 +113,15 @@ class PackedLaunch:
             raise RuntimeError(
                 f"cuLaunchKernel failed on device {self._device}: {_error_name(self._lib, rc)}"
             )
+
+
+def max_active_blocks(lib, function_ptr: int, block: int, smem: int) -> int:
+    """Blocks of ``block`` threads with ``smem`` bytes of dynamic shared memory that one SM holds at once, as the
+    driver computes it (``cuOccupancyMaxActiveBlocksPerMultiprocessor``: registers, shared memory, the kernel's
+    launch bounds and its shared-memory attributes)."""
+    blocks = ctypes.c_int()
+    fn = lib.cuOccupancyMaxActiveBlocksPerMultiprocessor
+    rc = fn(ctypes.byref(blocks), ctypes.c_void_p(function_ptr), ctypes.c_int(block), ctypes.c_size_t(smem))
+    if rc != CUDA_SUCCESS:
+        raise RuntimeError(f"cuOccupancyMaxActiveBlocksPerMultiprocessor failed: {_error_name(lib, rc)}")
+    return blocks.value

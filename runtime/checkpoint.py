@@ -26,7 +26,11 @@ from dfloat.runtime import source as src
 
 INDEX_NAME = "dfloat.safetensors.index.json"  # transformers accepts names ending in .safetensors.index.json
 LEGACY_INDEX_NAME = "dfloat.index.json"  # older folders: alone, or beside a copy named INDEX_NAME
+DIFFUSERS_INDEX = (
+    "diffusion_pytorch_model.safetensors.index.json"  # a copy, read by diffusers (runtime/pipeline.py)
+)
 CONFIG_KEY = "dfloat"
+DIFFUSERS_CONFIG_KEY = "_dfloat"  # the same section in a diffusers model's config (diffusers skips "_" keys)
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
 
@@ -85,18 +89,31 @@ def is_compressed_folder(folder: Path) -> bool:
     return (folder / INDEX_NAME).is_file() or (folder / LEGACY_INDEX_NAME).is_file()
 
 
+def folder_of_shards(files) -> Path:
+    """The compressed folder that the shard files a library resolved from its index (transformers' and diffusers'
+    quantizers get these) lie in; refused when they are not all in one compressed folder (an index entry with
+    ``..`` or an absolute path): dfloat never reads shards from elsewhere."""
+    folders = {Path(f).parent for f in files}
+    if len(folders) != 1 or not is_compressed_folder(next(iter(folders))):
+        shown = ", ".join(sorted(map(str, files))[:3])
+        raise ModelSourceError(
+            f"dfloat: the index names shard files outside the checkpoint folder ({shown}); refusing to read them"
+        )
+    return folders.pop()
+
+
 def read_index(folder: Path) -> tuple[Path, dict]:
-    """(the index file, its content) of a compressed folder; with both the index and the legacy one (older
-    folders), they must say the same, or the folder is refused: dfloat and transformers would read different
-    checkpoints."""
+    """(the index file, its content) of a compressed folder. Copies of it beside it (the legacy name in older
+    folders, the name diffusers reads in a diffusers model) must say the same, or the folder is refused: dfloat,
+    transformers and diffusers would read different checkpoints."""
     index, legacy = folder / INDEX_NAME, folder / LEGACY_INDEX_NAME
     path = index if index.is_file() else legacy
     content = src.read_weight_index(path)
-    if path == index and legacy.is_file():
-        if src.read_weight_index(legacy) != content:
+    for copy in (legacy, folder / DIFFUSERS_INDEX):
+        if copy != path and copy.is_file() and src.read_weight_index(copy) != content:
             raise ModelSourceError(
-                f"{folder}: {INDEX_NAME} and {LEGACY_INDEX_NAME} list different shards or tensors; the folder is "
-                f"damaged or mixed from two checkpoints (compress the model again)"
+                f"{folder}: {path.name} and {copy.name} list different shards or tensors; the folder is damaged or "
+                "mixed from two checkpoints (compress the model again)"
             )
     return path, content
 
@@ -116,7 +133,7 @@ class CompressedCheckpoint:
         if not (folder / "config.json").is_file() or not is_compressed_folder(folder):
             raise ModelSourceError(f"{folder}: not a dfloat checkpoint (needs config.json and {INDEX_NAME})")
         config = src.read_config(folder)
-        if CONFIG_KEY not in config:
+        if CONFIG_KEY not in config and DIFFUSERS_CONFIG_KEY not in config:
             raise ModelSourceError(
                 f"{folder / 'config.json'}: has no '{CONFIG_KEY}' section: not compressed by dfloat"
             )

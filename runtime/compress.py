@@ -70,14 +70,15 @@ class CompressionReport:
 ProgressFn = Callable[[str, int, int, int], None]  # (unit, done, total, weights in the unit)
 
 
-def _check_lossless(config: dict, tensors: list[src.SourceTensor], folder: Path) -> None:
+def _check_lossless(config: dict, tensors: list[src.SourceTensor], folder: Path, unit_of: Grouping) -> None:
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "quantized")
         raise UnsupportedDtypeError(
             f"{folder}: the model is {method}-quantized; its weights are not BF16, and coding them as BF16 would "
             "not reproduce them. dfloat compresses BF16 checkpoints only."
         )
-    bad = [t for t in tensors if t.dtype in _FLOAT_DTYPES and len(t.shape) >= 2]
+    # weights a unit would hold were they BF16 (a float32 buffer saved with the weights stays plain, as is)
+    bad = [t for t in tensors if t.dtype in _FLOAT_DTYPES and unit_of(t.name, t.shape) is not None]
     if bad:
         dtypes = sorted({t.dtype for t in bad})
         raise UnsupportedDtypeError(
@@ -87,42 +88,46 @@ def _check_lossless(config: dict, tensors: list[src.SourceTensor], folder: Path)
         )
 
 
-# Auto classes a model card names, most specific task first: the first whose transformers mapping lists one of
-# the checkpoint's architectures.
-_CARD_AUTO_CLASSES = (
-    ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+# The Auto class of a task head, from the class name's ending, when that decides it (no transformers import: a
+# CausalLM is the common case, and compressing needs no transformers otherwise).
+_CARD_AUTO_BY_SUFFIX = (
+    ("ForCausalLM", "AutoModelForCausalLM"),
+    ("LMHeadModel", "AutoModelForCausalLM"),
+    ("ForMaskedLM", "AutoModelForMaskedLM"),
+    ("ForSequenceClassification", "AutoModelForSequenceClassification"),
+    ("ForTokenClassification", "AutoModelForTokenClassification"),
+    ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
+)
+# Otherwise transformers' own mappings, most specific task first: the first that lists an architecture.
+_CARD_AUTO_BY_MAPPING = (
     ("AutoModelForSeq2SeqLM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
     ("AutoModelForImageTextToText", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES"),
-    ("AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
-    ("AutoModelForSequenceClassification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
-    ("AutoModelForTokenClassification", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
-    ("AutoModelForQuestionAnswering", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES"),
+    ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
     ("AutoModel", "MODEL_MAPPING_NAMES"),
 )
 
 
 def card_auto_class(config: dict) -> str:
-    """The transformers Auto class that loads this checkpoint's architecture (AutoModel for a BertModel,
-    AutoModelForCausalLM for a LlamaForCausalLM or a research architecture's ...ForCausalLM)."""
+    """The transformers Auto class that loads this checkpoint's architecture (AutoModelForCausalLM for a
+    LlamaForCausalLM or a research architecture's ...ForCausalLM, AutoModel for a BertModel)."""
+    archs = config.get("architectures") or []
+    for suffix, auto in _CARD_AUTO_BY_SUFFIX:
+        if any(a.endswith(suffix) for a in archs):
+            return auto
     from transformers.models.auto import modeling_auto
 
-    archs = set(config.get("architectures") or [])
-    for auto, mapping in _CARD_AUTO_CLASSES:
+    for auto, mapping in _CARD_AUTO_BY_MAPPING:
         names = getattr(modeling_auto, mapping, {})
         listed = {n for v in names.values() for n in (v if isinstance(v, list | tuple) else (v,))}
-        if archs & listed:
+        if listed.intersection(archs):
             return auto
-    if any(a.endswith("ForCausalLM") for a in archs):
-        return "AutoModelForCausalLM"
     return "AutoModel"
 
 
 def _model_card(report: CompressionReport, origin: dict, config: dict, out_dir: Path) -> str:
     """README.md of a compressed folder. It names the source by its Hub id, or a local folder by its name only
     (a card is published with the model: no paths of the machine that made it)."""
-    source = origin["source"]
-    if not src.looks_like_hub_id(source):
-        source = Path(source).expanduser().name or "a local model"
+    source = src.public_name(origin["source"])
     arch = ", ".join(config.get("architectures") or [config.get("model_type", "model")])
     auto = card_auto_class(config)
     revision = f" (revision `{origin['revision']}`)" if origin.get("revision") else ""
@@ -209,13 +214,15 @@ def compress_model(
     progress: ProgressFn | None = None,
     unit: str = "block",
     verify_progress: ProgressFn | None = None,
+    config_from: str | os.PathLike | None = None,
 ) -> CompressionReport:
     """Compress a BF16 checkpoint losslessly into ``out_dir``.
 
     Args:
         source: a Hub id ("owner/name"), a local folder of safetensors, an official DFloat11 checkpoint
-            (decoded and coded again as dfloat, verified byte for byte against the decoded weights), or an
-            in-memory transformers model.
+            (decoded and coded again as dfloat, verified byte for byte against the decoded weights), an
+            in-memory transformers model, or a diffusers pipeline or model folder (compressed component by
+            component: `dfloat.runtime.pipeline`).
         out_dir: the folder to create. Written to a work folder beside it and renamed when complete and
             verified (runtime/output.py); an existing folder is refused unless ``overwrite``, also one that
             appears during the run, and so is a folder that is, holds or sits inside the source.
@@ -232,6 +239,9 @@ def compress_model(
             memory at run time, for a slightly larger stored size). ``grouping`` overrides either.
         verify_progress: called likewise after each unit or tensor is checked (``verify``); raising from
             either callback (KeyboardInterrupt) stops the run and leaves nothing behind.
+        config_from: for an official DFloat11 diffusion checkpoint (no model config of its own): the original
+            model's folder or Hub id whose diffusers config.json describes it
+            (`dfloat.runtime.official_diffusion`).
     Returns:
         A CompressionReport with sizes and timing.
     Raises:
@@ -249,8 +259,23 @@ def compress_model(
         numba.set_num_threads(max(1, min(workers, numba.config.NUMBA_NUM_THREADS)))
     stack: list[tempfile.TemporaryDirectory] = []
     try:
-        folder, origin = _resolve_source(source, revision, token, stack)
+        from dfloat.runtime import pipeline
+
+        if pipeline.is_local_file(source):  # an official DFloat11 single file (ComfyUI), or an error below
+            folder, origin = Path(source).expanduser(), {"source": str(source), "revision": None}
+        else:
+            folder, origin = _resolve_source(source, revision, token, stack)
         output.check_target(out_dir, overwrite, sources=[folder])
+        if pipeline.diffusion_layout(folder):  # a diffusers pipeline or model: component by component
+            options = dict(workers=workers, max_shard_bytes=max_shard_bytes, allow_raw=allow_raw)
+            options.update(bytes_per_window=bytes_per_window, windows_per_block=windows_per_block)
+            options.update(max_code_length=max_code_length, unit=unit, progress=progress)
+            options.update(config_from=config_from, grouping=grouping, verify_progress=verify_progress)
+            return pipeline.compress_diffusers(
+                folder, out_dir, origin, overwrite=overwrite, verify=verify, **options
+            )
+        if folder.is_file():
+            raise ModelSourceError(f"{folder}: is a file, not a model folder (nor a DFloat11 single file)")
         config = src.read_config(folder)
         if CONFIG_KEY in config:
             raise ModelSourceError(f"{folder}: is already compressed")
@@ -259,8 +284,8 @@ def compress_model(
             folder = _official_to_bf16(folder, config, stack)
             config = src.read_config(folder)
         tensors = list(src.read_weight_layout(folder).tensors.values())
-        _check_lossless(config, tensors, folder)
         unit_of = grouping_from(grouping) if grouping is not None else UNIT_KINDS[unit]
+        _check_lossless(config, tensors, folder, unit_of)
         plan = plan_units(((t.name, t.shape, t.dtype) for t in tensors), unit_of)
         options = dict(
             bytes_per_window=bytes_per_window,
@@ -395,13 +420,20 @@ def verify_checkpoint(
     """
     from dfloat.codec import decompress_tensor
     from dfloat.format import crc32_of
+    from dfloat.runtime import pipeline
 
-    ckpt = CompressedCheckpoint.open(folder)
     dev = "cuda" if backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
     if backend is not None:
         from dfloat.kernels.registry import resolve
 
         resolve(backend, dev)
+    against_diffusers = against is not None and pipeline.diffusion_layout(Path(against)) in (
+        "pipeline",
+        "model",
+    )
+    if pipeline.diffusion_layout(Path(folder)) == "pipeline" or against_diffusers:  # diffusers' weight names
+        return pipeline.verify_diffusers(Path(folder), Path(against) if against else None, backend, progress)
+    ckpt = CompressedCheckpoint.open(folder)
     original = None
     if against is not None:
         afolder, _ = src.resolve_folder(against)
@@ -471,6 +503,10 @@ def decompress_model(
 
     out_dir = output.check_target(out_dir, overwrite, sources=src.local_folders(source))
     folder, _ = src.resolve_folder(source)
+    from dfloat.runtime import pipeline
+
+    if pipeline.diffusion_layout(folder) in ("pipeline", "model"):  # diffusers' weight names again
+        return pipeline.decompress_diffusers(folder, out_dir, overwrite=overwrite)
     ckpt = CompressedCheckpoint.open(folder)
     output.check_target(out_dir, overwrite, sources=[folder])
     with output.building(out_dir, overwrite) as tmp:

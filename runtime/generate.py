@@ -25,6 +25,7 @@ import inspect
 import logging
 import math
 import numbers
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -73,6 +74,22 @@ def _cache_kwarg(model) -> str:
 
 def _decode_buffers(model) -> dict:
     return getattr(model, "_dfloat_buffers", None) or {}
+
+
+def _graph_choice(device: torch.device, graphs: bool | None) -> tuple[bool, str | None]:
+    """(capture the decode step?, why not when it is not captured on a CUDA device).
+
+    ``DFLOAT_CHECK=1`` checks every decode on the host (a status word read back), which a graph cannot capture:
+    the steps then run uncaptured over the same static cache, and a log line says so.
+    """
+    if graphs and device.type != "cuda":
+        raise GenerationError(f"graphs=True needs a CUDA device; the inputs are on {device}")
+    use = device.type == "cuda" if graphs is None else graphs
+    if use and os.environ.get("DFLOAT_CHECK") == "1":
+        why = "DFLOAT_CHECK=1 checks every decode on the host, which a CUDA graph cannot capture"
+        log.warning("decode steps run without CUDA graphs: %s", why)
+        return False, why
+    return use, None
 
 
 def _static_kind(model) -> tuple[str | None, str | None]:
@@ -235,6 +252,10 @@ def _sessions(model) -> dict:
     return model._dfloat_generation
 
 
+def _weights_dtype(model) -> torch.dtype | None:
+    return getattr(model, "dtype", None)
+
+
 def release_graphs(model) -> None:
     """Drop the static caches and CUDA graphs kept on ``model`` by earlier calls (they are reused otherwise)."""
     if hasattr(model, "_dfloat_generation"):
@@ -372,9 +393,7 @@ def generate_ids(
     _check_options(
         model, max_new_tokens, temperature, top_p, top_k, repetition_penalty, input_ids, attention_mask
     )
-    if graphs and device.type != "cuda":
-        raise GenerationError(f"graphs=True needs a CUDA device; the inputs are on {device}")
-    use_graphs = device.type == "cuda" if graphs is None else graphs
+    use_graphs, no_graph_reason = _graph_choice(device, graphs)
     batch, prompt_len = input_ids.shape
     need = prompt_len + max_new_tokens
     max_len = max_cache_len or CACHE_LEN_STEP * math.ceil(need / CACHE_LEN_STEP)
@@ -382,13 +401,14 @@ def generate_ids(
         raise GenerationError(f"max_cache_len={max_len} is less than prompt ({prompt_len}) + new tokens")
 
     kind, reason = _static_kind(model)
+    reason = reason or no_graph_reason
     if kind is not None and use_graphs and len(_decode_buffers(model)) > 1:
         use_graphs, reason = False, "weights are decoded on several devices; graphs capture one device"
     rows = _bucket(batch, batch_buckets) if (use_graphs or batch_buckets) and kind else batch
     session = None
     capture_s = 0.0
     if kind is not None:
-        key = (kind, rows, max_len, str(device))
+        key = (kind, rows, max_len, str(device), _weights_dtype(model))  # model.float() needs new caches
         session = _sessions(model).get(key)
         if session is None:
             try:

@@ -26,7 +26,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from dfloat.errors import ModelSourceError
-from dfloat.runtime.checkpoint import INDEX_NAME, is_compressed_folder
+from dfloat.runtime.checkpoint import INDEX_NAME, folder_of_shards
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +113,7 @@ class DFloatHfQuantizer(HfQuantizer):
 
         if not checkpoint_files:
             raise ModelSourceError("dfloat: transformers found no checkpoint files for this model")
-        folders = {Path(f).parent for f in checkpoint_files}
-        if len(folders) != 1 or not is_compressed_folder(next(iter(folders))):
-            raise ModelSourceError(
-                f"dfloat: the index names shard files outside the checkpoint folder ({', '.join(checkpoint_files)})"
-                "; refusing to read them"
-            )
-        self.folder = folders.pop()
+        self.folder = folder_of_shards(checkpoint_files)
         self.device, self.device_map = _devices(device_map)
         members = {m for names in describe_unit_layout(self.folder).values() for m in names}
 

@@ -5,6 +5,11 @@ usual). Plain tensors are loaded as they are. Each coded unit keeps only its com
 fixed views of one reusable buffer per device, set once at attach time (so a CUDA graph records stable addresses),
 and forward pre-hooks on the modules that own them decode the unit into that buffer when it is not already there.
 The math is the original model's, so outputs are bit-identical.
+
+Autograd: when a module's forward may save weights for a backward pass (grad mode on and one of its parameters,
+e.g. a LoRA adapter, or one of its inputs requires grad; train or eval mode alike), its pre-hook decodes the unit
+(or split-decode part) into a tensor of its own instead, which autograd may keep while later units reuse the
+buffer; its forward hook points the weights back at the buffer views, so only autograd holds the copy.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ class _Part:
     starts: list[int]
     module: torch.nn.Module  # the child module whose pre-hook decodes the part
     subs: list[CompressedTensor] | None = None  # the runs as sub-units, for non-CPU decoders (made once)
-    private: bool = False  # training: its weights are a private decode (not views of the buffer)
+    private_by: torch.nn.Module | None = None  # autograd: the module running on a private decode of the part
 
 
 @dataclass
@@ -59,8 +64,8 @@ class _Unit:
     ct: CompressedTensor  # on the execution device, or pinned on the host with cpu_offload
     device: torch.device
     slots: list[_Slot]
-    bound: bool = False  # its weights are the fixed views of the decode buffer (not private training copies)
     parts: list[_Part] | None = None  # split decode (None: the unit is decoded whole)
+    private_by: torch.nn.Module | None = None  # autograd: the module running on a private decode of the unit
 
 
 @dataclass
@@ -81,21 +86,22 @@ class DecodeBuffer:
         self.current = None
         return self.tensor
 
-    def bind(self, unit: _Unit) -> None:
-        """Point the unit's weights at fixed views of the buffer, once, at attach time: a forward captured in a
-        CUDA graph then records stable addresses, and the hook only has to decode."""
+    def bind(self, unit: _Unit, part: _Part | None = None) -> None:
+        """Point the unit's (or only ``part``'s) weights at fixed views of the buffer: at attach time, and after
+        a forward that ran on a private decode. The views are the same every time, so a forward captured in a
+        CUDA graph records stable addresses, and the hook only has to decode."""
         if self.tensor is None:
             self.tensor = torch.empty(self.numel, dtype=torch.bfloat16, device=self.device)
-        placed = [z for p in unit.parts for z in zip(p.starts, p.slots)] if unit.parts else [
-            (slot.offset, slot) for slot in unit.slots
-        ]
+        if part is not None:
+            placed = list(zip(part.starts, part.slots))
+        elif unit.parts:
+            placed = [z for p in unit.parts for z in zip(p.starts, p.slots)]
+        else:
+            placed = [(slot.offset, slot) for slot in unit.slots]
         for start, slot in placed:
             view = self.tensor[start : start + math.prod(slot.shape)].view(slot.shape)
             for module, attr in slot.places:
                 module._parameters[attr] = torch.nn.Parameter(view, requires_grad=False)
-        for part in unit.parts or ():
-            part.private = False
-        unit.bound = True
 
     def ensure_part(self, unit: _Unit, part: _Part) -> None:
         if self.current == part.key:
@@ -275,16 +281,16 @@ def attach(
             _install_chunked(unit, buffers[udev], plan.chunked[unit.name])
         elif unit.parts:
             for part in unit.parts:  # the child module decodes its part; its leaves too if it is not there
-                hooked.setdefault(id(part.module), [part.module, []])[1].append((unit, part, True))
+                hooked.setdefault(id(part.module), [part.module, []])[1].append((unit, part))
                 for slot in part.slots:
                     for module, _ in slot.places:
-                        hooked.setdefault(id(module), [module, []])[1].append((unit, part, False))
+                        hooked.setdefault(id(module), [module, []])[1].append((unit, part))
         else:
             for slot in slots:
                 for module, _ in slot.places:
-                    hooked.setdefault(id(module), [module, []])[1].append((unit, None, True))
+                    hooked.setdefault(id(module), [module, []])[1].append((unit, None))
             if owner is not None:
-                hooked.setdefault(id(owner), [owner, []])[1].append((unit, None, True))
+                hooked.setdefault(id(owner), [owner, []])[1].append((unit, None))
         if owner is not None and device_map:  # blocks on different devices: bring their inputs along
             owner.register_forward_pre_hook(_inputs_to(udev), with_kwargs=True)
 
@@ -305,10 +311,15 @@ def attach(
         if unit.name not in plan.chunked:
             buffers[unit.device].bind(unit)
     for module, unit_list in hooked.values():
-        module.register_forward_pre_hook(_make_hook(unit_list, buffers))
+        pre, post = _make_hooks(unit_list, buffers)
+        module.register_forward_pre_hook(pre, with_kwargs=True)
+        module.register_forward_hook(post, always_call=True)
     model._dfloat_buffers = buffers
     model._dfloat_units = {u.name: u.ct for u in coded}
     model._dfloat_plan = plan
+    from dfloat.runtime import placement
+
+    placement.install(model, coded)  # model.to(device) moves the compressed units (runtime/placement.py)
     return buffers
 
 
@@ -328,7 +339,15 @@ def _memory_plan(coded: list[_Unit], plain_bytes: int, chunk_numel: int | None, 
             split = max(p.need for p in u.parts) if u.parts else 0
             out.append(
                 memory.UnitSize(
-                    u.name, u.ct.numel, u.ct.nbytes, True, matrix, ok, block, str(u.device), decode_numel=split
+                    u.name,
+                    u.ct.numel,
+                    u.ct.nbytes,
+                    True,
+                    matrix,
+                    ok,
+                    block,
+                    str(u.device),
+                    decode_numel=split,
                 )
             )
         return out
@@ -346,7 +365,9 @@ def _memory_plan(coded: list[_Unit], plain_bytes: int, chunk_numel: int | None, 
         }
         if not inexact:
             return plan
-        log.warning("row-chunked matmul is not bit-identical on this device: decoding %s whole", sorted(inexact))
+        log.warning(
+            "row-chunked matmul is not bit-identical on this device: decoding %s whole", sorted(inexact)
+        )
         excluded |= inexact
 
 
@@ -437,35 +458,73 @@ def _decode_part(unit: _Unit, part: _Part, out: torch.Tensor, backend: str | Non
         registry.decode_into(sub, out[base : base + sub.numel], backend)
 
 
-def _make_hook(entries: list[tuple[_Unit, _Part | None, bool]], buffers: dict[torch.device, DecodeBuffer]):
-    """``entries``: (unit, part or None for the whole unit, lead). In training, lead entries (the module that owns
-    the unit or the part) decode into private tensors; a part's leaves only when the part is not private yet."""
-    unique = list({(u.name, None if p is None else p.key): (u, p, lead) for u, p, lead in entries}.values())
+def _make_hooks(entries: list[tuple[_Unit, _Part | None]], buffers: dict[torch.device, DecodeBuffer]):
+    """The pre-hook and forward hook of one module. ``entries``: (unit, part or None for the whole unit).
 
-    def hook(module, args):
-        for unit, part, lead in unique:
-            if torch.is_grad_enabled() and module.training:
-                if lead or not part.private:
-                    _decode_for_autograd(unit, buffers[unit.device], part)
+    Pre-hook: when the forward may save weights for a backward pass (`_saves_weights`), the unit or part is
+    decoded into a private tensor, unless an enclosing module already did that (a private decode is right for
+    any use); else into the shared buffer (once: the buffer remembers what it holds). Forward hook: the module
+    that made a private decode points the weights back at the buffer views (even if the forward raised)."""
+    unique = list({(u.name, None if p is None else p.key): (u, p) for u, p in entries}.values())
+
+    def pre(module, args, kwargs):
+        saving = None
+        for unit, part in unique:
+            holder = unit if part is None else part
+            if holder.private_by is not None:  # an enclosing module runs on a private decode
+                continue
+            buf = buffers[unit.device]
+            if saving is None:
+                saving = _saves_weights(module, args, kwargs)
+            if saving:
+                _decode_for_autograd(unit, buf, part)
+                holder.private_by = module
+                continue
+            if part is None:
+                buf.ensure(unit)
             else:
-                if not unit.bound:  # back from training: the weights go back to the shared buffer
-                    buffers[unit.device].bind(unit)
-                    buffers[unit.device].current = None
-                if part is None:
-                    buffers[unit.device].ensure(unit)
-                else:
-                    buffers[unit.device].ensure_part(unit, part)
-                # Weights saved for a backward pass are views of the shared buffer: mark it changed, so autograd
-                # refuses (instead of silently using the next unit's weights) when training in eval mode.
-                if torch.is_grad_enabled() and not buffers[unit.device].tensor.is_inference():
-                    torch.autograd.graph.increment_version(buffers[unit.device].tensor)
+                buf.ensure_part(unit, part)
+            # The decoders write without telling autograd: mark the buffer changed, so a weight view saved for a
+            # backward pass that `_saves_weights` did not foresee makes autograd raise instead of silently using
+            # the next unit's weights.
+            if torch.is_grad_enabled() and not buf.tensor.is_inference():
+                torch.autograd.graph.increment_version(buf.tensor)
 
-    return hook
+    def post(module, args, output):
+        for unit, part in unique:
+            holder = unit if part is None else part
+            if holder.private_by is module:
+                buffers[unit.device].bind(unit, part)
+                holder.private_by = None
+
+    return pre, post
+
+
+def _saves_weights(module: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether autograd may keep ``module``'s weights for a backward pass: grad mode is on and a parameter of the
+    module (a LoRA adapter, say) or an input tensor requires grad. Weights used by an op none of whose operands
+    requires grad are not saved."""
+    if not torch.is_grad_enabled():
+        return False
+    if any(p.requires_grad for p in module.parameters()):
+        return True
+    return _requires_grad(args) or _requires_grad(kwargs)
+
+
+def _requires_grad(x) -> bool:
+    """A tensor that requires grad in ``x`` (a tensor, or tensors in tuples, lists and dicts)."""
+    if isinstance(x, torch.Tensor):
+        return x.requires_grad
+    if isinstance(x, (tuple, list)):
+        return any(_requires_grad(v) for v in x)
+    if isinstance(x, dict):
+        return any(_requires_grad(v) for v in x.values())
+    return False
 
 
 def _decode_for_autograd(unit: _Unit, buf: DecodeBuffer, part: _Part | None = None) -> None:
-    """Training (e.g. LoRA adapters on the frozen base): decode into a tensor of its own, which autograd may keep
-    for the backward pass while later units reuse the shared buffer (split units: only the part)."""
+    """Decode into a tensor of its own, which autograd may keep for the backward pass while later units reuse the
+    shared buffer (split units: only the part), and point the weights at it."""
     if part is None:
         ct = unit.ct if unit.ct.device == buf.device else unit.ct.to(buf.device, non_blocking=True)
         flat = decompress_tensor(ct, device=buf.device, backend=buf.backend).reshape(-1)
@@ -474,12 +533,10 @@ def _decode_for_autograd(unit: _Unit, buf: DecodeBuffer, part: _Part | None = No
         flat = torch.empty(part.need, dtype=torch.bfloat16, device=buf.device)
         _decode_part(unit, part, flat, buf.backend)
         starts, slots = part.starts, part.slots
-        part.private = True
     for start, slot in zip(starts, slots):
         view = flat[start : start + math.prod(slot.shape)].view(slot.shape)
         for module, attr in slot.places:
             module._parameters[attr] = torch.nn.Parameter(view, requires_grad=False)
-    unit.bound = False  # the modules no longer point into the buffer
 
 
 def _inputs_to(device: torch.device):
@@ -540,7 +597,8 @@ def load_compressed(
     """Load a dfloat (or official DFloat11) checkpoint as a transformers model with bit-identical outputs.
 
     Args:
-        source: a compressed folder or Hub id.
+        source: a compressed folder or Hub id; a compressed diffusers model or pipeline folder, or an official
+            DFloat11 diffusion checkpoint (pass ``config_from=``, see `dfloat.runtime.diffusion_loading`).
         device: "cpu" or "cuda[:i]" (default: cuda if available, else cpu).
         device_map: "auto" places whole units across the visible GPUs; or ``{module prefix: device}``.
         cpu_offload: keep compressed units in pinned host memory and copy each to the GPU before decoding it.
@@ -565,7 +623,17 @@ def load_compressed(
     Example:
         >>> model = dfloat.load_compressed("./llama-dfloat", device="cuda")
     """
-    folder, _ = src.resolve_folder(source, revision=revision, token=token)
+    from dfloat.runtime import pipeline
+
+    if pipeline.is_local_file(source):  # an official DFloat11 single file (ComfyUI), or an error below
+        folder = Path(source).expanduser()
+    else:
+        folder, _ = src.resolve_folder(source, revision=revision, token=token)
+    if pipeline.diffusion_layout(folder):  # diffusers models and pipelines: runtime/diffusion_loading.py
+        from dfloat.runtime.diffusion_loading import load_diffusion
+
+        options = dict(device_map=device_map, cpu_offload=cpu_offload, backend=backend, verify=verify)
+        return load_diffusion(folder, device=device, **options, **kw)
     config = src.read_config(folder)
     device = canonical_device(
         device if device is not None else "cuda" if torch.cuda.is_available() else "cpu"
@@ -596,8 +664,16 @@ def load_compressed(
             raise ModelSourceError("matmul='fused' works on one device without cpu_offload (for now)")
         units = fused.install(model, units, device)
     buffers = attach(
-        model, units, plain, device, backend=backend, cpu_offload=cpu_offload, device_map=device_map,
-        chunk_numel=chunk_numel, chunking=chunking, split=split_decode,
+        model,
+        units,
+        plain,
+        device,
+        backend=backend,
+        cpu_offload=cpu_offload,
+        device_map=device_map,
+        chunk_numel=chunk_numel,
+        chunking=chunking,
+        split=split_decode,
     )
     log.info("memory plan of %s: %s", folder, model._dfloat_plan.summary())
     log.info(

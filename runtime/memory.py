@@ -25,6 +25,9 @@ ALIGN_ELEMENTS = 64
 _NUMBERED = re.compile(r"(^|\.)\d+(\.|$)")  # a numbered module in the name: model.layers.7, transformer.h.0
 DEFAULT_CHUNK_NUMEL = 1 << 24  # when no unit must be decoded whole
 CHUNK_ROW_MULTIPLE = 128  # chunks of many rows are a multiple of this (GEMM tile sizes)
+# Fewest rows in a chunk: below this the per-chunk work (a decode call and a GEMM call) costs more than the rows'
+# math; a chunk also holds at least as many weights as its overhang, so decoding it costs at most twice its rows.
+MIN_CHUNK_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -123,11 +126,21 @@ def in_block(unit: str) -> bool:
 
 
 def chunk_rows(budget: int, cols: int, overhang: int) -> int:
-    """Rows per chunk so that rows * cols plus the overhang of the blocks at both ends fits ``budget`` elements."""
-    rows = max(1, (budget - overhang) // max(1, cols))
-    if rows >= 2 * CHUNK_ROW_MULTIPLE:
-        rows -= rows % CHUNK_ROW_MULTIPLE
-    return rows
+    """Rows per chunk so that rows * cols plus the overhang of the blocks at both ends fits ``budget`` elements,
+    but never fewer than `min_chunk_rows` (the buffer then grows past the budget: a tiny budget would otherwise
+    give chunks of a row or two, each paying a decode and a GEMM call, and the blocks around it, for one row)."""
+    cols = max(1, cols)
+    least = min_chunk_rows(cols, overhang)
+    fit = (budget - overhang) // cols
+    if fit < least:
+        return least + (-least) % CHUNK_ROW_MULTIPLE if least >= 2 * CHUNK_ROW_MULTIPLE else least
+    rounded = fit - fit % CHUNK_ROW_MULTIPLE
+    return rounded if fit >= 2 * CHUNK_ROW_MULTIPLE and rounded >= least else fit
+
+
+def min_chunk_rows(cols: int, overhang: int) -> int:
+    """`MIN_CHUNK_ROWS`, or more when a chunk of that many rows holds fewer weights than its overhang."""
+    return max(MIN_CHUNK_ROWS, -(-overhang // max(1, cols)))
 
 
 def chunk_overhang(max_block_numel: int) -> int:
@@ -280,7 +293,13 @@ def units_from_checkpoint(
             )
         out.append(
             UnitSize(
-                name, int(meta["numel"]), int(arrays_nbytes[name]), coded, matrix, matrix is not None, block,
+                name,
+                int(meta["numel"]),
+                int(arrays_nbytes[name]),
+                coded,
+                matrix,
+                matrix is not None,
+                block,
                 decode_numel=split_numel,
             )
         )
@@ -346,3 +365,82 @@ _UNIT_ARRAYS = (
     "luts",
     "raw",
 )
+
+
+@dataclass
+class PipelinePlan:
+    """The weight memory of a diffusers pipeline: each compressed component's plan (its own decode buffer), and
+    the bytes of each component stored as it is (a VAE in float32; tokenizers and schedulers hold none)."""
+
+    plans: dict[str, MemoryPlan]
+    copied: dict[str, int]
+
+    @property
+    def total_bytes(self) -> int:
+        """Every component on one device."""
+        return sum(p.total_bytes for p in self.plans.values()) + sum(self.copied.values())
+
+    @property
+    def bf16_bytes(self) -> int:
+        return sum(p.bf16_bytes for p in self.plans.values()) + sum(self.copied.values())
+
+    @property
+    def pct_of_bf16(self) -> float:
+        return 100.0 * self.total_bytes / max(1, self.bf16_bytes)
+
+    @property
+    def offload_peak_bytes(self) -> int:
+        """With ``enable_model_cpu_offload`` one component at a time is on the accelerator: the largest one."""
+        sizes = [p.total_bytes for p in self.plans.values()] + list(self.copied.values())
+        return max(sizes, default=0)
+
+    @property
+    def offload_peak_bf16_bytes(self) -> int:
+        sizes = [p.bf16_bytes for p in self.plans.values()] + list(self.copied.values())
+        return max(sizes, default=0)
+
+    def as_dict(self) -> dict:
+        return {
+            "components": {n: p.as_dict() for n, p in self.plans.items()},
+            "copied_bytes": dict(self.copied),
+            "total_bytes": self.total_bytes,
+            "bf16_bytes": self.bf16_bytes,
+            "pct_of_bf16": round(self.pct_of_bf16, 2),
+            "offload_peak_bytes": self.offload_peak_bytes,
+            "offload_peak_bf16_bytes": self.offload_peak_bf16_bytes,
+        }
+
+    def summary(self) -> str:
+        mib = 2.0**20
+        return (
+            f"pipeline weight memory {self.total_bytes / mib:,.1f} MiB = {self.pct_of_bf16:.2f}% of BF16 "
+            f"({self.bf16_bytes / mib:,.1f} MiB) with every component on one device; with model CPU offload the "
+            f"largest component needs {self.offload_peak_bytes / mib:,.1f} MiB "
+            f"(BF16: {self.offload_peak_bf16_bytes / mib:,.1f} MiB)"
+        )
+
+
+def plan_pipeline(
+    folder, chunk_numel: int | None = None, chunking: bool = True, split: bool = True
+) -> PipelinePlan:
+    """The memory plan of a compressed diffusers pipeline folder, component by component (`plan_checkpoint` for
+    each compressed one; the weight files' bytes for the others), from headers only."""
+    from pathlib import Path
+
+    from dfloat.runtime import pipeline
+
+    plans: dict[str, MemoryPlan] = {}
+    copied: dict[str, int] = {}
+    for name, comp in pipeline.components(Path(folder)).items():
+        if pipeline.is_compressed_component(comp):
+            plans[name] = plan_checkpoint(comp, chunk_numel, chunking, split)
+            continue
+        nbytes = 0
+        for basename in (pipeline.DIFFUSERS_WEIGHTS, pipeline.TRANSFORMERS_WEIGHTS):
+            try:
+                nbytes = sum(f.stat().st_size for f in pipeline.weight_files(comp, basename))
+                break
+            except Exception:  # noqa: BLE001 - no weights under this name (tokenizers, schedulers)
+                continue
+        copied[name] = nbytes
+    return PipelinePlan(plans, copied)

@@ -19,18 +19,25 @@ def read_official(
     """Units (one per matched module, members from its pattern) and the remaining plain tensors."""
     from safetensors import safe_open
 
-    cfg = config["dfloat11_config"]
+    tensors: dict[str, torch.Tensor] = {}
+    for path in src.read_all_safetensors(folder).files:  # what the official loader reads: every file
+        with safe_open(str(path), framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    return official_units(tensors, config["dfloat11_config"], model, str(folder))
+
+
+def official_units(
+    tensors: dict[str, torch.Tensor], cfg: dict, model: torch.nn.Module, where: str
+) -> tuple[dict[str, CompressedTensor], dict[str, torch.Tensor]]:
+    """The units of ``model`` found in an official checkpoint's ``tensors`` (``cfg``: its dfloat11_config), and
+    the tensors left over (plain). ``tensors`` is consumed."""
     try:
         patterns = [(re.compile(p), list(attrs)) for p, attrs in cfg["pattern_dict"].items()]
         tpb = cfg.get("threads_per_block", [df11.OFFICIAL_THREADS_PER_BLOCK])
         threads_per_block = int(tpb[0] if isinstance(tpb, list) else tpb)
         bytes_per_thread = int(cfg.get("bytes_per_thread", df11.OFFICIAL_BYTES_PER_THREAD))
     except (KeyError, TypeError, ValueError, re.error) as e:
-        raise ModelSourceError(f"{folder}/config.json: unreadable dfloat11_config ({e})") from None
-    tensors: dict[str, torch.Tensor] = {}
-    for path in src.read_all_safetensors(folder).files:  # what the official loader reads: every file
-        with safe_open(str(path), framework="pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+        raise ModelSourceError(f"{where}: unreadable dfloat11_config in config.json ({e})") from None
     params = dict(model.named_parameters(remove_duplicate=False))
     units = {}
     for module_name, _ in model.named_modules():
@@ -40,7 +47,7 @@ def read_official(
         names = [f"{module_name}.{a}.weight" for a in attrs] if attrs else [f"{module_name}.weight"]
         missing = [n for n in names if n not in params]
         if missing:
-            raise ModelSourceError(f"{folder}: module {module_name} has no weight {missing[0]} in the model")
+            raise ModelSourceError(f"{where}: module {module_name} has no weight {missing[0]} in the model")
         arrays = {
             k: tensors.pop(f"{module_name}.{k}")
             for k in df11.OFFICIAL_ARRAYS
@@ -51,10 +58,10 @@ def read_official(
             [(n, tuple(params[n].shape)) for n in names],
             bytes_per_thread,
             threads_per_block,
-            where=f"{folder}: unit {module_name}",
+            where=f"{where}: unit {module_name}",
         )
     if not units:
-        raise ModelSourceError(f"{folder}: dfloat11_config matches no compressed module")
+        raise ModelSourceError(f"{where}: dfloat11_config matches no compressed module")
     return units, tensors
 
 

@@ -25,6 +25,12 @@ def looks_like_hub_id(source: str) -> bool:
     return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
 
 
+def public_name(source: str) -> str:
+    """How a published model card names a source: a Hub id as it is, a local path by its last part only (no
+    paths of the machine that made it)."""
+    return source if looks_like_hub_id(source) else Path(source).expanduser().name or "a local model"
+
+
 def local_folders(source) -> list[Path]:
     """``[source]`` when it names an existing local path (checked before any download), else ``[]``."""
     if isinstance(source, str | os.PathLike) and Path(source).expanduser().exists():
@@ -182,7 +188,7 @@ def read_weight_layout(
         present = sorted(p.name for p in folder.glob("*.safetensors"))
         bins = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt"))
         hint = (
-            f" (it has {', '.join(present[:3])}, which transformers does not read without {index.name})"
+            f" (it has {', '.join(present[:3])}: other names, such as variants, are not read)"
             if present
             else " (only PyTorch .bin files: re-save with save_pretrained(..., safe_serialization=True))"
             if bins

@@ -8,7 +8,10 @@ through `load_compressed_tensors`; or bytes of a shard of a saved model read thr
 
 Cases run in child processes in batches (so start-up does not eat the budget, and a crash fails its case instead
 of ending the run): a child that dies is restarted after the case it died on. Outputs are decoded into the middle
-of a guarded buffer whose guard regions must be unchanged afterwards.
+of a guarded buffer whose guard regions must be unchanged afterwards. Each child (with its ``--wrap`` command,
+e.g. compute-sanitizer, and whatever that starts) runs in a process group of its own, which is killed whole when
+``--time-limit`` runs out or this script is terminated: nothing is left running. A run cut short by the time
+limit writes its summary for the cases it finished (``stopped_at_time_limit``).
 
 What each case may end in:
   dfloat units and files (checksummed): a named DFloatError, or output bit-identical to the original;
@@ -17,6 +20,7 @@ What each case may end in:
 
     python scripts/fuzz.py                       # the CI budget on the CPU decoder; writes benchmarks/results/fuzz_cpu.json
     python scripts/fuzz.py --cases 20000         # a longer run
+    python scripts/fuzz.py --cases 20000 --time-limit 300    # as many of them as 5 minutes allow
     TRITON_INTERPRET=1 python scripts/fuzz.py --backend triton --cases 60
     compute-sanitizer --tool memcheck python scripts/fuzz.py --device cuda --backend cuda   # on a GPU
 """
@@ -27,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -434,14 +439,52 @@ def worker(args) -> None:
             )
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the child's process group: the child, its --wrap tool and everything they started."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_child(cmd: list[str], timeout: float | None) -> tuple[int, str, str, bool]:
+    """(exit status, stdout, stderr, timed out) of one child run in a process group of its own.
+
+    The group is killed when the child is done (anything it left behind), when ``timeout`` passes, and when this
+    process is interrupted or terminated (SIGTERM is turned into SystemExit in main).
+    """
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True
+    )
+    timed_out = False
+    try:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc)
+            out, err = proc.communicate()
+    finally:
+        _kill_group(proc)
+        if proc.poll() is None:
+            proc.wait()
+    return proc.returncode, out, err, timed_out
+
+
 def run_all(args) -> dict:
-    """Run every case in child processes; restart after a crash."""
+    """Run every case in child processes; restart after a crash; stop at the time limit."""
     results: dict[int, dict] = {}
     child_failures: list[dict] = []
     start = 0
     t0 = time.time()
+    deadline = time.monotonic() + args.time_limit if args.time_limit else None
+    stopped = False
     kinds = plan(args.cases, not args.no_files)
     while start < args.cases:
+        left = deadline - time.monotonic() if deadline is not None else None
+        if left is not None and left <= 0:
+            stopped = True
+            break
         stop = min(args.cases, start + args.batch)
         if kinds[start] != "model" and "model" in kinds[start:stop]:
             stop = kinds.index("model", start)
@@ -465,24 +508,27 @@ def run_all(args) -> dict:
         if args.no_files:
             cmd += ["--no-files"]
         cmd = [*args.wrap.split(), *cmd] if args.wrap else cmd
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        got = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        returncode, stdout, stderr, timed_out = run_child(cmd, left)
+        got = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
         for r in got:
             results[r["i"]] = r
         done = max([r["i"] for r in got], default=start - 1) + 1
+        if timed_out:  # the time limit: the case that was running is not counted
+            stopped = True
+            break
         if done < stop:  # the child died on case `done`
             results[done] = {
                 "i": done,
                 "kind": kinds[done],
                 "unit": "?",
                 "mutation": "?",
-                "result": f"crash: exit {proc.returncode}: {proc.stderr[-300:]}",
+                "result": f"crash: exit {returncode}: {stderr[-300:]}",
             }
             start = done + 1
         else:
-            if proc.returncode != 0:  # e.g. compute-sanitizer reporting errors at exit
+            if returncode != 0:  # e.g. compute-sanitizer reporting errors at exit
                 child_failures.append(
-                    {"cases": [start, stop], "result": f"child exit {proc.returncode}: {proc.stderr[-600:]}"}
+                    {"cases": [start, stop], "result": f"child exit {returncode}: {stderr[-600:]}"}
                 )
             start = stop
     counts: dict[str, dict[str, int]] = {}
@@ -500,6 +546,7 @@ def run_all(args) -> dict:
         "counts": counts,
         "failures": failures[:50],
         "n_failures": len(failures),
+        "stopped_at_time_limit": stopped,
     }
 
 
@@ -515,6 +562,12 @@ def main() -> int:
         "--wrap", default="", help="run each child under this command (e.g. compute-sanitizer ...)"
     )
     p.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        help="seconds: start no child after this, kill the running one (its whole process group) at it",
+    )
+    p.add_argument(
         "--json", default=None, help="where to write the summary [benchmarks/results/fuzz_<backend>.json]"
     )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -524,6 +577,11 @@ def main() -> int:
     if args.worker:
         worker(args)
         return 0
+
+    def terminate(signum, frame):  # unwinds through run_child, which kills the running child's process group
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
     summary = run_all(args)
     import dfloat
 
@@ -548,7 +606,10 @@ def main() -> int:
             f"{kind:<10} {sum(c.values()):>10} {c.get('error', 0):>10} {c.get('exact', 0):>10} "
             f"{c.get('undetected', 0):>10} {other:>10}"
         )
-    print(f"{summary['cases']} cases in {summary['seconds']} s, {summary['n_failures']} failures -> {path}")
+    cut = f" (stopped at the {args.time_limit:g} s time limit)" if summary["stopped_at_time_limit"] else ""
+    print(
+        f"{summary['cases']} cases in {summary['seconds']} s{cut}, {summary['n_failures']} failures -> {path}"
+    )
     for f in summary["failures"][:10]:
         print("FAIL", json.dumps(f))
     return 1 if summary["n_failures"] else 0

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,98 @@ def test_fuzzer_triton_decoder_under_the_interpreter(tmp_path):
         tmp_path, "--backend", "triton", "--cases", "16", "--no-files", env={"TRITON_INTERPRET": "1"}
     )
     assert summary["cases"] == 16 and "official" in summary["counts"]
+
+
+HANGING_WRAP = """
+import os, signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # like a tool that outlives a polite stop
+child = subprocess.Popen([sys.executable, "-c",
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+open(sys.argv[1], "w").write(f"{os.getpid()} {child.pid}")
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")  # a zombie waiting for its reaper has stopped
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
+def test_time_limit_kills_the_wrapped_child_and_all_it_started(tmp_path):
+    # compute-sanitizer under `timeout` used to keep running after fuzz.py was gone: the wrapped child, its tool
+    # and the tool's own children now share a process group that is killed whole at the time limit
+    wrap, pids, out = tmp_path / "hang.py", tmp_path / "pids", tmp_path / "fuzz.json"
+    wrap.write_text(HANGING_WRAP)
+    t0 = time.monotonic()
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(FUZZ),
+            "--cases",
+            "5",
+            "--no-files",
+            "--time-limit",
+            "6",
+            "--json",
+            str(out),
+            "--wrap",
+            f"{sys.executable} {wrap} {pids}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert time.monotonic() - t0 < 60, "the time limit did not stop the run"
+    summary = json.loads(out.read_text())
+    assert summary["stopped_at_time_limit"] and summary["cases"] == 0 and res.returncode == 0, res.stderr[
+        -2000:
+    ]
+    assert "time limit" in res.stdout
+    for pid in map(int, pids.read_text().split()):
+        for _ in range(50):
+            if not _alive(pid):
+                break
+            time.sleep(0.1)
+        assert not _alive(pid), f"process {pid} outlived the fuzzer"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
+def test_terminating_the_fuzzer_kills_its_running_child(tmp_path):
+    wrap, pids = tmp_path / "hang.py", tmp_path / "pids"
+    wrap.write_text(HANGING_WRAP)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(FUZZ),
+            "--cases",
+            "5",
+            "--no-files",
+            "--json",
+            str(tmp_path / "f.json"),
+            "--wrap",
+            f"{sys.executable} {wrap} {pids}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        for _ in range(300):
+            if pids.is_file() and len(pids.read_text().split()) == 2:
+                break
+            time.sleep(0.1)
+        proc.terminate()  # what `timeout` sends first
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    for pid in map(int, pids.read_text().split()):
+        for _ in range(50):
+            if not _alive(pid):
+                break
+            time.sleep(0.1)
+        assert not _alive(pid), f"process {pid} outlived the fuzzer"

@@ -42,3 +42,12 @@ def test_readme_transformers_and_lora_examples_run(tmp_path, monkeypatch):
         exec(compile(python_block(heading), f"README.md ({heading})", "exec"), {})
     assert (tmp_path / "tiny-lora" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "tiny-merged" / "dfloat.safetensors.index.json").is_file()
+
+
+def test_readme_diffusion_example_runs(tmp_path, monkeypatch):
+    import pytest
+
+    pytest.importorskip("diffusers")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(python_block("Diffusion models (diffusers)"), "README.md (Diffusion models)", "exec"), {})
+    assert (tmp_path / "flux-dfloat" / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()

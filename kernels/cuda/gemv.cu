@@ -292,8 +292,11 @@ __device__ __forceinline__ void dfg_decode_matrix(const GemvArgs& a, unsigned sh
     }
 }
 
-template <int R, int NB>
-__global__ void __launch_bounds__(256) dfloat_gemv(DFG_PARAMS) {
+// MINB = 0: no bound beyond 256 threads (ptxas picks the registers). MINB > 0: blocks of at most 128 threads, MINB
+// of them per SM, i.e. at most 65536 / (128 * MINB) registers; dfloat/kernels/cuda_gemv.py chooses MINB = 3 for
+// the instances with the most accumulators (R * NB > 48), which ptxas would otherwise give 2 blocks per SM.
+template <int R, int NB, int MINB>
+__global__ void __launch_bounds__(MINB ? 128 : 256, MINB) dfloat_gemv(DFG_PARAMS) {
     const GemvArgs a = DFG_ARGS;
     dfg_gemv<R, NB, true>(a);
 }

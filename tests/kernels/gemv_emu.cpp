@@ -60,7 +60,7 @@ inline unsigned int __byte_perm(unsigned int x, unsigned int y, unsigned int s) 
 using Kernel = void (*)(DFG_PARAMS);
 using DecodeKernel = void (*)(DFG_PARAMS, unsigned short*);
 
-#define DFG_CASE(NB) case NB: return twin ? dfloat_gemv_twin<R, NB> : dfloat_gemv<R, NB>;
+#define DFG_CASE(NB) case NB: return twin ? dfloat_gemv_twin<R, NB> : dfloat_gemv<R, NB, 0>;  // MINB: launch bounds only
 template <int R>
 static Kernel pick(bool twin, int nb) {
     switch (nb) { DFG_CASE(1) DFG_CASE(2) DFG_CASE(3) DFG_CASE(4) DFG_CASE(5) DFG_CASE(6) DFG_CASE(7) DFG_CASE(8) }

@@ -102,3 +102,20 @@ def test_host_cost_per_decode_is_small():
     per_call = (time.perf_counter() - t0) / 500
     torch.cuda.synchronize()
     assert per_call < 60e-6, f"{per_call * 1e6:.1f} us per decode"
+
+
+def test_capture_with_dfloat_check_set_records_unchecked_decodes(monkeypatch):
+    # a checked decode cannot be captured (it reads its status on the host): under capture DFLOAT_CHECK is skipped
+    t = weights_like(120_000, seed=5)
+    ct = dfloat.compress_tensor(t, allow_raw=False).to("cuda")
+    out = torch.empty(ct.numel, dtype=torch.bfloat16, device="cuda")
+    dfloat.decompress_tensor(ct, out=out, backend="cuda")
+    torch.cuda.synchronize()
+    monkeypatch.setenv("DFLOAT_CHECK", "1")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        dfloat.decompress_tensor(ct, out=out, backend="cuda")
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(bits(out.cpu()), bits(t))

@@ -1,5 +1,6 @@
-"""kernels/cuda/gemv.cu through nvcc for an H100 (no GPU needed): it compiles, the batch-1 kernels do not spill, and
-the hot loop stays inside the issue's instruction budget (the SASS proxy of benchmarks/gemv_sass_proxy.py).
+"""kernels/cuda/gemv.cu through nvcc for an H100 (no GPU needed): it compiles, the batch-1 kernels do not spill, the
+batch 8/16 kernels fit 3 blocks of 128 threads per SM without local memory in their loop, and the hot loop stays
+inside the issue's instruction budget (the SASS proxy of benchmarks/gemv_sass_proxy.py).
 
 Skipped without nvcc (and, for the budget, cuobjdump; DFLOAT_CUOBJDUMP may point at one).
 """
@@ -16,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gemv_sass_proxy as proxy  # noqa: E402
 
-INSTANCES = [("fused", 8, 1), ("fused", 2, 1), ("fused", 8, 8), ("twin", 8, 1)]
+from dfloat.kernels import cuda_gemv  # noqa: E402
+
+INSTANCES = [("fused", 8, 1), ("fused", 2, 1), ("fused", 8, 8), ("fused", 4, 16), ("twin", 8, 1)]
 
 
 @pytest.fixture(scope="module")
@@ -50,3 +53,19 @@ def test_hot_loop_inside_the_budget(built):
     assert not any("LDL" in i or "STL" in i for i in always)
     worst = (len(always) + len(refill)) / weights  # every refill taken: an upper bound
     assert worst * 64 / 128 <= proxy.BREAK_EVEN_CLOCKS, f"{worst:.2f} instructions per weight"
+
+
+def test_batch_8_and_16_kernels_leave_room_for_3_blocks_per_sm(built):
+    # 176-209 registers gave 2 blocks of 128 threads per SM: too few loads in flight at batch 8 and 16
+    cubin, log = built
+    for r, nb in ((8, 8), (4, 16)):
+        assert cuda_gemv.min_blocks(r, nb, 128) == 3
+        info = proxy.ptxas_info(log, proxy.mangled("fused", r, nb))
+        assert info["registers"] <= 65536 // (128 * 3), (r, nb, info)
+        assert proxy.blocks_per_sm(info["registers"]) >= 3
+        try:
+            proxy.find_tool("cuobjdump")
+        except SystemExit:
+            continue
+        body = proxy.hot_loop(proxy.sass(cubin, proxy.mangled("fused", r, nb)))
+        assert not any("LDL" in i or "STL" in i for _, i in body), (r, nb)

@@ -126,3 +126,22 @@ def test_fused_model_in_the_cuda_graph_generation_path(tmp_path):
     graph = generate_ids(model, ids, max_new_tokens=12, stop_token_ids=[], graphs=True)
     assert graph.path == "graph"
     assert graph.tokens == plain.tokens
+
+
+@pytest.mark.parametrize("threads", [128, 256])
+@pytest.mark.parametrize("r", [8, 4])
+def test_register_capped_and_wide_builds_equal_the_twin(r, threads):
+    # batch 8/16 launch __launch_bounds__(128, 3) builds for blocks of <= 128 threads, unbounded ones for 256
+    from dfloat.kernels import cuda_gemv, gemv_layout
+
+    w = weights_like(2048 * 2048, seed=r).view(2048, 2048)
+    gm = gemv_layout.encode(w, rows_per_tile=r, threads=threads).to("cuda")
+    for rows in (8, 16):
+        kernel = cuda_gemv.plan("fused", r, threads, gm.n_tiles, gm.peek, rows).kernel
+        assert kernel.endswith(", 3>") == (
+            threads <= 128 and r * min(rows, cuda_gemv.MAX_ROWS_PER_PASS[r]) > 48
+        )
+        x = _rand(rows, 2048, seed=rows)
+        y = cuda_gemv.gemv(gm, x)
+        t = cuda_gemv.twin(w.cuda(), x, r, threads)
+        assert torch.equal(y.view(torch.int16), t.view(torch.int16)), (r, threads, rows)

@@ -83,6 +83,18 @@ def test_indexes_that_disagree_are_refused_everywhere(model):
     assert not (root / "never").exists()
 
 
+def test_a_diffusers_index_copy_that_disagrees_is_refused(model):
+    root, _ = model
+    folder = _copy(root, "diffusers-copy")
+    index = json.loads((folder / INDEX_NAME).read_text())
+    index["weight_map"].popitem()
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(
+        ModelSourceError, match="diffusion_pytorch_model.safetensors.index.json list different"
+    ):
+        dfloat.verify_checkpoint(folder)
+
+
 @pytest.mark.parametrize("where", ["../elsewhere/outside.safetensors", "ABSOLUTE"])
 def test_index_entries_outside_the_folder_are_refused(model, where):
     """The file outside is a valid shard, so only the path check can refuse it."""

@@ -94,3 +94,15 @@ def test_captured_step_logits_equal_eager_step(models, which):
             a, b = graph.replay().clone(), eager.step()
             assert torch.equal(a, b)
             token = b.argmax(-1)
+
+
+def test_checked_decodes_run_the_steps_without_capture(models, monkeypatch):
+    # DFLOAT_CHECK=1 reads each decode's status on the host: no graph, the same tokens, no capture error
+    bf16, compressed = models
+    ids, mask = _prompts()
+    eager = generate_ids(bf16, ids, mask, max_new_tokens=12, stop_token_ids=[], graphs=False)
+    monkeypatch.setenv("DFLOAT_CHECK", "1")
+    checked = generate_ids(compressed, ids, mask, max_new_tokens=12, stop_token_ids=[])
+    assert checked.path == "static" and "DFLOAT_CHECK" in checked.reason
+    assert checked.tokens == eager.tokens
+    release_graphs(compressed)

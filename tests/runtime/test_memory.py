@@ -9,7 +9,14 @@ from pathlib import Path
 from click.testing import CliRunner
 
 import dfloat
-from dfloat.runtime.memory import UnitSize, plan_checkpoint, plan_memory
+from dfloat.runtime.memory import (
+    MIN_CHUNK_ROWS,
+    UnitSize,
+    chunk_overhang,
+    chunk_rows,
+    plan_checkpoint,
+    plan_memory,
+)
 
 DEMO = Path(dfloat.__file__).parent / "demo" / "model"
 
@@ -58,6 +65,31 @@ def test_plan_rules_on_shapes():
     assert plan_memory(units, 0, chunk_numel=1 << 20).buffers["cpu"] == block  # blocks still decode whole
     total = plan.compressed_bytes + 2 * block
     assert plan.total_bytes == total and abs(plan.pct_of_bf16 - 100 * total / plan.bf16_bytes) < 1e-9
+
+
+def test_chunks_have_a_minimum_size():
+    """A vocabulary matrix just over a tiny model's block got chunks of one row (issue 19: each paying a decode
+    call, the blocks of windows around it and a GEMM call for one row). Chunks now hold at least
+    MIN_CHUNK_ROWS rows and at least as many weights as their overhang; the buffer grows past the budget for it."""
+    block, hidden, max_block = 3 * 64 * 128, 64, 25_000  # a tiny model's MLP part; default blocks of windows
+    overhang = chunk_overhang(max_block)
+    layer = UnitSize("model.layers.0", block, block, True, device="cpu")
+
+    def embed(rows):
+        return UnitSize("model.embed_tokens", rows * hidden, rows, True, (rows, hidden), True, max_block)
+
+    plan = plan_memory([layer, embed(2048)], 0)
+    c = plan.chunked["model.embed_tokens"]
+    assert (
+        c.rows >= MIN_CHUNK_ROWS and c.rows * hidden >= overhang and c.rows % 128 == 0 and len(c.chunks) == 3
+    )
+    assert plan.buffers == {"cpu": c.rows * hidden + overhang}
+    just_over = embed(block // hidden + 1)  # fewer rows than the minimum chunk: decoded whole
+    assert plan_memory([layer, just_over], 0).chunked == {}
+    assert plan_memory([layer, just_over], 0).buffers == {"cpu": just_over.numel}
+    # where the budget leaves room for more, it sets the size (a multiple of 128 rows), as before
+    assert chunk_rows(1 << 20, 64, 200) == (1 << 20) // 64 - 128 and chunk_rows(10_000, 64, 200) == 153
+    assert chunk_rows(100, 64, 200) == MIN_CHUNK_ROWS and chunk_rows(100, 8, 40_000) == 5120
 
 
 def test_readme_memory_figures_come_from_the_benchmark_json():

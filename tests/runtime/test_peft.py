@@ -112,9 +112,10 @@ def test_training_lowers_loss_base_bytes_unchanged_adapters_roundtrip(folders, t
         assert torch.equal(merged.state_dict()[name], p), name
 
 
-def test_back_in_eval_the_weights_are_the_shared_buffer_again(folders):
-    """Training decodes into private tensors; eval must put the weights back on the fixed buffer views (the
-    CUDA-graph path records those addresses, and private copies would hold the whole model in memory)."""
+def test_private_decodes_only_while_autograd_needs_them(folders):
+    """A forward whose weights autograd may keep decodes them into private tensors (train or eval mode); right
+    after each module its weights are the fixed buffer views again: the CUDA-graph path records those addresses,
+    and private copies held by the modules would keep the whole model decoded."""
     model = dfloat.load_compressed(folders / "dfloat")
     ids = _batch()
     with torch.no_grad():
@@ -122,11 +123,20 @@ def test_back_in_eval_the_weights_are_the_shared_buffer_again(folders):
     buf = next(iter(model._dfloat_buffers.values())).tensor
     lo, hi = buf.data_ptr(), buf.data_ptr() + buf.numel() * buf.element_size()
     q = model.model.layers[0].self_attn.q_proj
+    during = []
+    q.register_forward_pre_hook(lambda m, args: during.append(m.weight.data_ptr()))
     model.train()
-    model(input_ids=ids, labels=ids)  # decodes layer 0 into a private tensor
-    assert not lo <= q.weight.data_ptr() < hi
+    model(input_ids=ids, labels=ids)  # nothing requires grad: autograd keeps no weight, the buffer serves
+    assert lo <= during[-1] < hi
+    model.enable_input_require_grads()  # the blocks' inputs require grad: their weights are kept
+    for mode in (True, False):
+        model.train(mode)
+        loss = model(input_ids=ids, labels=ids).loss
+        assert not lo <= during[-1] < hi
+        assert lo <= q.weight.data_ptr() < hi
+        loss.backward()
     model.eval()
     with torch.no_grad():
         got = model(ids).logits
-    assert lo <= q.weight.data_ptr() < hi
+    assert lo <= during[-1] < hi
     assert torch.equal(got, want)

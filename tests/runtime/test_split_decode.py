@@ -47,8 +47,8 @@ def test_split_parts_follow_the_child_modules():
 
 
 def test_lora_training_with_split_decode(tmp_path):
-    """Training decodes each part into a private tensor (gradients equal BF16's); back in eval the weights are
-    the fixed buffer views again and the logits are unchanged."""
+    """Training decodes each part into a private tensor (gradients equal BF16's) that only autograd keeps: after
+    the step the weights are the fixed buffer views again, and the logits are unchanged."""
     pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
@@ -66,6 +66,9 @@ def test_lora_training_with_split_decode(tmp_path):
     with torch.no_grad():
         want = base(ids).logits
     ptrs = _coded_weight_ptrs(base.base_model.model)
+    during = []
+    mlp = base.base_model.model.model.layers[0].mlp
+    mlp.register_forward_pre_hook(lambda m, args: during.append(m.up_proj.weight.data_ptr()))
     for m in (base, ref):
         m.train()
         with torch.no_grad():  # non-zero B so every adapter matrix gets a gradient
@@ -76,7 +79,8 @@ def test_lora_training_with_split_decode(tmp_path):
     ref_params = dict(ref.named_parameters())
     trainable = {n: p for n, p in base.named_parameters() if p.requires_grad}
     assert trainable and all(torch.equal(p.grad, ref_params[n].grad) for n, p in trainable.items())
-    assert _coded_weight_ptrs(base.base_model.model) != ptrs  # private copies while training
+    assert during and during[-1] not in ptrs.values()  # a private copy while the MLP ran
+    assert _coded_weight_ptrs(base.base_model.model) == ptrs
     base.eval()
     with torch.no_grad():
         for n, p in base.named_parameters():

@@ -1,0 +1,169 @@
+"""benchmarks/gpu_check.sh end to end without a GPU (GPU_CHECK_DRY_RUN=1: benchmarks/gpu_check_dry.py stands in for
+python and compute-sanitizer, so every step's real command lines are checked and nothing runs on a GPU):
+
+- every step is reached and reported, the summary JSON and the one archive are all that is left under $OUT;
+- a failing step is FAILED, a skipped one SKIPPED (named in SKIP_STEPS, out of budget, or its tool missing), and
+  the exit status says so;
+- a step that hangs, ignoring SIGTERM with a child that holds its output open, ends as TIMEOUT and leaves nothing
+  running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and coreutils timeout"
+)
+
+
+def default_steps() -> list[str]:
+    text = SCRIPT.read_text()
+    listed = re.search(r'STEPS="\$\{STEPS:-([^}]*)\}"', text).group(1).split()
+    names = [s.split(":")[0] for s in listed]
+    defined = re.findall(r"^step_(\w+)\(\)", text, re.M)
+    assert sorted(names) == sorted(defined), "a step is defined but not run, or run but not defined"
+    return names
+
+
+def run_check(tmp_path, timeout=600, **env) -> tuple[subprocess.CompletedProcess, dict, Path]:
+    out = tmp_path / "out"
+    full = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "TMPDIR": str(tmp_path), **env}
+    res = subprocess.run(
+        ["bash", str(SCRIPT)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tmp_path,
+        env=full,
+        stdin=subprocess.DEVNULL,
+    )
+    summary_path = out / "gpu_check_summary.json"
+    assert summary_path.is_file(), res.stdout[-3000:] + res.stderr[-3000:]
+    return res, json.loads(summary_path.read_text()), out
+
+
+def statuses(summary: dict) -> dict[str, str]:
+    return {s["step"]: s["status"] for s in summary["steps"]}
+
+
+@pytest.mark.slow
+def test_dry_run_reaches_every_step_and_reports_failed_and_skipped(tmp_path):
+    res, summary, out = run_check(
+        tmp_path, GPU_CHECK_DRY_RUN="1", GPU_CHECK_DRY_FAIL="gemv", SKIP_STEPS="demo_stats"
+    )
+    names = default_steps()
+    assert [s["step"] for s in summary["steps"]] == names  # every step, in the script's order
+    want = {n: "ok" for n in names} | {"gemv": "FAILED", "demo_stats": "SKIPPED"}
+    assert statuses(summary) == want, res.stdout[-4000:]
+    assert res.returncode == 1 and summary["dry_run"]
+    assert "SKIP_STEPS" in next(s["result"] for s in summary["steps"] if s["step"] == "demo_stats")
+    assert all(s["result"] for s in summary["steps"]), summary["steps"]
+    assert "command not found" not in res.stdout + res.stderr  # e.g. a leftover call of an undefined function
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.tar.gz", "gpu_check_summary.json"]
+    with tarfile.open(out / "gpu_check.tar.gz") as tar:
+        names_in = {Path(m.name).name for m in tar.getmembers()}
+    assert {"gpu_check_summary.json", "env.log", "tests.log", "gemv.log", "sanitize_case.py"} <= names_in
+    for line in ("install", "tests", "gemv", "sass_proxy"):  # the summary table is the console's last word
+        assert re.search(rf"^{line}\s+(ok|FAILED)", res.stdout, re.M)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
+def test_a_hanging_step_times_out_and_leaves_nothing_running(tmp_path):
+    pids = tmp_path / "pids"
+    t0 = time.monotonic()
+    res, summary, _ = run_check(
+        tmp_path,
+        timeout=120,
+        GPU_CHECK_DRY_RUN="1",
+        GPU_CHECK_DRY_HANG="env",
+        GPU_CHECK_DRY_PIDS=str(pids),
+        STEPS="env:4 install:30",
+        MIN_STEP_S="1",
+        KILL_AFTER_S="2",
+    )
+    assert time.monotonic() - t0 < 60
+    assert statuses(summary) == {"env": "TIMEOUT", "install": "ok"}, res.stdout[-3000:]
+    assert "timed out after 4 s" in summary["steps"][0]["result"] and res.returncode == 1
+    listed = [int(p) for p in pids.read_text().split()]
+    assert len(listed) == 2
+    for pid in listed:
+        for _ in range(50):
+            if not _alive(pid):
+                break
+            time.sleep(0.1)
+        assert not _alive(pid), f"process {pid} outlived its step"
+
+
+def test_out_of_budget_steps_are_skipped_visibly(tmp_path):
+    res, summary, out = run_check(tmp_path, GPU_CHECK_DRY_RUN="1", BUDGET_S="25", STEPS="env:60 tests:60")
+    assert statuses(summary) == {"env": "SKIPPED", "tests": "SKIPPED"} and res.returncode == 2
+    assert all("budget" in s["result"] for s in summary["steps"])
+    assert (out / "gpu_check.tar.gz").is_file()
+
+
+@pytest.mark.skipif(shutil.which("compute-sanitizer") is not None, reason="compute-sanitizer is installed")
+def test_a_missing_sanitizer_is_skipped_not_passed(tmp_path):
+    res, summary, _ = run_check(tmp_path, STEPS="memcheck:60 racecheck:60 fuzz:60")
+    assert statuses(summary) == {"memcheck": "SKIPPED", "racecheck": "SKIPPED", "fuzz": "SKIPPED"}
+    assert all("compute-sanitizer not found" in s["result"] for s in summary["steps"]) and res.returncode == 2
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
+def test_stopping_the_check_stops_the_running_step(tmp_path):
+    # the device tool's own time limit sends SIGTERM to the script: the running step goes with it
+    pids = tmp_path / "pids"
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path / "out"),
+        "PYTHON": sys.executable,
+        "GPU_CHECK_DRY_RUN": "1",
+        "GPU_CHECK_DRY_HANG": "env",
+        "GPU_CHECK_DRY_PIDS": str(pids),
+        "STEPS": "env:120",
+        "MIN_STEP_S": "1",
+    }
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPT)],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(600):
+            if pids.is_file() and len(pids.read_text().split()) == 2:
+                break
+            time.sleep(0.1)
+        proc.terminate()
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    for pid in [int(p) for p in pids.read_text().split()]:
+        for _ in range(50):
+            if not _alive(pid):
+                break
+            time.sleep(0.1)
+        assert not _alive(pid), f"process {pid} outlived the check"
