@@ -187,3 +187,28 @@ class DfloatEmbeddingMethod(_DfloatMethod):
             inside = (local >= 0) & (local < p.r1 - p.r0)
             out = rows if out is None else torch.where(inside.unsqueeze(-1), rows, out)
         return out
+
+
+def weight_memory(model: torch.nn.Module) -> dict:
+    """What this rank holds for the model's weights, in bytes: coded units, plain tensors (norms, biases), and
+    what vLLM would hold for the same layers in BF16; plus the largest weight decoded at one time. Pass it to
+    ``vllm.LLM.apply_model`` to get one report per rank."""
+    coded = plain = bf16 = decode = units = 0
+    for module in model.modules():
+        state = getattr(module, "_dfloat", None)
+        if isinstance(state, LayerWeights) and state.tied_to is None:
+            bf16 += 2 * state.numel
+            units += len(state.parts)
+            decode = max([decode] + [2 * (p.r1 - p.r0) * state.cols for p in state.parts])
+        for name, t in module.named_buffers(recurse=False):
+            if name.startswith("dfloat_"):
+                coded += t.numel() * t.element_size()
+        for p in module.parameters(recurse=False):
+            plain += p.numel() * p.element_size()
+    return {
+        "coded_bytes": coded,
+        "plain_bytes": plain,
+        "largest_decode_bytes": decode,
+        "bf16_weight_bytes": bf16 + plain,
+        "units": units,
+    }
