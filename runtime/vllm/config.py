@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,8 @@ class DfloatConfig(QuantizationConfig):
         self._weights: CheckpointWeights | None = None
         self._layers: list[torch.nn.Module] = []  # every layer a dfloat method holds, in creation order
         self._loaded = 0
+        self._load_started: float | None = None
+        self.load_seconds: float | None = None  # decoding, sharding and coding again, this rank's layers
 
     # ---- what vLLM asks of every quantization config ------------------------------------------------------
     def get_name(self) -> str:
@@ -101,7 +104,7 @@ class DfloatConfig(QuantizationConfig):
 
     def __getstate__(self):
         state = self.__dict__.copy()  # sent to vLLM's workers before any model exists: no loading state
-        state.update(_weights=None, _layers=[], _loaded=0)
+        state.update(_weights=None, _layers=[], _loaded=0, _load_started=None)
         return state
 
     # ---- the folder --------------------------------------------------------------------------------------
@@ -131,6 +134,10 @@ class DfloatConfig(QuantizationConfig):
         sizes = [layer._dfloat.numel for layer in self._layers if isinstance(layer, LinearBase)]
         return max(sizes, default=DEFAULT_CHUNK_NUMEL)
 
+    def layer_loading(self) -> None:
+        if self._load_started is None:
+            self._load_started = time.perf_counter()
+
     def layer_loaded(self) -> None:
         """Counts loaded layers; after the last one, checks that every coded tensor found its layer."""
         self._loaded += 1
@@ -139,6 +146,12 @@ class DfloatConfig(QuantizationConfig):
         weights = self.weights()
         unclaimed = sorted(set(weights.members) - weights.claimed)
         weights.release()
+        self.load_seconds = time.perf_counter() - (self._load_started or time.perf_counter())
+        log.info(
+            "dfloat: %d layers decoded, sharded and coded again for this rank in %.1f s",
+            len(self._layers),
+            self.load_seconds,
+        )
         if unclaimed and _pipeline_parallel_size() == 1:
             raise ShapeMismatchError(
                 f"{weights.folder}: coded tensors that no vLLM linear or embedding layer uses: {unclaimed[:5]}"

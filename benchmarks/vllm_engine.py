@@ -1,12 +1,13 @@
-"""One vLLM engine per run, for the vLLM tests (tests/runtime/test_vllm.py) and benchmarks/vllm_memory.py.
+"""One vLLM engine per run: what tests/runtime/test_vllm.py, benchmarks/vllm_memory.py and vllm_check.py compare.
 
 Run as a script: vLLM spawns its engine and workers, which re-import the main module, so the work sits behind the
 ``__main__`` guard, and every engine lives in its own process (its memory goes when the run ends).
 
-    python tests/runtime/vllm_engine.py build OUT --arch llama|qwen2 [--tied] [--vocab N] [--kv-heads N] ...
+    python benchmarks/vllm_engine.py build OUT --arch llama|qwen2 [--tied] [--vocab N] [--kv-heads N] ...
         -> OUT/bf16 (a random model with the bundled demo's tokenizer) and OUT/dfloat (`dfloat compress`ed)
-    python tests/runtime/vllm_engine.py run FOLDER OUT.json [--tp N] [--eager]
-        -> greedy token ids and top logprobs of PROMPTS, and (dfloat folders) each rank's weight memory
+    python benchmarks/vllm_engine.py run FOLDER OUT.json [--tp N] [--eager] [--gpu-memory-utilization F]
+        -> greedy token ids and top logprobs of PROMPTS; each rank's weight memory as vLLM reports it (GPU) and,
+           for dfloat folders, as `dfloat.runtime.vllm.layers.weight_memory` counts it
 """
 
 from __future__ import annotations
@@ -73,7 +74,12 @@ def build(
     dfloat.compress_model(out / "bf16", out / "dfloat", overwrite=True)
 
 
-def run(folder: str, out: Path, tp: int, eager: bool) -> None:
+def _reported_model_memory(worker) -> int | None:
+    """What vLLM logs as "Model loading took X GiB" on a GPU (the CPU runner does not measure it)."""
+    return getattr(getattr(worker, "model_runner", None), "model_memory_usage", None)
+
+
+def run(folder: str, out: Path, tp: int, eager: bool, memory_utilization: float = 0.1) -> None:
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model sends a function
     if tp > 1:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i) for i in range(tp)))
@@ -84,7 +90,7 @@ def run(folder: str, out: Path, tp: int, eager: bool) -> None:
         model=folder,
         tensor_parallel_size=tp,
         enforce_eager=eager,
-        gpu_memory_utilization=0.1,
+        gpu_memory_utilization=memory_utilization,
         max_model_len=256,
         seed=0,
     )
@@ -100,6 +106,7 @@ def run(folder: str, out: Path, tp: int, eager: bool) -> None:
             [{str(k): v.logprob for k, v in step.items()} for step in r.outputs[0].logprobs] for r in results
         ],
         "texts": [r.outputs[0].text for r in results],
+        "vllm_model_memory_bytes": llm.collective_rpc(_reported_model_memory),
     }
     if (Path(folder) / "dfloat.index.json").is_file():
         from dfloat.runtime.vllm.layers import weight_memory
@@ -126,11 +133,12 @@ def main(argv: list[str]) -> None:
     r.add_argument("out", type=Path)
     r.add_argument("--tp", type=int, default=1)
     r.add_argument("--eager", action="store_true")
+    r.add_argument("--gpu-memory-utilization", type=float, default=0.1)
     a = p.parse_args(argv)
     if a.cmd == "build":
         build(a.out, a.arch, a.tied, a.vocab, a.hidden, a.intermediate, a.layers, a.heads, a.kv_heads)
     else:
-        run(a.folder, a.out, a.tp, a.eager)
+        run(a.folder, a.out, a.tp, a.eager, a.gpu_memory_utilization)
 
 
 if __name__ == "__main__":
