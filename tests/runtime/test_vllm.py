@@ -123,3 +123,52 @@ def test_each_rank_holds_only_its_coded_shard(runs):
     for r in ranks:
         assert r["bf16_weight_bytes"] - r["plain_bytes"] == 2 * shard_rows(tp=2)
         assert r["coded_bytes"] < 0.70 * (r["bf16_weight_bytes"] - r["plain_bytes"])
+
+
+# ---- without an engine ---------------------------------------------------------------------------------------
+def test_plugin_registers_through_the_entry_point():
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
+    from vllm.plugins import load_general_plugins
+
+    from dfloat.runtime.vllm.config import DfloatConfig
+
+    load_general_plugins()
+    assert "dfloat" in QUANTIZATION_METHODS
+    assert get_quantization_config("dfloat") is DfloatConfig
+
+
+def test_a_newer_format_is_refused():
+    from dfloat.errors import FormatVersionError
+    from dfloat.runtime.vllm.config import DfloatConfig
+
+    assert (
+        DfloatConfig.from_config({"quant_method": "dfloat", "format_version": "1.1"}).format_version == "1.1"
+    )
+    with pytest.raises(FormatVersionError, match="upgrade dfloat"):
+        DfloatConfig.from_config({"quant_method": "dfloat", "format_version": "2.0"})
+
+
+def test_vllms_stream_keeps_plain_tensors_and_drops_unit_arrays(models):
+    from dfloat.runtime.vllm.config import DfloatConfig
+
+    config = DfloatConfig.from_config({"format_version": "1.1"})
+    config.maybe_update_config(str(models("qwen2-tied") / "dfloat"))
+    names = [
+        "model.embed_tokens.encoded_exponent",
+        "model.layers.0.sign_mantissa",
+        "model.layers.1.code_lengths",
+        "model.layers.0.self_attn.q_proj.bias",
+        "model.norm.weight",
+    ]
+    kept = [n for n, _ in config.get_checkpoint_weight_mapper().apply((n, None) for n in names)]
+    assert kept == ["model.layers.0.self_attn.q_proj.bias", "model.norm.weight"]
+
+
+def test_a_bf16_folder_named_dfloat_is_a_clear_error(models):
+    from dfloat.errors import ModelSourceError
+    from dfloat.runtime.vllm.config import DfloatConfig
+
+    config = DfloatConfig.from_config({})
+    config.maybe_update_config(str(models("qwen2-tied") / "bf16"))
+    with pytest.raises(ModelSourceError, match="not a dfloat checkpoint"):
+        config.get_checkpoint_weight_mapper()
