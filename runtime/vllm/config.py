@@ -29,20 +29,22 @@ from dfloat.runtime.vllm.weights import UNIT_ARRAYS, CheckpointWeights
 log = logging.getLogger(__name__)
 
 QUANT_METHOD = "dfloat"
-DEFAULT_CHUNK_NUMEL = 1 << 26  # rows of an embedding / LM head per unit when the model has no linear layer
+DEFAULT_CHUNK_NUMEL = 1 << 26  # weights per embedding / LM head unit when the model has no linear layer
 
 
 class DfloatConfig(QuantizationConfig):
     """Lossless: every weight decodes to its original BF16 bits right before its layer uses it."""
 
-    def __init__(self, format_version: str | None = None, verify: bool = True):
+    def __init__(self, format_version: str | None = None):
         super().__init__()
         self.format_version = format_version
-        self.verify = verify
         self.model: str | None = None
         self.revision: str | None = None
         self._renames: list = []
         self._weights: CheckpointWeights | None = None
+        self._by_vllm_name: dict[str, str] | None = (
+            None  # vLLM's name of each coded tensor -> checkpoint name
+        )
         self._layers: list[torch.nn.Module] = []  # every layer a dfloat method holds, in creation order
         self._loaded = 0
         self._load_started: float | None = None
@@ -71,7 +73,7 @@ class DfloatConfig(QuantizationConfig):
                 f"dfloat checkpoint of format {version}; this dfloat reads {FORMAT_VERSION.split('.')[0]}.x: "
                 "upgrade dfloat"
             )
-        return cls(format_version=version, verify=bool(config.get("verify", True)))
+        return cls(format_version=version)
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None) -> None:
         self.model = model_name
@@ -79,6 +81,7 @@ class DfloatConfig(QuantizationConfig):
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         self._renames.append(hf_to_vllm_mapper)
+        self._by_vllm_name = None
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         from vllm.model_executor.layers.linear import LinearBase
@@ -104,7 +107,7 @@ class DfloatConfig(QuantizationConfig):
 
     def __getstate__(self):
         state = self.__dict__.copy()  # sent to vLLM's workers before any model exists: no loading state
-        state.update(_weights=None, _layers=[], _loaded=0, _load_started=None)
+        state.update(_weights=None, _by_vllm_name=None, _layers=[], _loaded=0, _load_started=None)
         return state
 
     # ---- the folder --------------------------------------------------------------------------------------
@@ -119,7 +122,7 @@ class DfloatConfig(QuantizationConfig):
 
     def weights(self) -> CheckpointWeights:
         if self._weights is None:
-            self._weights = CheckpointWeights(self.folder(), verify=self.verify)
+            self._weights = CheckpointWeights(self.folder())
         return self._weights
 
     # ---- layers -----------------------------------------------------------------------------------------
@@ -159,10 +162,16 @@ class DfloatConfig(QuantizationConfig):
                 + "; the vLLM plugin serves models whose coded weights are all linear / embedding weights"
             )
 
-    def vllm_name(self, checkpoint_name: str) -> str:
-        for mapper in self._renames:
-            checkpoint_name = mapper.map_name(checkpoint_name) or checkpoint_name
-        return checkpoint_name
+    def by_vllm_name(self) -> dict[str, str]:
+        """vLLM's name of every coded tensor (after the model's renames) -> its name in the checkpoint."""
+        if self._by_vllm_name is None:
+            self._by_vllm_name = {}
+            for name in self.weights().members:
+                renamed = name
+                for mapper in self._renames:
+                    renamed = mapper.map_name(renamed) or renamed
+                self._by_vllm_name[renamed] = name
+        return self._by_vllm_name
 
     def members_for(self, layer: torch.nn.Module, prefix: str) -> list[tuple[str, str | int | None]]:
         """The checkpoint tensors that make up ``layer``'s weight, with the shard id vLLM's weight loader takes
@@ -171,7 +180,7 @@ class DfloatConfig(QuantizationConfig):
         from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
         weights = self.weights()
-        by_vllm = {self.vllm_name(n): n for n in weights.members}
+        by_vllm = self.by_vllm_name()
         if not prefix and isinstance(layer, VocabParallelEmbedding):
             return [(self._input_embedding(layer, by_vllm), None)]
         if f"{prefix}.weight" in by_vllm:

@@ -166,7 +166,10 @@ class DfloatEmbeddingMethod(_DfloatMethod):
         return [(r, min(r + rows, state.rows)) for r in range(0, state.rows, rows)]
 
     def tie_weights(self, layer: torch.nn.Module, embed_tokens: torch.nn.Module) -> torch.nn.Module:
-        layer._dfloat.tied_to = embed_tokens
+        """Share the embedding's units, unless the folder holds an LM head of its own: vLLM then uses that one
+        (it unties a config's tied embeddings when the checkpoint has an LM head)."""
+        if f"{self.prefix}.weight" not in self.config.by_vllm_name():
+            layer._dfloat.tied_to = embed_tokens
         return layer
 
     def apply(
