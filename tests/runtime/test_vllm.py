@@ -172,3 +172,18 @@ def test_a_bf16_folder_named_dfloat_is_a_clear_error(models):
     config.maybe_update_config(str(models("qwen2-tied") / "bf16"))
     with pytest.raises(ModelSourceError, match="not a dfloat checkpoint"):
         config.get_checkpoint_weight_mapper()
+
+
+@pytest.mark.parametrize("name,tied", [("qwen2-tied", True), ("qwen2-untied", False)])
+def test_lm_head_ties_to_the_embedding_only_without_its_own_tensor(models, name, tied):
+    """vLLM ties a tied config's LM head to the embedding, but a checkpoint's own LM head wins (vLLM unties)."""
+    from types import SimpleNamespace
+
+    from dfloat.runtime.vllm.config import DfloatConfig
+    from dfloat.runtime.vllm.layers import DfloatEmbeddingMethod
+
+    config = DfloatConfig.from_config({})
+    config.maybe_update_config(str(models(name) / "dfloat"))
+    head, embed = SimpleNamespace(_dfloat=SimpleNamespace(tied_to=None)), object()
+    assert DfloatEmbeddingMethod(config, "lm_head").tie_weights(head, embed) is head
+    assert (head._dfloat.tied_to is embed) is tied
