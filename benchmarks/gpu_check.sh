@@ -15,7 +15,8 @@
 # launch_cost (host time per decode), e2e (BF16 / dfloat x eager / CUDA graphs, batch 1, Llama-3.2-1B shapes),
 # gemv (fused decode-GEMV tests, then fused vs cuBLAS), memcheck and racecheck (compute-sanitizer on a small
 # decode), fuzz (damaged units through both decoders under memcheck), memory (big embeddings used piecewise),
-# integrity (checksum costs), demo_stats (`dfloat generate --stats`), sass_proxy (nvcc; no GPU needed).
+# integrity (checksum costs), demo_stats (`dfloat generate --stats`), sass_proxy (nvcc; no GPU needed), vllm
+# (only where vLLM is installed: a tiny Llama served from its BF16 and dfloat folders, compiled and eager).
 #
 # Each step runs in a process group of its own under a time limit: its cap, or what is left of BUDGET_S (default
 # 540 s, less RESERVE_S = 20 s for the summary and the archive) when that is less; with under MIN_STEP_S (30) left
@@ -35,7 +36,7 @@ set -m  # job control: each step runs in a process group of its own, so it can b
 cd "$(dirname "$0")/.."
 REPO="$(pwd)"
 STEPS="${STEPS:-install:60 env:60 tests:150 decode:120 launch_cost:40 e2e:120 gemv:90 memcheck:60 racecheck:45
-  fuzz:90 memory:60 integrity:40 demo_stats:60 sass_proxy:40}"
+  fuzz:90 memory:60 integrity:40 demo_stats:60 sass_proxy:40 vllm:120}"
 BUDGET_S="${BUDGET_S:-540}"
 RESERVE_S="${RESERVE_S:-20}"
 MIN_STEP_S="${MIN_STEP_S:-30}"
@@ -157,6 +158,8 @@ step_tests() {
   limited "$1" "${PY[@]}" -m pytest -q -p no:cacheprovider -rs --durations=8 -m gpu \
     tests/kernels/test_gpu_decoders.py tests/kernels/test_triton_gpu.py tests/kernels/test_cuda_launch_gpu.py \
     tests/runtime/test_gpu_runtime.py tests/runtime/test_gpu_generate.py tests/runtime/test_transformers_integration.py \
+    tests/kernels/test_registry.py tests/runtime/test_checkpoints.py tests/runtime/test_generate.py \
+    tests/runtime/test_placement.py tests/runtime/test_diffusion.py \
     2>&1 | tee "$WORK/tests.log"
   local rc=${PIPESTATUS[0]}
   note tests "$(grep -E "passed|failed|error|no tests ran|collected" "$WORK/tests.log" | tail -1)"
@@ -296,6 +299,17 @@ step_sass_proxy() {
   note sass_proxy "$(awk '/^new:dfloat_decode_w32_t256/ {print "decoder w32_t256: " $NF " instructions per weight"}
     /^dfloat_gemv<8, 1, 0>/ {print "fused GEMV batch 1: " $11 " instructions per weight"}' "$WORK/sass_proxy.log" \
     | paste -sd';')"
+  return "$rc"
+}
+
+step_vllm() {
+  # vLLM is not on the GPU image today: the step runs only where it is installed
+  if [ -z "${GPU_CHECK_DRY_RUN:-}" ] && ! "${PY[@]}" -c "import vllm" >/dev/null 2>&1
+  then note vllm "vLLM not installed"; return $SKIP; fi
+  limited "$1" "${PY[@]}" benchmarks/vllm_check.py --shape tiny --tp 1 --modes compiled eager --out "$WORK" 2>&1 \
+    | tail -20 | tee "$WORK/vllm.log"
+  local rc=${PIPESTATUS[0]}
+  note vllm "$(tail -1 "$WORK/vllm.log")"
   return "$rc"
 }
 

@@ -10,6 +10,7 @@ python and compute-sanitizer, so every step's real command lines are checked and
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -128,6 +129,13 @@ def test_a_missing_sanitizer_is_skipped_not_passed(tmp_path):
     res, summary, _ = run_check(tmp_path, STEPS="memcheck:60 racecheck:60 fuzz:60")
     assert statuses(summary) == {"memcheck": "SKIPPED", "racecheck": "SKIPPED", "fuzz": "SKIPPED"}
     assert all("compute-sanitizer not found" in s["result"] for s in summary["steps"]) and res.returncode == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")
+def test_the_vllm_step_is_skipped_without_vllm(tmp_path):
+    res, summary, _ = run_check(tmp_path, STEPS="vllm:60")
+    assert statuses(summary) == {"vllm": "SKIPPED"} and res.returncode == 2
+    assert summary["steps"][0]["result"] == "vLLM not installed"
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
