@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import median_time, print_table, write_result  # noqa: E402
 
 import dfloat  # noqa: E402
-from dfloat.format import array_crcs, check_unit, is_trusted  # noqa: E402
+from dfloat.format import is_trusted  # noqa: E402
+from dfloat.integrity import array_crcs, check_unit  # noqa: E402
 from dfloat.testing import weights_like  # noqa: E402
 
 

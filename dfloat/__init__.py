@@ -19,13 +19,8 @@ from dfloat.errors import (
     ShapeMismatchError,
     UnsupportedDtypeError,
 )
-from dfloat.format import (
-    FORMAT_VERSION,
-    CompressedTensor,
-    Member,
-    load_compressed_tensors,
-    save_compressed_tensors,
-)
+from dfloat.format import FORMAT_VERSION, CompressedTensor, Member
+from dfloat.storage import load_compressed_tensors, save_compressed_tensors
 
 __version__ = "0.1.0"
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from dfloat import huffman
-from dfloat.errors import CorruptStreamError, DFloatError, ShapeMismatchError, UnsupportedDtypeError
+from dfloat.errors import DFloatError, ShapeMismatchError, UnsupportedDtypeError
 from dfloat.format import (
     CODE_CANONICAL,
     DEFAULT_BYTES_PER_WINDOW,
@@ -19,13 +19,10 @@ from dfloat.format import (
     MODE_RAW,
     CompressedTensor,
     Member,
-    check_unit,
-    crc32_of,
     is_trusted,
     mark_trusted,
-    seal,
-    unit_label,
 )
+from dfloat.integrity import check_members, check_unit, crc32_of, seal
 
 log = logging.getLogger(__name__)
 
@@ -178,28 +175,6 @@ def encode_words(
     )
 
 
-def code_of(ct: CompressedTensor) -> tuple[np.ndarray, np.ndarray]:
-    """(codes, lengths) of a coded unit, whatever form its code is stored in."""
-    code = ct.code.detach().cpu().numpy()
-    if ct.code_kind == CODE_CANONICAL:
-        return huffman.canonical_codes(code), code.astype(np.uint8)
-    from dfloat import df11
-
-    return df11.codes_from_luts(code)
-
-
-def decode_tables(ct: CompressedTensor) -> np.ndarray:
-    """The unit's decode tables (int32, (k, 256)); built once per unit and cached."""
-    tables = ct._cache.get("tables")
-    if tables is None:
-        try:
-            tables = huffman.build_decode_tables(*code_of(ct))
-        except CorruptStreamError as e:
-            raise CorruptStreamError(f"{unit_label(ct)}: {e}") from None
-        ct._cache["tables"] = tables
-    return tables
-
-
 def canonical_device(device: torch.device | str) -> torch.device:
     """ "cuda" -> "cuda:<current>", so devices compare equal to the ones tensors report."""
     if isinstance(device, torch.device) and (device.index is not None or device.type != "cuda"):
@@ -256,7 +231,7 @@ def decompress_tensor(
     else:
         flat.copy_(c.raw)
     if check_output:  # a format 1.0 unit: its member CRCs over the first output
-        c.verify(flat)
+        check_members(c, flat)
         mark_trusted(unit)
         mark_trusted(c)
     if len(c.members) != 1 or flat.shape == c.shape:

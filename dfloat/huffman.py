@@ -3,7 +3,8 @@
 Code lengths come from package-merge, which is optimal under the length limit (no frequency bending). Codes are
 canonical: sorted by (length, symbol), consecutive integers, so 256 code lengths define the whole code. The decode
 tables are a general prefix-code structure (8-bit multi-level lookup) so that the non-canonical codes of official
-DFloat11 checkpoints decode through the very same tables.
+DFloat11 checkpoints decode through the very same tables; those checkpoints store their code as lookup tables
+(`luts_from_code` / `codes_from_luts` convert between the two forms).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dfloat.errors import CorruptStreamError, DFloatError
 
 NUM_SYMBOLS = 256
 MAX_SUPPORTED_CODE_LENGTH = 32  # a 5-bit window start offset can only point at codes of at most 32 bits
+FIRST_POINTER = 240  # official LUT entries >= 240 point at table 256 - entry: exponents >= 240 are no symbols
 
 
 def code_lengths(counts: np.ndarray, max_length: int) -> np.ndarray:
@@ -115,3 +117,81 @@ def build_decode_tables(codes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
             raise CorruptStreamError(f"code of symbol {sym} collides with another code: not a prefix code")
         tables[table][lo:hi] = (length << 8) | sym
     return np.stack(tables)
+
+
+# ---- the official DFloat11 form of a code: lookup tables ------------------------------------------------------
+
+
+def luts_from_code(codes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The official LUT rows for a prefix code: one 256-entry table per distinct 0/8/16/24-bit prefix (sorted by
+    prefix length), pointers as 256 - table, unhit entries filled forward, and a last row of code lengths."""
+    codes = np.asarray(codes, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    used = np.flatnonzero(lengths).tolist()
+    if any(s >= FIRST_POINTER for s in used):
+        raise DFloatError(
+            "exponents >= 240 cannot be written in the official layout (they collide with pointers)"
+        )
+    if lengths.max(initial=0) > 32:
+        raise DFloatError("the official layout holds codes of at most 32 bits")
+    prefixes = {(0, 0)}
+    for s in used:
+        for p in range(8, int(lengths[s]), 8):
+            prefixes.add((p, int(codes[s]) >> (int(lengths[s]) - p)))
+    order = sorted(prefixes)
+    if len(order) > 256 - FIRST_POINTER:
+        raise DFloatError(f"the code needs {len(order)} tables; the official layout holds at most 16")
+    index = {pf: i for i, pf in enumerate(order)}
+    tables = np.full((len(order), 256), -1, dtype=np.int64)
+    for p, v in order[1:]:
+        tables[index[(p - 8, v >> 8)], v & 0xFF] = 256 - index[(p, v)]
+    for s in used:
+        length, code = int(lengths[s]), int(codes[s])
+        p = 8 * ((length - 1) // 8)
+        rest = length - p
+        lo = (code & ((1 << rest) - 1)) << (8 - rest)
+        tables[index[(p, code >> rest)], lo : lo + (1 << (8 - rest))] = s
+    for t in tables:  # fill forward, as the official writer does
+        last = 0
+        for j in range(256):
+            if t[j] < 0:
+                t[j] = last
+            last = t[j]
+    return np.concatenate([tables, lengths[None, :]]).astype(np.uint8)
+
+
+def codes_from_luts(luts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Recover (codes, lengths) from official LUT rows: a symbol's code is where its block first starts."""
+    luts = np.asarray(luts, dtype=np.int64)
+    if luts.ndim != 2 or luts.shape[1] != 256 or luts.shape[0] < 2:
+        raise CorruptStreamError(f"official LUTs must have shape (k+1, 256), got {tuple(luts.shape)}")
+    tables, lengths = luts[:-1], luts[-1]
+    if (lengths > 32).any():
+        raise CorruptStreamError("official LUTs give a code longer than 32 bits")
+    prefix = {0: (0, 0)}
+    for t in range(tables.shape[0]):  # parents come before children (tables are sorted by prefix length)
+        if t not in prefix:
+            continue
+        p, v = prefix[t]
+        for j in range(256):
+            x = int(tables[t, j])
+            child = 256 - x
+            if x >= FIRST_POINTER and child not in prefix and child < tables.shape[0]:
+                prefix[child] = (p + 8, (v << 8) | j)
+    codes = np.zeros(256, dtype=np.uint32)
+    found = np.zeros(256, dtype=bool)
+    for t, (p, v) in sorted(prefix.items()):
+        for s in np.unique(tables[t]).tolist():
+            length = int(lengths[s]) if s < FIRST_POINTER else 0
+            rest = length - p
+            if found[s] or not 1 <= rest <= 8:
+                continue
+            hits = np.flatnonzero(tables[t] == s)
+            j, width = int(hits[0]), 1 << (8 - rest)
+            if j % width == 0 and (tables[t, j : j + width] == s).all():
+                codes[s] = (v << rest) | (j >> (8 - rest))
+                found[s] = True
+    missing = [s for s in np.flatnonzero(lengths).tolist() if not found[s]]
+    if missing:
+        raise CorruptStreamError(f"official LUTs hold no code for exponents {missing[:8]}")
+    return codes, lengths.astype(np.uint8)

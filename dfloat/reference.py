@@ -8,14 +8,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dfloat.code_tables import code_of
 from dfloat.errors import CorruptStreamError
 from dfloat.format import CompressedTensor
 
 
 def reference_decode(ct: CompressedTensor) -> torch.Tensor:
     """Decode a unit to a flat BF16 tensor by walking the code one bit at a time from the stream's start."""
-    from dfloat.codec import code_of
-
     if not ct.is_coded:
         return ct.raw.detach().cpu().reshape(-1).clone()
     codes, lengths = code_of(ct)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dfloat.code_tables import decode_tables
 from dfloat.errors import CorruptStreamError
 
 from dfloat._numba import njit, prange  # isort: skip
@@ -132,8 +133,6 @@ def decode_range(ct, first_block: int, last_block: int, out: torch.Tensor) -> No
     """Decode only blocks [first_block, last_block) of ``ct`` into ``out`` (at least
     ``output_positions[last_block] - output_positions[first_block]`` elements; its element 0 is the first output of
     ``first_block``). The output positions tell which block holds which element (see `dfloat.blocks`)."""
-    from dfloat.codec import decode_tables
-
     tables = ct._cache.get("cpu_tables")
     if tables is None:
         tables = ct._cache["cpu_tables"] = cpu_tables(decode_tables(ct))

@@ -21,6 +21,7 @@ from importlib import resources
 import numpy as np
 import torch
 
+from dfloat.code_tables import decode_tables
 from dfloat.errors import BackendUnavailableError
 from dfloat.kernels import cuda_launch
 from dfloat.kernels.gpu_common import build_failure, launch_arrays, new_status, raise_if_flagged, wants_check
@@ -136,8 +137,6 @@ def host_tables(ct) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tables int32 (k, 256), msym, minfo) for a unit, built once and cached on it."""
     got = ct._cache.get("gpu_host_tables")
     if got is None:
-        from dfloat.codec import decode_tables
-
         tables = np.ascontiguousarray(decode_tables(ct), dtype=np.int32)
         got = (tables, *multi_symbol_tables(tables))
         ct._cache["gpu_host_tables"] = got

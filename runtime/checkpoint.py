@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from dfloat.errors import CorruptStreamError, ModelSourceError
-from dfloat.format import CompressedTensor, load_compressed_tensors, save_compressed_tensors
+from dfloat.format import CompressedTensor
 from dfloat.runtime import source as src
+from dfloat.storage import load_compressed_tensors, save_compressed_tensors
 
 INDEX_NAME = "dfloat.safetensors.index.json"  # transformers accepts names ending in .safetensors.index.json
 LEGACY_INDEX_NAME = "dfloat.index.json"  # older folders: alone, or beside a copy named INDEX_NAME

@@ -26,8 +26,8 @@ from dfloat.format import (
     DEFAULT_MAX_CODE_LENGTH,
     DEFAULT_WINDOWS_PER_BLOCK,
     FORMAT_VERSION,
-    atomic_write,
 )
+from dfloat.integrity import check_members
 from dfloat.runtime import output
 from dfloat.runtime import source as src
 from dfloat.runtime.checkpoint import (
@@ -39,6 +39,7 @@ from dfloat.runtime.checkpoint import (
     ShardWriter,
 )
 from dfloat.runtime.grouping import UNIT_KINDS, Grouping, grouping_from, plan_units
+from dfloat.storage import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -380,7 +381,8 @@ def _shards_for_verify(ckpt: CompressedCheckpoint, problems: list[str]):
     """Each shard read with its checksums checked; a shard that fails them is recorded and read again without,
     so every damaged unit is named, not just the first."""
     from dfloat.errors import DFloatError
-    from dfloat.format import check_checksums, load_compressed_tensors
+    from dfloat.integrity import check_checksums
+    from dfloat.storage import load_compressed_tensors
 
     for path in ckpt.shard_files:
         try:
@@ -419,7 +421,7 @@ def verify_checkpoint(
         ChecksumError: listing every problem found; BackendUnavailableError; ModelSourceError.
     """
     from dfloat.codec import decompress_tensor
-    from dfloat.format import crc32_of
+    from dfloat.integrity import crc32_of
     from dfloat.runtime import pipeline
 
     dev = "cuda" if backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
@@ -525,7 +527,7 @@ def decompress_model(
         for _, units, plain in ckpt.iter_shards():
             tensors = dict(plain)
             for ct in units.values():
-                ct.verify(flat := decompress_tensor(ct, device="cpu").reshape(-1))
+                check_members(ct, flat := decompress_tensor(ct, device="cpu").reshape(-1))
                 tensors.update({k: v.clone() for k, v in ct.split(flat).items()})
             for name, t in tensors.items():
                 if (

@@ -710,7 +710,7 @@ def describe_unit_layout(folder: str | os.PathLike) -> dict:
     """{unit: [member names]} of a compressed folder, read from its shard headers."""
     from safetensors import safe_open
 
-    from dfloat.format import check_version
+    from dfloat.storage import check_version
 
     out = {}
     for path in CompressedCheckpoint.open(folder).shard_files:

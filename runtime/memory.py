@@ -314,8 +314,8 @@ def plan_checkpoint(
     embeddings and lm_head are when loaded; block units as split-decoded (``split``, as `load_compressed`)."""
     from safetensors import safe_open
 
-    from dfloat.format import check_version
     from dfloat.runtime.checkpoint import CompressedCheckpoint
+    from dfloat.storage import check_version
 
     sizes = {
         "BF16": 2,

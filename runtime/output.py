@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from dfloat.errors import ModelSourceError, OutputExistsError
-from dfloat.format import default_mode
+from dfloat.storage import default_mode
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dfloat.errors import ModelSourceError
-from dfloat.format import parse_json
 from dfloat.runtime import output
 from dfloat.runtime import source as src
 from dfloat.runtime.checkpoint import CONFIG_KEY, DIFFUSERS_CONFIG_KEY, DIFFUSERS_INDEX, INDEX_NAME
 from dfloat.runtime.compress import CompressionReport
 from dfloat.runtime.grouping import UNIT_KINDS, plan_units
+from dfloat.storage import parse_json
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from dfloat.errors import ModelSourceError
-from dfloat.format import parse_json
+from dfloat.storage import parse_json
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,9 @@ import torch
 
 from dfloat.codec import decompress_tensor
 from dfloat.errors import CorruptStreamError, ModelSourceError
-from dfloat.format import CompressedTensor, check_version, load_compressed_tensors
+from dfloat.format import CompressedTensor
 from dfloat.runtime.checkpoint import CompressedCheckpoint
+from dfloat.storage import check_version, load_compressed_tensors
 
 log = logging.getLogger(__name__)
 

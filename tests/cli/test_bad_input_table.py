@@ -175,7 +175,7 @@ def test_compressed_files_follow_the_umask(folders):
     import os
     import stat
 
-    from dfloat.format import default_mode
+    from dfloat.storage import default_mode
 
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folders["good"].iterdir() if p.is_file()}
     assert set(modes.values()) == {default_mode()}, (modes, oct(default_mode()), os.getpid())

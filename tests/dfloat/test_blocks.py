@@ -9,7 +9,7 @@ import torch
 
 import dfloat
 from dfloat.blocks import block_range, blocks_covering, decompress_blocks, host_positions
-from dfloat.format import check_structure
+from dfloat.integrity import check_structure
 from dfloat.reference import reference_decode
 from dfloat.testing import all_bf16_patterns, bits, weights_like
 

@@ -6,7 +6,7 @@ import torch
 
 import dfloat
 from dfloat import df11, huffman
-from dfloat.codec import code_of
+from dfloat.code_tables import code_of
 from dfloat.reference import reference_decode
 from dfloat.testing import all_bf16_patterns, bits, fibonacci_exponents, weights_like, with_exponent_counts
 
@@ -17,16 +17,16 @@ def test_luts_roundtrip_a_deep_code():
         counts[e] = c
     lengths = huffman.code_lengths(counts, 32)
     codes = huffman.canonical_codes(lengths)
-    luts = df11.luts_from_code(codes, lengths)
+    luts = huffman.luts_from_code(codes, lengths)
     assert luts.shape[1] == 256 and luts.shape[0] >= 4  # tables for 0, 8, 16 and 24-bit prefixes + lengths
-    got_codes, got_lengths = df11.codes_from_luts(luts)
+    got_codes, got_lengths = huffman.codes_from_luts(luts)
     assert np.array_equal(got_lengths, lengths) and np.array_equal(got_codes, codes)
 
 
 def test_lut_rows_follow_the_official_rules():
     t = weights_like(20_000)
     ct = dfloat.compress_tensor(t)
-    luts = df11.luts_from_code(*code_of(ct)).astype(np.int64)
+    luts = huffman.luts_from_code(*code_of(ct)).astype(np.int64)
     assert np.array_equal(luts[-1], ct.code.numpy())
     root = luts[0]
     assert set(root.tolist()) <= set(np.flatnonzero(ct.code.numpy()).tolist()) | set(range(240, 256))

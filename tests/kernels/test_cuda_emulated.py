@@ -309,7 +309,7 @@ def test_corrupt_positions_are_reported(emu):
 
 def _lut_by_walking_the_code(ct) -> tuple[np.ndarray, np.ndarray]:
     """lut_sym / lut_info from the code words themselves, one pattern at a time (4096 patterns: a test oracle)."""
-    from dfloat.codec import code_of
+    from dfloat.code_tables import code_of
 
     codes, lengths = code_of(ct)
     symbol_of = {(int(lengths[s]), int(codes[s])): s for s in range(256) if lengths[s] > 0}
