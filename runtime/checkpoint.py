@@ -23,7 +23,7 @@ import torch
 from dfloat.errors import CorruptStreamError, ModelSourceError
 from dfloat.format import CompressedTensor
 from dfloat.runtime import source as src
-from dfloat.storage import load_compressed_tensors, save_compressed_tensors
+from dfloat.storage import check_version, load_compressed_tensors, save_compressed_tensors
 
 INDEX_NAME = "dfloat.safetensors.index.json"  # transformers accepts names ending in .safetensors.index.json
 LEGACY_INDEX_NAME = "dfloat.index.json"  # older folders: alone, or beside a copy named INDEX_NAME
@@ -174,3 +174,18 @@ class CompressedCheckpoint:
                     f"{extra}); the folder is damaged or mixed from two checkpoints"
                 )
             yield path, units, plain
+
+
+def describe_unit_layout(folder: str | os.PathLike) -> dict:
+    """{unit: [member names]} of a compressed folder, read from its shard headers."""
+    from safetensors import safe_open
+
+    out = {}
+    for path in CompressedCheckpoint.open(folder).shard_files:
+        with safe_open(str(path), framework="pt") as f:
+            units = check_version(f.metadata(), str(path))
+        try:
+            out.update({u: [m["name"] for m in meta["members"]] for u, meta in units.items()})
+        except (AttributeError, KeyError, TypeError) as e:
+            raise ModelSourceError(f"{path}: malformed unit metadata ({e!r}); the file is damaged") from None
+    return out

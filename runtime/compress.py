@@ -177,10 +177,10 @@ def _official_to_bf16(folder: Path, config: dict, stack: list[tempfile.Temporary
     from safetensors.torch import save_file
 
     from dfloat.codec import decompress_tensor
-    from dfloat.runtime.loader import _build_empty
+    from dfloat.runtime.empty_model import build_empty_model
     from dfloat.runtime.official import read_official
 
-    units, tensors = read_official(folder, config, _build_empty(folder, None, {}))
+    units, tensors = read_official(folder, config, build_empty_model(folder, None, {}))
     for ct in units.values():
         flat = decompress_tensor(ct, device="cpu").reshape(-1)
         tensors.update({k: v.clone() for k, v in ct.split(flat).items()})

@@ -8,7 +8,7 @@ its shard index also as ``diffusion_pytorch_model.safetensors.index.json`` (runt
 finds the shards through its own Hub and cache code. Then the quantizer
 
 1. before weights load (the model is on the meta device), reads the compressed units and plain tensors and
-   hands them to `dfloat.runtime.loader.attach`: coded weights become views of a decode buffer, decoded right
+   hands them to `dfloat.runtime.attach.attach`: coded weights become views of a decode buffer, decoded right
    before their block runs, and are never allocated in BF16;
 2. lets diffusers load the plain tensors (norms, biases) itself, so dtype casts and ``_keep_in_fp32_modules``
    happen as for the BF16 model, and drops the stored unit arrays from what it loads;
@@ -140,7 +140,7 @@ class DFloatDiffusersQuantizer(DiffusersQuantizer):
         return 1 << 62  # diffusers loads only the small plain tensors: no allocator warm-up in BF16 sizes
 
     def maybe_update_loaded_keys(self, loaded_keys, checkpoint_files):
-        from dfloat.runtime.loader import describe_unit_layout
+        from dfloat.runtime.checkpoint import describe_unit_layout
 
         if not checkpoint_files:
             raise ModelSourceError("dfloat: diffusers found no checkpoint files for this model")
@@ -161,8 +161,8 @@ class DFloatDiffusersQuantizer(DiffusersQuantizer):
     def _process_model_before_weight_loading(
         self, model, device_map=None, keep_in_fp32_modules=None, **kwargs
     ):
+        from dfloat.runtime.attach import attach
         from dfloat.runtime.checkpoint import CompressedCheckpoint
-        from dfloat.runtime.loader import attach
 
         if self.folder is None:
             raise ModelSourceError("dfloat: diffusers gave no checkpoint files before building the model")

@@ -106,9 +106,9 @@ def install(
     a parameter of the same name (an empty placeholder here), so the loader fills it from the checkpoint.
     """
     from dfloat.codec import decompress_tensor
-    from dfloat.runtime.loader import _aliases
+    from dfloat.runtime.attach import aliases_of
 
-    aliases = _aliases(model)
+    aliases = aliases_of(model)
     rest: dict[str, CompressedTensor] = {}
     prefill = PrefillBuffer(device)
     fused = 0

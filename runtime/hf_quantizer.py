@@ -9,7 +9,7 @@ looks the method up in its quantizer registry, where `register()` (run when tran
    huggingface_hub's own, and dfloat then reads the very index and shards transformers fetched;
 2. before weights load, hides every unit member (coded weights) from the model's state dict: transformers loads
    the plain tensors (norms, small raw tensors) itself and never allocates or initializes the coded weights;
-3. after loading, hands the coded units to `dfloat.runtime.loader.attach`, the same decode-before-use hooks as
+3. after loading, hands the coded units to `dfloat.runtime.attach.attach`, the same decode-before-use hooks as
    `load_compressed`, so outputs are bit-identical to the BF16 model.
 
 Without dfloat installed transformers warns "Unknown quantization type, got dfloat" and then fails with "no file
@@ -109,7 +109,7 @@ class DFloatHfQuantizer(HfQuantizer):
         return self._point_at_weights(config)
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, device_map=None, **kwargs):
-        from dfloat.runtime.loader import describe_unit_layout
+        from dfloat.runtime.checkpoint import describe_unit_layout
 
         if not checkpoint_files:
             raise ModelSourceError("dfloat: transformers found no checkpoint files for this model")
@@ -128,8 +128,8 @@ class DFloatHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        from dfloat.runtime.attach import attach
         from dfloat.runtime.checkpoint import CompressedCheckpoint
-        from dfloat.runtime.loader import attach
 
         self._hide_handle.remove()
         units = {}

@@ -14,7 +14,7 @@
   ``to_v``, ``proj_mlp``) are consecutive ranges of the same decoded stream, members of the unit like any other.
 
 Either way the units are used as they are stored (official code tables and 8-byte windows) and loaded with
-`dfloat.runtime.loader.attach`; ``dfloat compress`` decodes them once and writes a dfloat diffusers model
+`dfloat.runtime.attach.attach`; ``dfloat compress`` decodes them once and writes a dfloat diffusers model
 (with checksums). The writers at the end build such checkpoints from a BF16 diffusers model, for tests and
 interop.
 """
@@ -408,7 +408,7 @@ def _load_plain_as_diffusers(
 def load(source, config_from=None, device=None, backend=None, cpu_offload=False, **attach_kw):
     """An official DFloat11 diffusion checkpoint as a diffusers model (units used as stored, no BF16 copy)."""
     from dfloat.codec import canonical_device
-    from dfloat.runtime.loader import attach
+    from dfloat.runtime.attach import attach
 
     source = Path(source).expanduser()
     config, units, plain, model = read(source, config_from)

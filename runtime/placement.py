@@ -1,7 +1,7 @@
 """Moving a compressed model between devices: ``model.to("cuda")``, ``.cpu()``, and what calls them
 (accelerate's ``cpu_offload_with_hook`` behind diffusers' ``enable_model_cpu_offload``, ``pipe.to(device)``).
 
-A coded weight is a view of its device's decode buffer (runtime/loader.py). Left to ``nn.Module._apply``,
+A coded weight is a view of its device's decode buffer (runtime/decode_hooks.py). Left to ``nn.Module._apply``,
 ``.to`` would copy every such view into a tensor of its own (the whole BF16 model on the new device) and the
 decode hooks would go on writing into the old buffer, so the copies would keep whatever the buffer held: wrong
 weights. So `install` wraps the model's ``_apply``: the coded weights are taken out of their modules while the
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def install(model: torch.nn.Module, units: list) -> None:
-    """Make ``model.to`` / ``.cuda`` / ``.cpu`` move the compressed units (``units``: the loader's _Unit list)."""
+    """Make ``model.to`` / ``.cuda`` / ``.cpu`` move the compressed units (``units``: the `AttachedUnit` list of `dfloat.runtime.attach`)."""
     for unit in units:  # units kept on the host while their decode buffer is on a GPU (cpu_offload)
         unit.host = unit.ct.device.type == "cpu" and unit.device.type != "cpu"
     for cu in _chunked(model):
@@ -117,7 +117,7 @@ def _relocate(model, device: torch.device, hidden) -> None:
     """Move every unit to ``device`` (units of a ``cpu_offload`` model stay in host memory), give the device a
     decode buffer as large as the largest old one, and point the weights at it again."""
     from dfloat.blocks import block_range
-    from dfloat.runtime.loader import DecodeBuffer
+    from dfloat.runtime.decode_hooks import DecodeBuffer
 
     buffers = model._dfloat_buffers  # the same dict the decode hooks read
     units = model._dfloat_unit_list
@@ -128,7 +128,9 @@ def _relocate(model, device: torch.device, hidden) -> None:
         backend = next((b.backend for b in buffers.values()), None)
         buffers.clear()
         buffers[device] = DecodeBuffer(device, numel, backend)
-        moved: dict[int, object] = {}  # a piecewise unit's arrays are shared by its _Unit and ChunkedUnit
+        moved: dict[
+            int, object
+        ] = {}  # a piecewise unit's arrays are shared by its AttachedUnit and ChunkedUnit
 
         def move(ct, host: bool):
             if host:

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import dfloat
 from dfloat.models.testing import ARCHS, prompt, tiny_model
-from dfloat.runtime.loader import describe_unit_layout
+from dfloat.runtime.checkpoint import describe_unit_layout
 
 
 @pytest.mark.parametrize("arch", ARCHS)

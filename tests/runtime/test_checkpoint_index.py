@@ -12,8 +12,12 @@ import torch
 
 import dfloat
 from dfloat.errors import ModelSourceError
-from dfloat.runtime.checkpoint import INDEX_NAME, LEGACY_INDEX_NAME, CompressedCheckpoint
-from dfloat.runtime.loader import describe_unit_layout
+from dfloat.runtime.checkpoint import (
+    INDEX_NAME,
+    LEGACY_INDEX_NAME,
+    CompressedCheckpoint,
+    describe_unit_layout,
+)
 from dfloat.runtime.memory import plan_checkpoint
 from dfloat.testing import save_random_model
 

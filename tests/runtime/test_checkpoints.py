@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dfloat
-from dfloat.runtime.loader import describe_unit_layout
+from dfloat.runtime.checkpoint import describe_unit_layout
 from dfloat.runtime.official import write_official
 from dfloat.testing import save_random_model
 

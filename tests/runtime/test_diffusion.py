@@ -85,12 +85,12 @@ def test_every_bf16_component_compressed_the_rest_copied(pipelines):
     index = json.loads((root / "dfloat" / "model_index.json").read_text())
     assert index == json.loads((root / "bf16" / "model_index.json").read_text())
     # conv weights are coded too (the VAE is all convolutions but its attention)
-    layout = dfloat.runtime.loader.describe_unit_layout(root / "dfloat" / "vae")
+    layout = dfloat.runtime.checkpoint.describe_unit_layout(root / "dfloat" / "vae")
     assert "encoder.down_blocks.0.resnets.0" in layout and "encoder.conv_in" in layout
 
 
 def test_units_follow_the_blocks(pipelines):
-    from dfloat.runtime.loader import describe_unit_layout
+    from dfloat.runtime.checkpoint import describe_unit_layout
 
     flux = describe_unit_layout(pipelines["flux"] / "dfloat" / "transformer")
     assert {

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import dfloat
-from dfloat.runtime.loader import describe_unit_layout
+from dfloat.runtime.checkpoint import describe_unit_layout
 from dfloat.testing import save_random_model
 
 COMMON = dict(
