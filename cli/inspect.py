@@ -58,7 +58,7 @@ def command(path, as_json):
 
 def _pipeline(folder, as_json: bool) -> None:
     from dfloat.runtime import pipeline
-    from dfloat.runtime.memory import plan_pipeline
+    from dfloat.runtime.pipeline import plan_pipeline
 
     plan = plan_pipeline(folder)
     compressed = {n: c for n, c in pipeline.components(folder).items() if pipeline.is_compressed_component(c)}

@@ -418,29 +418,3 @@ class PipelinePlan:
             f"largest component needs {self.offload_peak_bytes / mib:,.1f} MiB "
             f"(BF16: {self.offload_peak_bf16_bytes / mib:,.1f} MiB)"
         )
-
-
-def plan_pipeline(
-    folder, chunk_numel: int | None = None, chunking: bool = True, split: bool = True
-) -> PipelinePlan:
-    """The memory plan of a compressed diffusers pipeline folder, component by component (`plan_checkpoint` for
-    each compressed one; the weight files' bytes for the others), from headers only."""
-    from pathlib import Path
-
-    from dfloat.runtime import pipeline
-
-    plans: dict[str, MemoryPlan] = {}
-    copied: dict[str, int] = {}
-    for name, comp in pipeline.components(Path(folder)).items():
-        if pipeline.is_compressed_component(comp):
-            plans[name] = plan_checkpoint(comp, chunk_numel, chunking, split)
-            continue
-        nbytes = 0
-        for basename in (pipeline.DIFFUSERS_WEIGHTS, pipeline.TRANSFORMERS_WEIGHTS):
-            try:
-                nbytes = sum(f.stat().st_size for f in pipeline.weight_files(comp, basename))
-                break
-            except Exception:  # noqa: BLE001 - no weights under this name (tokenizers, schedulers)
-                continue
-        copied[name] = nbytes
-    return PipelinePlan(plans, copied)

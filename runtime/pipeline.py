@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dfloat.errors import ModelSourceError
-from dfloat.runtime import output
+from dfloat.runtime import memory, output
 from dfloat.runtime import source as src
 from dfloat.runtime.checkpoint import CONFIG_KEY, DIFFUSERS_CONFIG_KEY, DIFFUSERS_INDEX, INDEX_NAME
 from dfloat.runtime.compress import CompressionReport
@@ -498,3 +498,25 @@ def _rename_weights(folder: Path, old: str, new: str) -> None:
         index.unlink()
     elif (folder / f"{old}.safetensors").is_file():
         os.replace(folder / f"{old}.safetensors", folder / f"{new}.safetensors")
+
+
+def plan_pipeline(
+    folder, chunk_numel: int | None = None, chunking: bool = True, split: bool = True
+) -> memory.PipelinePlan:
+    """The memory plan of a compressed diffusers pipeline folder, component by component (`plan_checkpoint` for
+    each compressed one; the weight files' bytes for the others), from headers only."""
+    plans: dict[str, memory.MemoryPlan] = {}
+    copied: dict[str, int] = {}
+    for name, comp in components(Path(folder)).items():
+        if is_compressed_component(comp):
+            plans[name] = memory.plan_checkpoint(comp, chunk_numel, chunking, split)
+            continue
+        nbytes = 0
+        for basename in (DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS):
+            try:
+                nbytes = sum(f.stat().st_size for f in weight_files(comp, basename))
+                break
+            except Exception:  # noqa: BLE001 - no weights under this name (tokenizers, schedulers)
+                continue
+        copied[name] = nbytes
+    return memory.PipelinePlan(plans, copied)

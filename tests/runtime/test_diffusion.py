@@ -274,7 +274,7 @@ def test_float32_component_is_copied_and_float32_model_refused(tmp_path):
 
 
 def test_memory_plan_of_a_pipeline_equals_the_loaded_one(pipelines):
-    from dfloat.runtime.memory import plan_pipeline
+    from dfloat.runtime.pipeline import plan_pipeline
 
     root = pipelines["flux"]
     plan = plan_pipeline(root / "dfloat")
