@@ -126,9 +126,22 @@ run_step() {
   record "$name" "$status" $(( $(date +%s) - start )) "$limit"
 }
 
+# stop_running: stopped early, the running step goes too. SIGTERM first: scripts/fuzz.py runs compute-sanitizer in
+# a process group of its own, out of the step's reach, and kills that group on SIGTERM (a bare SIGKILL would leave
+# it running on the GPU); then, STOP_GRACE_S later, SIGKILL for whatever ignored it.
+stop_running() {
+  local i
+  [ -n "$WATCHDOG" ] && kill -KILL -- "-$WATCHDOG" 2>/dev/null
+  [ -n "$CURRENT" ] && kill -TERM -- "-$CURRENT" 2>/dev/null || return 0
+  for (( i = 0; i < ${STOP_GRACE_S:-3} * 10; i++ )); do
+    kill -0 -- "-$CURRENT" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  kill -KILL -- "-$CURRENT" 2>/dev/null
+  return 0
+}
 CURRENT= WATCHDOG=
-# stopped early: take the running step and its watchdog along
-trap 'for g in $CURRENT $WATCHDOG; do kill -KILL -- "-$g" 2>/dev/null; done' EXIT
+trap stop_running EXIT
 trap 'exit 143' TERM INT
 
 # ---- the steps -------------------------------------------------------------------------------------------------

@@ -138,6 +138,66 @@ def test_the_vllm_step_is_skipped_without_vllm(tmp_path):
     assert summary["steps"][0]["result"] == "vLLM not installed"
 
 
+FAKE_SANITIZER = """#!/usr/bin/env bash
+# compute-sanitizer that never finishes and ignores SIGTERM; scripts/fuzz.py runs it in a process group of its own
+echo $$ >>"$FAKE_SANITIZER_PIDS"
+trap '' TERM
+exec sleep 600
+"""
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
+def test_stopping_the_check_in_the_fuzz_step_stops_the_sanitizer(tmp_path):
+    # The real fuzz step (no dry run) under a stand-in compute-sanitizer: scripts/fuzz.py runs each child in a
+    # process group of its own, out of the step's reach; stopping the check must give fuzz.py the SIGTERM on which
+    # it kills that group (a bare SIGKILL of the step left the sanitizer running on the GPU).
+    tools, pids = tmp_path / "tools", tmp_path / "sanitizer_pids"
+    tools.mkdir()
+    fake = tools / "compute-sanitizer"
+    fake.write_text(FAKE_SANITIZER)
+    fake.chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{tools}{os.pathsep}{os.environ['PATH']}",
+        "OUT": str(tmp_path / "out"),
+        "PYTHON": sys.executable,
+        "FAKE_SANITIZER_PIDS": str(pids),
+        "STEPS": "fuzz:120",
+        "MIN_STEP_S": "1",
+    }
+    env.pop("GPU_CHECK_DRY_RUN", None)
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPT)],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    listed: list[int] = []
+    try:
+        for _ in range(600):
+            if pids.is_file() and pids.read_text().split():
+                break
+            time.sleep(0.1)
+        listed = [int(p) for p in pids.read_text().split()]
+        proc.terminate()
+        proc.wait(timeout=30)
+        for pid in listed:
+            for _ in range(50):
+                if not _alive(pid):
+                    break
+                time.sleep(0.1)
+            assert not _alive(pid), f"compute-sanitizer {pid} outlived the check"
+    finally:
+        proc.kill()
+        for pid in listed:  # a failed run must not leave the stand-in behind
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
 def test_stopping_the_check_stops_the_running_step(tmp_path):
     # the device tool's own time limit sends SIGTERM to the script: the running step goes with it
