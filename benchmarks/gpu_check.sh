@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_check.sh                          # results under $OUT (default: tmp/gpu_check)
 #   BUDGET_S=540 SKIP_STEPS="e2e fuzz" bash benchmarks/gpu_check.sh
 #   GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh      # no GPU (CI): every step reached, nothing run on a GPU
+#   PYTHON=/path/to/python bash benchmarks/gpu_check.sh   # the interpreter (default: python3, else python)
 #
 # What it leaves under $OUT is two files (the device tool brings back at most 8): gpu_check_summary.json (each
 # step's status, seconds, limit and one-line result, and the rows of every JSON the steps wrote) and
@@ -50,7 +51,9 @@ rm -rf "$WORK" "$OUT/gpu_check.tar.gz" "$OUT/gpu_check_summary.json"
 mkdir -p "$WORK/.steps"
 : >"$WORK/.steps/order.tsv"
 export DFLOAT_RESULTS_DIR="$WORK"  # every benchmark's JSON lands here (benchmarks/common.py)
-REAL_PY="${PYTHON:-python}"
+# python3: the GPU image holds torch under python3 (a `python` there may be missing, or another interpreter)
+REAL_PY="${PYTHON:-$(command -v python3 || command -v python)}"
+[ -n "$REAL_PY" ] || { echo "gpu_check.sh: no python3 or python on PATH (or set PYTHON)" >&2; exit 1; }
 if [ -n "${GPU_CHECK_DRY_RUN:-}" ]; then
   PY=("$REAL_PY" "$REPO/benchmarks/gpu_check_dry.py" python)
   SANITIZER=("$REAL_PY" "$REPO/benchmarks/gpu_check_dry.py" sanitizer)

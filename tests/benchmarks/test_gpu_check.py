@@ -138,6 +138,36 @@ def test_the_vllm_step_is_skipped_without_vllm(tmp_path):
     assert summary["steps"][0]["result"] == "vLLM not installed"
 
 
+def test_without_python_set_it_runs_python3(tmp_path):
+    # The GPU image's torch is under `python3`; a `python` there may be missing or another interpreter. Here
+    # `python` is a stand-in that fails loudly: the check must not use it.
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "python").write_text('#!/usr/bin/env bash\necho "wrong interpreter: python" >&2\nexit 97\n')
+    (tools / "python").chmod(0o755)
+    (tools / "python3").write_text(f'#!/usr/bin/env bash\nexec "{sys.executable}" "$@"\n')
+    (tools / "python3").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    env.update(
+        PATH=f"{tools}{os.pathsep}{env['PATH']}",
+        OUT=str(tmp_path / "out"),
+        GPU_CHECK_DRY_RUN="1",
+        STEPS="install:30 env:30",
+    )
+    res = subprocess.run(
+        ["bash", str(SCRIPT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    summary = json.loads((tmp_path / "out" / "gpu_check_summary.json").read_text())
+    assert statuses(summary) == {"install": "ok", "env": "ok"}, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "wrong interpreter" not in res.stdout + res.stderr
+
+
 FAKE_SANITIZER = """#!/usr/bin/env bash
 # compute-sanitizer that never finishes and ignores SIGTERM; scripts/fuzz.py runs it in a process group of its own
 echo $$ >>"$FAKE_SANITIZER_PIDS"
