@@ -207,9 +207,10 @@ step_e2e() {
 }
 
 step_gemv() {
-  # the fused decode-GEMV's GPU tests, then fused vs cuBLAS BF16 on one Llama-3.1-8B layer
-  limited "$1" bash -c '"$@" -m pytest -q -p no:cacheprovider -rs -m gpu tests/kernels/test_gpu_gemv.py \
-    && "$@" benchmarks/gpu_gemv.py --repeats 20' gemv "${PY[@]}" 2>&1 | tee "$WORK/gemv.log"
+  # the fused decode-GEMV's GPU tests, then fused vs cuBLAS BF16 on one Llama-3.1-8B layer (timed even when a
+  # test failed: its figures, and its own fused == twin check, say more than a skip; the step fails either way)
+  limited "$1" bash -c 'rc=0; "$@" -m pytest -q -p no:cacheprovider -rs -m gpu tests/kernels/test_gpu_gemv.py \
+    || rc=1; "$@" benchmarks/gpu_gemv.py --repeats 20 || rc=1; exit $rc' gemv "${PY[@]}" 2>&1 | tee "$WORK/gemv.log"
   local rc=${PIPESTATUS[0]}
   note gemv "$(grep -E "passed|failed|error" "$WORK/gemv.log" | head -1)"
   return "$rc"
@@ -309,8 +310,9 @@ step_sass_proxy() {
   # needs nvcc, not the GPU: SASS instructions per weight of the decoder and the fused GEMV
   if [ -z "${GPU_CHECK_DRY_RUN:-}" ] && ! command -v nvcc >/dev/null && ! ls /usr/local/cuda*/bin/nvcc >/dev/null 2>&1
   then note sass_proxy "nvcc not found"; return $SKIP; fi
-  limited "$1" bash -c 'out=$1; shift; "$@" benchmarks/sass_proxy.py --out "$out" \
-    && "$@" benchmarks/gemv_sass_proxy.py --out "$out"' sass "$WORK" "${PY[@]}" 2>&1 | tee "$WORK/sass_proxy.log"
+  limited "$1" bash -c 'out=$1; shift; rc=0; "$@" benchmarks/sass_proxy.py --out "$out" || rc=1
+    "$@" benchmarks/gemv_sass_proxy.py --out "$out" || rc=1; exit $rc' sass "$WORK" "${PY[@]}" 2>&1 \
+    | tee "$WORK/sass_proxy.log"
   local rc=${PIPESTATUS[0]}
   note sass_proxy "$(awk '/^new:dfloat_decode_w32_t256/ {print "decoder w32_t256: " $NF " instructions per weight"}
     /^dfloat_gemv<8, 1, 0>/ {print "fused GEMV batch 1: " $11 " instructions per weight"}' "$WORK/sass_proxy.log" \

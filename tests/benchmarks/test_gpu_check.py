@@ -77,7 +77,10 @@ def test_dry_run_reaches_every_step_and_reports_failed_and_skipped(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.tar.gz", "gpu_check_summary.json"]
     with tarfile.open(out / "gpu_check.tar.gz") as tar:
         names_in = {Path(m.name).name for m in tar.getmembers()}
+        gemv_log = tar.extractfile("gpu_check/gemv.log").read().decode()
     assert {"gpu_check_summary.json", "env.log", "tests.log", "gemv.log", "sanitize_case.py"} <= names_in
+    # the GEMV benchmark still runs after its tests failed: both commands reached the (failing) stand-in
+    assert gemv_log.count("dry run: step gemv fails") == 2, gemv_log
     for line in ("install", "tests", "gemv", "sass_proxy"):  # the summary table is the console's last word
         assert re.search(rf"^{line}\s+(ok|FAILED)", res.stdout, re.M)
 
