@@ -21,9 +21,9 @@
 #
 # Each step runs in a process group of its own under a time limit: its cap, or what is left of BUDGET_S (default
 # 540 s, less RESERVE_S = 20 s for the summary and the archive) when that is less; with under MIN_STEP_S (30) left
-# it is SKIPPED, as is a step named in SKIP_STEPS or whose tool is missing. At its limit a step's commands get
-# SIGTERM and, KILL_AFTER_S (10) later, SIGKILL; when the step ends, anything it left running is killed with its
-# process group. Status per step: ok, FAILED, TIMEOUT or SKIPPED (with the reason). Exit status: 0 every step ok;
+# it is SKIPPED, as is a step named in SKIP_STEPS, whose tool is missing, or whose pytest run skipped every test.
+# At its limit a step's commands get SIGTERM and, KILL_AFTER_S (10) later, SIGKILL; when the step ends, anything it
+# left running is killed with its process group. Status per step: ok, FAILED, TIMEOUT or SKIPPED (with the reason). Exit status: 0 every step ok;
 # 1 a step FAILED or hit TIMEOUT; 2 none failed but some were SKIPPED.
 #
 # Offline: installs nothing from outside. The official kernel comes from an installed dfloat11 or a wheel in .whl/
@@ -82,6 +82,19 @@ note() {
   [ -n "$text" ] || text="$(grep -v '^\s*$' "$WORK/$1.log" 2>/dev/null | tail -1)"
   [ -n "$text" ] && printf '%s\n' "$text" | head -1 | cut -c1-150 >"$WORK/.steps/$1.result"
   return 0
+}
+
+# pytest_result NAME RC: a pytest step's result line and status from its log ($WORK/NAME.log); a run that skipped
+# every test it selected (no GPU seen, CuPy missing, ...) is SKIPPED, not ok
+pytest_result() {
+  local log="$WORK/$1.log" last
+  last="$(grep -E "^=* ?[0-9]+ (passed|failed|skipped|deselected|errors?)\b|no tests ran|collected" "$log" | tail -1)"
+  note "$1" "$last"
+  if (( $2 == 0 )) && [[ "$last" == *skipped* && "$last" != *passed* ]]; then
+    note "$1" "every test skipped: ${last//=/} ($(grep -m1 '^SKIPPED' "$log" | cut -c1-90))"
+    return $SKIP
+  fi
+  return "$2"
 }
 
 budget_left() { echo $(( BUDGET_S - RESERVE_S - ($(date +%s) - t0) )); }
@@ -177,9 +190,7 @@ step_tests() {
     tests/kernels/test_registry.py tests/runtime/test_checkpoints.py tests/runtime/test_generate.py \
     tests/runtime/test_placement.py tests/runtime/test_diffusion.py \
     2>&1 | tee "$WORK/tests.log"
-  local rc=${PIPESTATUS[0]}
-  note tests "$(grep -E "passed|failed|error|no tests ran|collected" "$WORK/tests.log" | tail -1)"
-  return "$rc"
+  pytest_result tests "${PIPESTATUS[0]}"
 }
 
 step_decode() {
@@ -281,9 +292,7 @@ step_memory() {
   # big embedding / lm_head used piecewise, exact and as planned
   limited "$1" "${PY[@]}" -m pytest -q -p no:cacheprovider -rs -m gpu tests/runtime/test_gpu_chunked.py 2>&1 \
     | tee "$WORK/memory.log"
-  local rc=${PIPESTATUS[0]}
-  note memory "$(grep -E "passed|failed|error|no tests ran|collected" "$WORK/memory.log" | tail -1)"
-  return "$rc"
+  pytest_result memory "${PIPESTATUS[0]}"
 }
 
 step_integrity() {

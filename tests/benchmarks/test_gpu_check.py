@@ -141,6 +141,19 @@ def test_the_vllm_step_is_skipped_without_vllm(tmp_path):
     assert summary["steps"][0]["result"] == "vLLM not installed"
 
 
+def test_gpu_tests_that_all_skip_are_skipped_not_passed(tmp_path):
+    # No dry run: the real pytest steps on a machine without a GPU skip every test they select; that is no pass
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the GPU tests run")
+    res, summary, _ = run_check(tmp_path, STEPS="tests:150 memory:60")
+    assert statuses(summary) == {"tests": "SKIPPED", "memory": "SKIPPED"}, res.stdout[-3000:]
+    assert (
+        all(s["result"].startswith("every test skipped: ") for s in summary["steps"]) and res.returncode == 2
+    )
+
+
 def test_without_python_set_it_runs_python3(tmp_path):
     # The GPU image's torch is under `python3`; a `python` there may be missing or another interpreter. Here
     # `python` is a stand-in that fails loudly: the check must not use it.
