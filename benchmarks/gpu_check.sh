@@ -23,8 +23,8 @@
 # 540 s, less RESERVE_S = 20 s for the summary and the archive) when that is less; with under MIN_STEP_S (30) left
 # it is SKIPPED, as is a step named in SKIP_STEPS, whose tool is missing, or whose pytest run skipped every test.
 # At its limit a step's commands get SIGTERM and, KILL_AFTER_S (10) later, SIGKILL; when the step ends, anything it
-# left running is killed with its process group. Status per step: ok, FAILED, TIMEOUT or SKIPPED (with the reason). Exit status: 0 every step ok;
-# 1 a step FAILED or hit TIMEOUT; 2 none failed but some were SKIPPED.
+# left running is killed with its process group. Status per step: ok, FAILED, TIMEOUT or SKIPPED (with the
+# reason). Exit status: 0 every step ok; 1 a step FAILED or hit TIMEOUT; 2 none failed but some were SKIPPED.
 #
 # Offline: installs nothing from outside. The official kernel comes from an installed dfloat11 or a wheel in .whl/
 # (pip download --no-deps dfloat11==0.5.0 -d .whl); without one the decode step says it left it out.
