@@ -14,7 +14,7 @@ ones:
     python benchmarks/e2e.py --device cpu --models tiny --batches 1 4 --prefill 64 --new-tokens 8
 
 On a CPU the "graph" rows run the same loop without capture (their ``path`` column says which ran). Results are
-written after each model, so a run stopped by a time limit keeps the models it finished.
+written after each row, so a run stopped by a time limit keeps the rows it finished.
 """
 
 from __future__ import annotations
@@ -192,7 +192,21 @@ def load(kind, folder: Path, args):
     return model.eval(), weight_memory(model)["total"]
 
 
-def measure(name, cfg_over, args) -> list[dict]:
+def add_ratios(rows: list[dict], batches) -> None:
+    """Each row after the first against the BF16 rows (eager: rows[0], fast: rows[1], where there is one yet)."""
+    base_eager = rows[0]
+    base_fast = rows[1] if len(rows) > 1 else None
+    for row in rows[1:]:
+        for b in batches:
+            row[f"x_bf16_eager_b{b}"] = round(row[f"ms_per_token_b{b}"] / base_eager[f"ms_per_token_b{b}"], 2)
+            row[f"x_bf16_fast_b{b}"] = round(row[f"ms_per_token_b{b}"] / base_fast[f"ms_per_token_b{b}"], 2)
+        row["prefill_x_bf16"] = round(row["prefill_ms"] / base_eager["prefill_ms"], 2)
+        row["weight_pct_of_bf16"] = round(100 * row["weight_MiB"] / base_eager["weight_MiB"], 1)
+
+
+def measure(name, cfg_over, args, on_row=None) -> list[dict]:
+    """The model's four rows; ``on_row(rows)`` after each one (the caller saves them: a time limit that stops
+    the run keeps the rows it finished)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     cfg = LlamaConfig(**cfg_over, max_position_embeddings=max(4096, args.prefill))
@@ -235,17 +249,13 @@ def measure(name, cfg_over, args) -> list[dict]:
                     row["compress_s"] = round(compress_s, 2)
                     row["stored_pct"] = round(100 * report.ratio, 2)
                 rows.append(row)
+                add_ratios(rows, args.batches)
                 print(row, flush=True)
+                if on_row is not None:
+                    on_row(rows)
                 release_graphs(lm)
                 del lm
                 gc.collect()
-    base_eager, base_fast = rows[0], rows[1]
-    for row in rows[1:]:
-        for b in args.batches:
-            row[f"x_bf16_eager_b{b}"] = round(row[f"ms_per_token_b{b}"] / base_eager[f"ms_per_token_b{b}"], 2)
-            row[f"x_bf16_fast_b{b}"] = round(row[f"ms_per_token_b{b}"] / base_fast[f"ms_per_token_b{b}"], 2)
-        row["prefill_x_bf16"] = round(row["prefill_ms"] / base_eager["prefill_ms"], 2)
-        row["weight_pct_of_bf16"] = round(100 * row["weight_MiB"] / base_eager["weight_MiB"], 1)
     return rows
 
 
@@ -269,6 +279,21 @@ def main() -> None:
         ap.error("--new-tokens must be at least 2 (per-token time excludes the first token)")
     if args.out:
         common.RESULTS = Path(args.out)
+
+    def save(done: list[dict]) -> None:
+        """After every row: a run cut short (gpu_check.sh's time limit) keeps the rows it finished."""
+        write_result(
+            args.name or f"e2e_{args.device.split(':')[0]}",
+            done,
+            settings=vars(args),
+            exponents_from=EXPONENTS_FROM[0] if EXPONENTS_FROM else None,
+            targets={
+                "dfloat_graph_x_bf16_eager_b1_max": 0.5,
+                "dfloat_graph_x_bf16_graph_b1_max": 2.5,
+                "prefill_x_bf16_max": 1.5,
+            },
+        )
+
     rows = []
     cols = [
         "model",
@@ -292,19 +317,8 @@ def main() -> None:
         label = name + (
             "" if over == SHAPES[name] else f" ({over['num_hidden_layers']}L, vocab {over['vocab_size']})"
         )
-        rows += measure(label, over, args)
+        rows = rows + measure(label, over, args, on_row=lambda done, before=rows: save(before + done))
         print_table(rows, cols)
-        write_result(  # after every model: a run cut short keeps what it finished
-            args.name or f"e2e_{args.device.split(':')[0]}",
-            rows,
-            settings=vars(args),
-            exponents_from=EXPONENTS_FROM[0] if EXPONENTS_FROM else None,
-            targets={
-                "dfloat_graph_x_bf16_eager_b1_max": 0.5,
-                "dfloat_graph_x_bf16_graph_b1_max": 2.5,
-                "prefill_x_bf16_max": 1.5,
-            },
-        )
 
 
 if __name__ == "__main__":

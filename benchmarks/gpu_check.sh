@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_check.sh                          # results under $OUT (default: tmp/gpu_check)
 #   BUDGET_S=540 SKIP_STEPS="e2e fuzz" bash benchmarks/gpu_check.sh
 #   GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh      # no GPU (CI): every step reached, nothing run on a GPU
+#   PYTHON=/path/to/python bash benchmarks/gpu_check.sh   # the interpreter (default: python3, else python)
 #
 # What it leaves under $OUT is two files (the device tool brings back at most 8): gpu_check_summary.json (each
 # step's status, seconds, limit and one-line result, and the rows of every JSON the steps wrote) and
@@ -20,10 +21,10 @@
 #
 # Each step runs in a process group of its own under a time limit: its cap, or what is left of BUDGET_S (default
 # 540 s, less RESERVE_S = 20 s for the summary and the archive) when that is less; with under MIN_STEP_S (30) left
-# it is SKIPPED, as is a step named in SKIP_STEPS or whose tool is missing. At its limit a step's commands get
-# SIGTERM and, KILL_AFTER_S (10) later, SIGKILL; when the step ends, anything it left running is killed with its
-# process group. Status per step: ok, FAILED, TIMEOUT or SKIPPED (with the reason). Exit status: 0 every step ok;
-# 1 a step FAILED or hit TIMEOUT; 2 none failed but some were SKIPPED.
+# it is SKIPPED, as is a step named in SKIP_STEPS, whose tool is missing, or whose pytest run skipped every test.
+# At its limit a step's commands get SIGTERM and, KILL_AFTER_S (10) later, SIGKILL; when the step ends, anything it
+# left running is killed with its process group. Status per step: ok, FAILED, TIMEOUT or SKIPPED (with the
+# reason). Exit status: 0 every step ok; 1 a step FAILED or hit TIMEOUT; 2 none failed but some were SKIPPED.
 #
 # Offline: installs nothing from outside. The official kernel comes from an installed dfloat11 or a wheel in .whl/
 # (pip download --no-deps dfloat11==0.5.0 -d .whl); without one the decode step says it left it out.
@@ -50,7 +51,9 @@ rm -rf "$WORK" "$OUT/gpu_check.tar.gz" "$OUT/gpu_check_summary.json"
 mkdir -p "$WORK/.steps"
 : >"$WORK/.steps/order.tsv"
 export DFLOAT_RESULTS_DIR="$WORK"  # every benchmark's JSON lands here (benchmarks/common.py)
-REAL_PY="${PYTHON:-python}"
+# python3: the GPU image holds torch under python3 (a `python` there may be missing, or another interpreter)
+REAL_PY="${PYTHON:-$(command -v python3 || command -v python)}"
+[ -n "$REAL_PY" ] || { echo "gpu_check.sh: no python3 or python on PATH (or set PYTHON)" >&2; exit 1; }
 if [ -n "${GPU_CHECK_DRY_RUN:-}" ]; then
   PY=("$REAL_PY" "$REPO/benchmarks/gpu_check_dry.py" python)
   SANITIZER=("$REAL_PY" "$REPO/benchmarks/gpu_check_dry.py" sanitizer)
@@ -79,6 +82,19 @@ note() {
   [ -n "$text" ] || text="$(grep -v '^\s*$' "$WORK/$1.log" 2>/dev/null | tail -1)"
   [ -n "$text" ] && printf '%s\n' "$text" | head -1 | cut -c1-150 >"$WORK/.steps/$1.result"
   return 0
+}
+
+# pytest_result NAME RC: a pytest step's result line and status from its log ($WORK/NAME.log); a run that skipped
+# every test it selected (no GPU seen, CuPy missing, ...) is SKIPPED, not ok
+pytest_result() {
+  local log="$WORK/$1.log" last
+  last="$(grep -E "^=* ?[0-9]+ (passed|failed|skipped|deselected|errors?)\b|no tests ran|collected" "$log" | tail -1)"
+  note "$1" "$last"
+  if (( $2 == 0 )) && [[ "$last" == *skipped* && "$last" != *passed* ]]; then
+    note "$1" "every test skipped: ${last//=/} ($(grep -m1 '^SKIPPED' "$log" | cut -c1-90))"
+    return $SKIP
+  fi
+  return "$2"
 }
 
 budget_left() { echo $(( BUDGET_S - RESERVE_S - ($(date +%s) - t0) )); }
@@ -126,9 +142,22 @@ run_step() {
   record "$name" "$status" $(( $(date +%s) - start )) "$limit"
 }
 
+# stop_running: stopped early, the running step goes too. SIGTERM first: scripts/fuzz.py runs compute-sanitizer in
+# a process group of its own, out of the step's reach, and kills that group on SIGTERM (a bare SIGKILL would leave
+# it running on the GPU); then, STOP_GRACE_S later, SIGKILL for whatever ignored it.
+stop_running() {
+  local i
+  [ -n "$WATCHDOG" ] && kill -KILL -- "-$WATCHDOG" 2>/dev/null
+  [ -n "$CURRENT" ] && kill -TERM -- "-$CURRENT" 2>/dev/null || return 0
+  for (( i = 0; i < ${STOP_GRACE_S:-3} * 10; i++ )); do
+    kill -0 -- "-$CURRENT" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  kill -KILL -- "-$CURRENT" 2>/dev/null
+  return 0
+}
 CURRENT= WATCHDOG=
-# stopped early: take the running step and its watchdog along
-trap 'for g in $CURRENT $WATCHDOG; do kill -KILL -- "-$g" 2>/dev/null; done' EXIT
+trap stop_running EXIT
 trap 'exit 143' TERM INT
 
 # ---- the steps -------------------------------------------------------------------------------------------------
@@ -161,9 +190,7 @@ step_tests() {
     tests/kernels/test_registry.py tests/runtime/test_checkpoints.py tests/runtime/test_generate.py \
     tests/runtime/test_placement.py tests/runtime/test_diffusion.py \
     2>&1 | tee "$WORK/tests.log"
-  local rc=${PIPESTATUS[0]}
-  note tests "$(grep -E "passed|failed|error|no tests ran|collected" "$WORK/tests.log" | tail -1)"
-  return "$rc"
+  pytest_result tests "${PIPESTATUS[0]}"
 }
 
 step_decode() {
@@ -191,9 +218,10 @@ step_e2e() {
 }
 
 step_gemv() {
-  # the fused decode-GEMV's GPU tests, then fused vs cuBLAS BF16 on one Llama-3.1-8B layer
-  limited "$1" bash -c '"$@" -m pytest -q -p no:cacheprovider -rs -m gpu tests/kernels/test_gpu_gemv.py \
-    && "$@" benchmarks/gpu_gemv.py --repeats 20' gemv "${PY[@]}" 2>&1 | tee "$WORK/gemv.log"
+  # the fused decode-GEMV's GPU tests, then fused vs cuBLAS BF16 on one Llama-3.1-8B layer (timed even when a
+  # test failed: its figures, and its own fused == twin check, say more than a skip; the step fails either way)
+  limited "$1" bash -c 'rc=0; "$@" -m pytest -q -p no:cacheprovider -rs -m gpu tests/kernels/test_gpu_gemv.py \
+    || rc=1; "$@" benchmarks/gpu_gemv.py --repeats 20 || rc=1; exit $rc' gemv "${PY[@]}" 2>&1 | tee "$WORK/gemv.log"
   local rc=${PIPESTATUS[0]}
   note gemv "$(grep -E "passed|failed|error" "$WORK/gemv.log" | head -1)"
   return "$rc"
@@ -264,9 +292,7 @@ step_memory() {
   # big embedding / lm_head used piecewise, exact and as planned
   limited "$1" "${PY[@]}" -m pytest -q -p no:cacheprovider -rs -m gpu tests/runtime/test_gpu_chunked.py 2>&1 \
     | tee "$WORK/memory.log"
-  local rc=${PIPESTATUS[0]}
-  note memory "$(grep -E "passed|failed|error|no tests ran|collected" "$WORK/memory.log" | tail -1)"
-  return "$rc"
+  pytest_result memory "${PIPESTATUS[0]}"
 }
 
 step_integrity() {
@@ -293,8 +319,9 @@ step_sass_proxy() {
   # needs nvcc, not the GPU: SASS instructions per weight of the decoder and the fused GEMV
   if [ -z "${GPU_CHECK_DRY_RUN:-}" ] && ! command -v nvcc >/dev/null && ! ls /usr/local/cuda*/bin/nvcc >/dev/null 2>&1
   then note sass_proxy "nvcc not found"; return $SKIP; fi
-  limited "$1" bash -c 'out=$1; shift; "$@" benchmarks/sass_proxy.py --out "$out" \
-    && "$@" benchmarks/gemv_sass_proxy.py --out "$out"' sass "$WORK" "${PY[@]}" 2>&1 | tee "$WORK/sass_proxy.log"
+  limited "$1" bash -c 'out=$1; shift; rc=0; "$@" benchmarks/sass_proxy.py --out "$out" || rc=1
+    "$@" benchmarks/gemv_sass_proxy.py --out "$out" || rc=1; exit $rc' sass "$WORK" "${PY[@]}" 2>&1 \
+    | tee "$WORK/sass_proxy.log"
   local rc=${PIPESTATUS[0]}
   note sass_proxy "$(awk '/^new:dfloat_decode_w32_t256/ {print "decoder w32_t256: " $NF " instructions per weight"}
     /^dfloat_gemv<8, 1, 0>/ {print "fused GEMV batch 1: " $11 " instructions per weight"}' "$WORK/sass_proxy.log" \

@@ -192,8 +192,9 @@ def plan(
     fixed = nts * 1024 + LUT_BYTES + SCAN_WORDS * 4 + ((words + 3) & ~3) * 4
     limit = smem_limit
     if smem_per_sm and kernel in BLOCKS_PER_SM:
-        # a block's share of the SM in whole granules, less the reserve (rounding after subtracting the reserve
-        # would let the granule round a block up past its share: 4 blocks of w32_t256 on an H100, not 5)
+        # the hardware rounds a block's bytes + reserve up to the granule, so the limit is the block's share
+        # rounded down to the granule, less the reserve (whole granules); unrounded, w32_t256's 45,664 B + 1 KiB
+        # became 46,720 B and only 4 blocks fitted an H100's 228 KiB, not 5
         share = smem_per_sm // BLOCKS_PER_SM[kernel] // SMEM_GRANULE * SMEM_GRANULE
         limit = min(limit, share - SMEM_RESERVED_PER_BLOCK)
         if limit - fixed - 16 < MIN_STAGE:

@@ -440,6 +440,12 @@ def worker(args) -> None:
             )
 
 
+# A child's own process group, in this process's session: a new session (setsid) would also escape whatever ends a
+# command's leftovers by session (a job runner, a GPU lease), should this process be SIGKILLed before it can
+# kill the group.
+_OWN_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL the child's process group: the child, its --wrap tool and everything they started."""
     try:
@@ -455,7 +461,7 @@ def run_child(cmd: list[str], timeout: float | None) -> tuple[int, str, str, boo
     process is interrupted or terminated (SIGTERM is turned into SystemExit in main).
     """
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, **_OWN_GROUP
     )
     timed_out = False
     try:

@@ -149,3 +149,20 @@ def test_terminating_the_fuzzer_kills_its_running_child(tmp_path):
                 break
             time.sleep(0.1)
         assert not _alive(pid), f"process {pid} outlived the fuzzer"
+
+
+@pytest.mark.skipif(not hasattr(os, "getsid"), reason="POSIX sessions")
+def test_a_child_has_its_own_group_in_the_callers_session():
+    # Its own process group: killed whole without killing the fuzzer. The caller's session, not a new one: whatever
+    # ends a command's leftovers by session (a terminal closing, a job runner, a GPU lease) still reaches a
+    # compute-sanitizer that a SIGKILLed fuzzer could not clean up.
+    spec = importlib.util.spec_from_file_location("dfloat_fuzz_script", FUZZ)
+    fuzz = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fuzz)
+    code, out, err, timed_out = fuzz.run_child(
+        [sys.executable, "-c", "import os; print(os.getpid(), os.getpgid(0), os.getsid(0))"], 60
+    )
+    assert code == 0 and not timed_out, err
+    pid, group, session = map(int, out.split())
+    assert group == pid != os.getpgid(0)
+    assert session == os.getsid(0)

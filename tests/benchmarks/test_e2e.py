@@ -41,3 +41,34 @@ def test_e2e_cpu_writes_four_rows(tmp_path, monkeypatch):
         assert row["prefill_ms"] > 0 and row["peak_MiB"] > 0
     assert "x_bf16_eager_b1" in doc["rows"][3] and doc["command"] and doc["versions"]["torch"]
     assert doc["exponents_from"].startswith("bundled demo model")
+
+
+@pytest.mark.slow
+def test_e2e_cut_short_keeps_the_rows_it_finished(tmp_path, monkeypatch):
+    # gpu_check.sh stops e2e at its time limit: the rows measured by then are on disk (here the run dies when it
+    # loads the dfloat model, after the two BF16 rows)
+    import dfloat
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt("time limit")
+
+    argv = [str(SCRIPT), "--device", "cpu", "--models", "tiny", "--batches", "1", "--prompt", "4"]
+    argv += [
+        "--prefill",
+        "16",
+        "--new-tokens",
+        "3",
+        "--repeats",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "e2e_cut",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(dfloat, "load_compressed", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    doc = json.loads((tmp_path / "e2e_cut.json").read_text())
+    assert [(r["weights"], r["path"]) for r in doc["rows"]] == [("bf16", "eager"), ("bf16", "static")]
+    assert doc["rows"][1]["x_bf16_eager_b1"] > 0 and doc["rows"][1]["x_bf16_fast_b1"] == 1.0

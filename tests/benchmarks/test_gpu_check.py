@@ -77,7 +77,10 @@ def test_dry_run_reaches_every_step_and_reports_failed_and_skipped(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.tar.gz", "gpu_check_summary.json"]
     with tarfile.open(out / "gpu_check.tar.gz") as tar:
         names_in = {Path(m.name).name for m in tar.getmembers()}
+        gemv_log = tar.extractfile("gpu_check/gemv.log").read().decode()
     assert {"gpu_check_summary.json", "env.log", "tests.log", "gemv.log", "sanitize_case.py"} <= names_in
+    # the GEMV benchmark still runs after its tests failed: both commands reached the (failing) stand-in
+    assert gemv_log.count("dry run: step gemv fails") == 2, gemv_log
     for line in ("install", "tests", "gemv", "sass_proxy"):  # the summary table is the console's last word
         assert re.search(rf"^{line}\s+(ok|FAILED)", res.stdout, re.M)
 
@@ -136,6 +139,109 @@ def test_the_vllm_step_is_skipped_without_vllm(tmp_path):
     res, summary, _ = run_check(tmp_path, STEPS="vllm:60")
     assert statuses(summary) == {"vllm": "SKIPPED"} and res.returncode == 2
     assert summary["steps"][0]["result"] == "vLLM not installed"
+
+
+def test_gpu_tests_that_all_skip_are_skipped_not_passed(tmp_path):
+    # No dry run: the real pytest steps on a machine without a GPU skip every test they select; that is no pass
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the GPU tests run")
+    res, summary, _ = run_check(tmp_path, STEPS="tests:150 memory:60")
+    assert statuses(summary) == {"tests": "SKIPPED", "memory": "SKIPPED"}, res.stdout[-3000:]
+    assert (
+        all(s["result"].startswith("every test skipped: ") for s in summary["steps"]) and res.returncode == 2
+    )
+
+
+def test_without_python_set_it_runs_python3(tmp_path):
+    # The GPU image's torch is under `python3`; a `python` there may be missing or another interpreter. Here
+    # `python` is a stand-in that fails loudly: the check must not use it.
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "python").write_text('#!/usr/bin/env bash\necho "wrong interpreter: python" >&2\nexit 97\n')
+    (tools / "python").chmod(0o755)
+    (tools / "python3").write_text(f'#!/usr/bin/env bash\nexec "{sys.executable}" "$@"\n')
+    (tools / "python3").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    env.update(
+        PATH=f"{tools}{os.pathsep}{env['PATH']}",
+        OUT=str(tmp_path / "out"),
+        GPU_CHECK_DRY_RUN="1",
+        STEPS="install:30",
+    )
+    res = subprocess.run(
+        ["bash", str(SCRIPT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    summary = json.loads((tmp_path / "out" / "gpu_check_summary.json").read_text())
+    assert statuses(summary) == {"install": "ok"}, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "wrong interpreter" not in res.stdout + res.stderr
+
+
+FAKE_SANITIZER = """#!/usr/bin/env bash
+# compute-sanitizer that never finishes and ignores SIGTERM; scripts/fuzz.py runs it in a process group of its own
+echo $$ >>"$FAKE_SANITIZER_PIDS"
+trap '' TERM
+exec sleep 600
+"""
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
+def test_stopping_the_check_in_the_fuzz_step_stops_the_sanitizer(tmp_path):
+    # The real fuzz step (no dry run) under a stand-in compute-sanitizer: scripts/fuzz.py runs each child in a
+    # process group of its own, out of the step's reach; stopping the check must give fuzz.py the SIGTERM on which
+    # it kills that group (a bare SIGKILL of the step left the sanitizer running on the GPU).
+    tools, pids = tmp_path / "tools", tmp_path / "sanitizer_pids"
+    tools.mkdir()
+    fake = tools / "compute-sanitizer"
+    fake.write_text(FAKE_SANITIZER)
+    fake.chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{tools}{os.pathsep}{os.environ['PATH']}",
+        "OUT": str(tmp_path / "out"),
+        "PYTHON": sys.executable,
+        "FAKE_SANITIZER_PIDS": str(pids),
+        "STEPS": "fuzz:120",
+        "MIN_STEP_S": "1",
+    }
+    env.pop("GPU_CHECK_DRY_RUN", None)
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPT)],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    listed: list[int] = []
+    try:
+        for _ in range(600):
+            if pids.is_file() and pids.read_text().split():
+                break
+            time.sleep(0.1)
+        listed = [int(p) for p in pids.read_text().split()]
+        proc.terminate()
+        proc.wait(timeout=30)
+        for pid in listed:
+            for _ in range(50):
+                if not _alive(pid):
+                    break
+                time.sleep(0.1)
+            assert not _alive(pid), f"compute-sanitizer {pid} outlived the check"
+    finally:
+        proc.kill()
+        for pid in listed:  # a failed run must not leave the stand-in behind
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
