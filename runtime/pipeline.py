@@ -153,16 +153,17 @@ def plan_component(name: str, folder: Path, library: str, unit: str, strict: boo
     pipeline component): weights that are not BF16 are compress_model's error, not a reason to copy."""
     if not (folder / "config.json").is_file():
         return "copied: no config.json"
+    config = read_json(folder / "config.json")
+    # before reading its weights: a compressed component's index names units, which are no tensors
+    if CONFIG_KEY in config or DIFFUSERS_CONFIG_KEY in config:
+        return "copied: already compressed"
+    if config.get("quantization_config"):
+        return f"copied: {config['quantization_config'].get('quant_method', 'quantized')}-quantized"
     basename = DIFFUSERS_WEIGHTS if library == "diffusers" else TRANSFORMERS_WEIGHTS
     try:
         layout = weight_layout(folder, basename)
     except ModelSourceError as e:
         return f"copied: {e}"
-    config = read_json(folder / "config.json")
-    if CONFIG_KEY in config or DIFFUSERS_CONFIG_KEY in config:
-        return "copied: already compressed"
-    if config.get("quantization_config"):
-        return f"copied: {config['quantization_config'].get('quant_method', 'quantized')}-quantized"
     headers = [(t.name, t.shape, t.dtype) for t in layout.tensors.values()]
     grouping = _grouping(config, library, unit, folder)
     others = sorted({d for n, s, d in headers if d in _FLOAT and d != "BF16" and grouping(n, s) is not None})

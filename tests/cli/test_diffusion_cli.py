@@ -101,3 +101,16 @@ def test_bad_diffusion_sources_are_one_line(tmp_path):
     r = CliRunner().invoke(main, ["compress", str(tmp_path / "df11"), "-o", str(tmp_path / "o")])
     assert r.exit_code == 1 and "--config-from" in r.output and len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_compressing_a_compressed_pipeline_or_model_says_so(pipeline, tmp_path):
+    """Not "the index is damaged": a compressed component's index names units, which are no tensors."""
+    root, _ = pipeline
+    for source in (root / "dfloat", root / "dfloat" / "unet"):
+        r = CliRunner().invoke(main, ["compress", str(source), "-o", str(tmp_path / "again")])
+        assert r.exit_code == 1 and "damaged" not in r.output, r.output
+        assert "already compressed" in r.output or "no component has BF16 weights" in r.output, r.output
+    from dfloat.runtime.pipeline import plan_component
+
+    for name, library in (("unet", "diffusers"), ("vae", "diffusers"), ("text_encoder", "transformers")):
+        assert plan_component(name, root / "dfloat" / name, library, "block") == "copied: already compressed"
