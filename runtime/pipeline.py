@@ -309,8 +309,10 @@ def _compress_component(
     config = read_json(out / "config.json")
     source = origin["source"] + (f"/{plan.name}" if plan.name else "")
     config[CONFIG_KEY].update(source=source, revision=origin.get("revision"))
+    _name_shards_as_diffusers(out)
+    if plan.library == "transformers":  # transformers reads the index diffusers' downloader fetches
+        config["quantization_config"]["index"] = DIFFUSERS_INDEX
     if plan.library == "diffusers":
-        shutil.copy2(out / INDEX_NAME, out / DIFFUSERS_INDEX)
         # diffusers warns about unknown config keys except those starting with "_"
         config[DIFFUSERS_CONFIG_KEY] = config.pop(CONFIG_KEY)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -321,6 +323,27 @@ def _compress_component(
             _model_card(report, src.public_name(origin["source"]), config, out_name)
         )
     return report
+
+
+def _name_shards_as_diffusers(out: Path) -> None:
+    """Shards renamed ``diffusion_pytorch_model-0000i-of-0000N.safetensors`` and the index copied as
+    ``diffusion_pytorch_model.safetensors.index.json``. From a model folder of a pipeline on the Hub, diffusers'
+    downloader fetches only config.json and files named as diffusers or transformers name weights and their
+    index; names that transformers reads by itself (``model.safetensors...``) would make a text encoder load
+    with random weights where dfloat is not installed, so transformers components get diffusers' names too (the
+    quantizers read them: runtime/checkpoint.py, runtime/hf_quantizer.py)."""
+    index = read_json(out / INDEX_NAME)
+    shards = sorted(set(index["weight_map"].values()))
+    renamed = {
+        old: f"{DIFFUSERS_WEIGHTS}-{i:05d}-of-{len(shards):05d}.safetensors"
+        for i, old in enumerate(shards, 1)
+    }
+    for old, new in renamed.items():
+        os.replace(out / old, out / new)
+    index["weight_map"] = {k: renamed[v] for k, v in index["weight_map"].items()}
+    text = json.dumps(index, indent=2) + "\n"
+    for name in (INDEX_NAME, DIFFUSERS_INDEX):
+        (out / name).write_text(text)
 
 
 def _copy_tree(src: Path, dst: Path) -> None:

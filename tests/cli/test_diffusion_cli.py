@@ -77,7 +77,7 @@ def test_damaged_component_is_named(pipeline, tmp_path):
 
     root, _ = pipeline
     shutil.copytree(root / "dfloat", tmp_path / "bad")
-    shard = next((tmp_path / "bad" / "unet").glob("dfloat-*.safetensors"))
+    shard = next((tmp_path / "bad" / "unet").glob("diffusion_pytorch_model-*.safetensors"))
     data = bytearray(shard.read_bytes())
     data[-100] ^= 0xFF
     shard.write_bytes(bytes(data))
