@@ -32,6 +32,20 @@ def test_compress_prints_each_component(pipeline):
     assert "verified  yes" in output
 
 
+def test_progress_bars_keep_their_totals_across_components(pipeline):
+    """The coding bar counts every unit of the pipeline; the checking bar each component's units and tensors:
+    no bar runs past its total (tqdm then drops the total: "verify: 27unit [...")."""
+    import re
+
+    _, output = pipeline
+    assert not re.search(r"(compress|verify): +\d+unit \[", output), output[-3000:]
+    counts = re.findall(r"(compress|verify): +\d+%\|[^|]*\| *(\d+)/(\d+)", output)
+    assert {bar for bar, _, _ in counts} == {"compress", "verify"}
+    assert len({total for bar, _, total in counts if bar == "compress"}) == 1  # one count over all components
+    assert len({total for bar, _, total in counts if bar == "verify"}) > 1  # one per component
+    assert all(int(n) <= int(total) for _, n, total in counts)
+
+
 def test_inspect_shows_components_and_the_pipeline_plan(pipeline):
     root, _ = pipeline
     r = CliRunner().invoke(main, ["inspect", str(root / "dfloat")])
