@@ -388,15 +388,18 @@ def test_readme_diffusion_figures_come_from_the_benchmark_json():
     root = Path(__file__).parents[2]
     doc = json.loads((root / "benchmarks" / "results" / "diffusion_cpu.json").read_text())
     readme = (root / "README.md").read_text()
-    for r in doc["rows"]:
+    for r in doc["rows"]:  # every figure of the row, from the weight count on
         if r["part"] == "stored_size":
             cell = (
-                f"| {r['pct_of_bf16']:.2f}% | {r['bits_per_weight']:.3f} | {r['bound_bits_per_weight']:.3f} |"
+                f"| {r['weights'] / 1e6:.1f}M | {r['pct_of_bf16']:.2f}% | {r['bits_per_weight']:.3f} | "
+                f"{r['bound_bits_per_weight']:.3f} |"
             )
         else:
             assert r["equal_outputs"]
             cell = (
-                f"| {r['bf16_ms_per_step']} ({r['best_bf16_ms']}) | {r['dfloat_ms_per_step']} ({r['best_dfloat_ms']})"
-                f" | {r['decode_ms_per_step']} ({r['best_decode_ms']}) |"
+                f"| {r['model']} | {r['weights'] / 1e6:.1f}M | {r['decodes_per_step']} | "
+                f"{r['bf16_ms_per_step']} ({r['best_bf16_ms']}) | {r['dfloat_ms_per_step']} ({r['best_dfloat_ms']})"
+                f" | {r['decode_ms_per_step']} ({r['best_decode_ms']}) | "
+                f"{r['bf16_weight_MiB']} -> {r['dfloat_weight_MiB']} |"
             )
         assert cell in readme, cell
