@@ -65,13 +65,16 @@ def command(source, out, workers, no_verify, overwrite, push_to_hub, revision, u
         interrupted.append(True)
 
     def bar(desc: str):
+        # One bar at a time. A pipeline alternates: its components are coded (one count over all of them) and
+        # each is checked (a count per component), so a bar reopens where its count is when it comes back.
         def progress(unit, done, total, weights):
             if interrupted:
                 raise KeyboardInterrupt
-            if desc not in bars:
+            current = bars.get(desc)
+            if current is None or current.disable or current.total != total or done <= current.n:
                 for other in bars.values():
                     other.close()
-                bars[desc] = tqdm(total=total, unit="unit", desc=desc, leave=False)
+                bars[desc] = tqdm(total=total, initial=done - 1, unit="unit", desc=desc, leave=False)
             bars[desc].set_postfix_str(unit[-32:])
             bars[desc].update(1)
 

@@ -7,7 +7,10 @@ dfloat-00001-of-0000N.safetensors units ("{unit}.{array}") and plain tensors, me
 tokenizer / generation files      copied from the source
 
 Folders written before the index had one name carry ``dfloat.index.json`` (alone, or beside a copy under the name
-above): they still load, and when both are there they must agree.
+above): they still load, and when both are there they must agree. A diffusers model, and every compressed
+component of a diffusers pipeline, names its shards ``diffusion_pytorch_model-0000i-of-0000N.safetensors`` and
+carries a copy of the index as ``diffusion_pytorch_model.safetensors.index.json`` (runtime/pipeline.py): the names
+diffusers reads and downloads; a folder fetched from the Hub by diffusers holds only that copy, which is then read.
 """
 
 from __future__ import annotations
@@ -87,7 +90,20 @@ class ShardWriter:
 
 
 def is_compressed_folder(folder: Path) -> bool:
-    return (folder / INDEX_NAME).is_file() or (folder / LEGACY_INDEX_NAME).is_file()
+    """A dfloat checkpoint: its index, or (a diffusers pipeline's component as the Hub and diffusers' downloader
+    serve it: only files named as diffusers names weights are fetched) the index's copy under diffusers' name
+    beside a config.json with a dfloat section."""
+    if (folder / INDEX_NAME).is_file() or (folder / LEGACY_INDEX_NAME).is_file():
+        return True
+    return (folder / DIFFUSERS_INDEX).is_file() and _has_dfloat_section(folder / "config.json")
+
+
+def _has_dfloat_section(config: Path) -> bool:
+    try:
+        data = json.loads(config.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and (CONFIG_KEY in data or DIFFUSERS_CONFIG_KEY in data)
 
 
 def folder_of_shards(files) -> Path:
@@ -107,10 +123,10 @@ def read_index(folder: Path) -> tuple[Path, dict]:
     """(the index file, its content) of a compressed folder. Copies of it beside it (the legacy name in older
     folders, the name diffusers reads in a diffusers model) must say the same, or the folder is refused: dfloat,
     transformers and diffusers would read different checkpoints."""
-    index, legacy = folder / INDEX_NAME, folder / LEGACY_INDEX_NAME
-    path = index if index.is_file() else legacy
+    index, legacy, diffusers = folder / INDEX_NAME, folder / LEGACY_INDEX_NAME, folder / DIFFUSERS_INDEX
+    path = next((f for f in (index, legacy) if f.is_file()), diffusers)  # diffusers': a Hub download (above)
     content = src.read_weight_index(path)
-    for copy in (legacy, folder / DIFFUSERS_INDEX):
+    for copy in (legacy, diffusers):
         if copy != path and copy.is_file() and src.read_weight_index(copy) != content:
             raise ModelSourceError(
                 f"{folder}: {path.name} and {copy.name} list different shards or tensors; the folder is damaged or "

@@ -5,8 +5,10 @@ looks the method up in its quantizer registry, where `register()` (run when tran
 `_dfloat_autoload`) has put `DFloatConfig` and `DFloatHfQuantizer`. The quantizer then
 
 1. points transformers at the folder's shard index (``dfloat.safetensors.index.json``, a name transformers
-   accepts, through ``config.transformers_weights``), so Hub downloads, the cache and tokens are transformers' and
-   huggingface_hub's own, and dfloat then reads the very index and shards transformers fetched;
+   accepts, through ``config.transformers_weights``; a diffusers pipeline's text encoder names its copy
+   ``diffusion_pytorch_model.safetensors.index.json`` in ``quantization_config.index``), so Hub downloads, the
+   cache and tokens are transformers' and huggingface_hub's own, and dfloat then reads the very index and
+   shards transformers fetched;
 2. before weights load, hides every unit member (coded weights) from the model's state dict: transformers loads
    the plain tensors (norms, small raw tensors) itself and never allocates or initializes the coded weights;
 3. after loading, hands the coded units to `dfloat.runtime.attach.attach`, the same decode-before-use hooks as
@@ -26,7 +28,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from dfloat.errors import ModelSourceError
-from dfloat.runtime.checkpoint import INDEX_NAME, folder_of_shards
+from dfloat.runtime.checkpoint import DIFFUSERS_INDEX, INDEX_NAME, folder_of_shards
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,9 @@ class DFloatConfig(QuantizationConfigMixin):
         format_version: the dfloat format the checkpoint was written with (docs/FORMAT.md).
         backend: decoder to use ("cpu", "triton", "cuda"; default: the fastest for the device).
         cpu_offload: keep compressed units in pinned host memory, copying each to the GPU before decoding it.
+        index: the index transformers reads: ``dfloat.safetensors.index.json`` (default), or its copy
+            ``diffusion_pytorch_model.safetensors.index.json``, which a diffusers pipeline's text encoders name
+            (the one file diffusers' downloader fetches of the two; runtime/pipeline.py).
     """
 
     def __init__(
@@ -49,12 +54,19 @@ class DFloatConfig(QuantizationConfigMixin):
         format_version: str | None = None,
         backend: str | None = None,
         cpu_offload: bool = False,
+        index: str | None = None,
         **kwargs,
     ):
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.backend = backend
         self.cpu_offload = cpu_offload
+        if index not in (None, INDEX_NAME, DIFFUSERS_INDEX):
+            raise ModelSourceError(
+                f"quantization_config.index is {index!r}: a dfloat checkpoint's index is {INDEX_NAME} or "
+                f"{DIFFUSERS_INDEX}"
+            )
+        self.index = index
 
 
 def _devices(device_map) -> tuple[torch.device, dict | None]:
@@ -97,7 +109,7 @@ class DFloatHfQuantizer(HfQuantizer):
         return torch.bfloat16
 
     def _point_at_weights(self, config):
-        config.transformers_weights = INDEX_NAME
+        config.transformers_weights = getattr(self.quantization_config, "index", None) or INDEX_NAME
         return config
 
     # transformers hands the quantizer the config before it looks for weight files: through

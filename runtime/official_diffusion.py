@@ -194,13 +194,27 @@ def _hub_config(spec: str) -> dict:
             f"{spec}: no such folder, and not a Hub id of the form 'owner/name[/subfolder]'"
         )
     repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     for candidate in [sub] if sub else ["transformer", "unet", ""]:
         try:
             path = hf_hub_download(repo, f"{candidate}/config.json" if candidate else "config.json")
-        except Exception:  # noqa: BLE001 - try the next place; the error below names them all
+        except LocalEntryNotFoundError as e:
+            if constants.HF_HUB_OFFLINE:  # offline by choice: another place may be in the cache
+                continue
+            # the Hub could not be reached (after huggingface_hub's retries): neither would the other places
+            raise ModelSourceError(
+                f"{spec}: could not fetch its config.json from the Hub ({_first_line(e)}); pass the original "
+                "model's folder instead"
+            ) from None
+        except EntryNotFoundError:  # not at this place: try the next
             continue
+        except Exception as e:  # noqa: BLE001 - no such repository, gated, ...: one line that says so
+            raise ModelSourceError(
+                f"{spec}: {type(e).__name__} from the Hub ({_first_line(e)}); pass the original model's folder "
+                "instead"
+            ) from None
         config = _json(Path(path))
         if "_class_name" in config:
             return config
@@ -208,6 +222,10 @@ def _hub_config(spec: str) -> dict:
         f"{spec}: no diffusers model config found on the Hub (tried {sub or 'transformer/, unet/, the root'}); "
         "pass the original model's folder instead"
     )
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
 
 
 def _base_model(folder: Path) -> str | None:

@@ -153,16 +153,17 @@ def plan_component(name: str, folder: Path, library: str, unit: str, strict: boo
     pipeline component): weights that are not BF16 are compress_model's error, not a reason to copy."""
     if not (folder / "config.json").is_file():
         return "copied: no config.json"
+    config = read_json(folder / "config.json")
+    # before reading its weights: a compressed component's index names units, which are no tensors
+    if CONFIG_KEY in config or DIFFUSERS_CONFIG_KEY in config:
+        return "copied: already compressed"
+    if config.get("quantization_config"):
+        return f"copied: {config['quantization_config'].get('quant_method', 'quantized')}-quantized"
     basename = DIFFUSERS_WEIGHTS if library == "diffusers" else TRANSFORMERS_WEIGHTS
     try:
         layout = weight_layout(folder, basename)
     except ModelSourceError as e:
         return f"copied: {e}"
-    config = read_json(folder / "config.json")
-    if CONFIG_KEY in config or DIFFUSERS_CONFIG_KEY in config:
-        return "copied: already compressed"
-    if config.get("quantization_config"):
-        return f"copied: {config['quantization_config'].get('quant_method', 'quantized')}-quantized"
     headers = [(t.name, t.shape, t.dtype) for t in layout.tensors.values()]
     grouping = _grouping(config, library, unit, folder)
     others = sorted({d for n, s, d in headers if d in _FLOAT and d != "BF16" and grouping(n, s) is not None})
@@ -308,8 +309,10 @@ def _compress_component(
     config = read_json(out / "config.json")
     source = origin["source"] + (f"/{plan.name}" if plan.name else "")
     config[CONFIG_KEY].update(source=source, revision=origin.get("revision"))
+    _name_shards_as_diffusers(out)
+    if plan.library == "transformers":  # transformers reads the index diffusers' downloader fetches
+        config["quantization_config"]["index"] = DIFFUSERS_INDEX
     if plan.library == "diffusers":
-        shutil.copy2(out / INDEX_NAME, out / DIFFUSERS_INDEX)
         # diffusers warns about unknown config keys except those starting with "_"
         config[DIFFUSERS_CONFIG_KEY] = config.pop(CONFIG_KEY)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -320,6 +323,27 @@ def _compress_component(
             _model_card(report, src.public_name(origin["source"]), config, out_name)
         )
     return report
+
+
+def _name_shards_as_diffusers(out: Path) -> None:
+    """Shards renamed ``diffusion_pytorch_model-0000i-of-0000N.safetensors`` and the index copied as
+    ``diffusion_pytorch_model.safetensors.index.json``. From a model folder of a pipeline on the Hub, diffusers'
+    downloader fetches only config.json and files named as diffusers or transformers name weights and their
+    index; names that transformers reads by itself (``model.safetensors...``) would make a text encoder load
+    with random weights where dfloat is not installed, so transformers components get diffusers' names too (the
+    quantizers read them: runtime/checkpoint.py, runtime/hf_quantizer.py)."""
+    index = read_json(out / INDEX_NAME)
+    shards = sorted(set(index["weight_map"].values()))
+    renamed = {
+        old: f"{DIFFUSERS_WEIGHTS}-{i:05d}-of-{len(shards):05d}.safetensors"
+        for i, old in enumerate(shards, 1)
+    }
+    for old, new in renamed.items():
+        os.replace(out / old, out / new)
+    index["weight_map"] = {k: renamed[v] for k, v in index["weight_map"].items()}
+    text = json.dumps(index, indent=2) + "\n"
+    for name in (INDEX_NAME, DIFFUSERS_INDEX):
+        (out / name).write_text(text)
 
 
 def _copy_tree(src: Path, dst: Path) -> None:

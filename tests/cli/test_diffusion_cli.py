@@ -32,6 +32,20 @@ def test_compress_prints_each_component(pipeline):
     assert "verified  yes" in output
 
 
+def test_progress_bars_keep_their_totals_across_components(pipeline):
+    """The coding bar counts every unit of the pipeline; the checking bar each component's units and tensors:
+    no bar runs past its total (tqdm then drops the total: "verify: 27unit [...")."""
+    import re
+
+    _, output = pipeline
+    assert not re.search(r"(compress|verify): +\d+unit \[", output), output[-3000:]
+    counts = re.findall(r"(compress|verify): +\d+%\|[^|]*\| *(\d+)/(\d+)", output)
+    assert {bar for bar, _, _ in counts} == {"compress", "verify"}
+    assert len({total for bar, _, total in counts if bar == "compress"}) == 1  # one count over all components
+    assert len({total for bar, _, total in counts if bar == "verify"}) > 1  # one per component
+    assert all(int(n) <= int(total) for _, n, total in counts)
+
+
 def test_inspect_shows_components_and_the_pipeline_plan(pipeline):
     root, _ = pipeline
     r = CliRunner().invoke(main, ["inspect", str(root / "dfloat")])
@@ -77,7 +91,7 @@ def test_damaged_component_is_named(pipeline, tmp_path):
 
     root, _ = pipeline
     shutil.copytree(root / "dfloat", tmp_path / "bad")
-    shard = next((tmp_path / "bad" / "unet").glob("dfloat-*.safetensors"))
+    shard = next((tmp_path / "bad" / "unet").glob("diffusion_pytorch_model-*.safetensors"))
     data = bytearray(shard.read_bytes())
     data[-100] ^= 0xFF
     shard.write_bytes(bytes(data))
@@ -101,3 +115,16 @@ def test_bad_diffusion_sources_are_one_line(tmp_path):
     r = CliRunner().invoke(main, ["compress", str(tmp_path / "df11"), "-o", str(tmp_path / "o")])
     assert r.exit_code == 1 and "--config-from" in r.output and len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_compressing_a_compressed_pipeline_or_model_says_so(pipeline, tmp_path):
+    """Not "the index is damaged": a compressed component's index names units, which are no tensors."""
+    root, _ = pipeline
+    for source in (root / "dfloat", root / "dfloat" / "unet"):
+        r = CliRunner().invoke(main, ["compress", str(source), "-o", str(tmp_path / "again")])
+        assert r.exit_code == 1 and "damaged" not in r.output, r.output
+        assert "already compressed" in r.output or "no component has BF16 weights" in r.output, r.output
+    from dfloat.runtime.pipeline import plan_component
+
+    for name, library in (("unet", "diffusers"), ("vae", "diffusers"), ("text_encoder", "transformers")):
+        assert plan_component(name, root / "dfloat" / name, library, "block") == "copied: already compressed"

@@ -99,6 +99,24 @@ def test_a_diffusers_index_copy_that_disagrees_is_refused(model):
         dfloat.verify_checkpoint(folder)
 
 
+def test_the_diffusers_index_copy_alone_is_read_only_beside_a_dfloat_config(model):
+    """A pipeline component that diffusers fetched from the Hub holds only the copy under diffusers' name; a
+    BF16 diffusers model with that index is no dfloat checkpoint."""
+    from dfloat.runtime.checkpoint import DIFFUSERS_INDEX, is_compressed_folder
+
+    root, logits = model
+    folder = _copy(root, "diffusers-copy-alone")
+    (folder / INDEX_NAME).rename(folder / DIFFUSERS_INDEX)
+    assert is_compressed_folder(folder)
+    assert CompressedCheckpoint.open(folder).index_path == folder / DIFFUSERS_INDEX
+    assert torch.equal(_logits(folder), logits)
+    dfloat.verify_checkpoint(folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["dfloat"]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert not is_compressed_folder(folder)
+
+
 @pytest.mark.parametrize("where", ["../elsewhere/outside.safetensors", "ABSOLUTE"])
 def test_index_entries_outside_the_folder_are_refused(model, where):
     """The file outside is a valid shard, so only the path check can refuse it."""

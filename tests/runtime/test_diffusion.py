@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,17 +69,27 @@ def test_latents_and_pixels_equal_bf16(pipelines, kind):
 
 def test_every_bf16_component_compressed_the_rest_copied(pipelines):
     root = pipelines["flux"]
-    for name in ("transformer", "vae"):
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        # every compressed component names its index copy and shards as diffusers does (what its Hub
+        # downloader fetches), none as transformers reads by itself
         folder = root / "dfloat" / name
-        config = json.loads((folder / "config.json").read_text())
-        assert config["quantization_config"]["quant_method"] == "dfloat" and "_dfloat" in config
-        assert config["_dfloat"]["source"].endswith(f"bf16/{name}")
         index = (folder / "dfloat.safetensors.index.json").read_bytes()
         assert (folder / "diffusion_pytorch_model.safetensors.index.json").read_bytes() == index
-        assert not list(folder.glob("diffusion_pytorch_model*.safetensors"))
+        shards = set(json.loads(index)["weight_map"].values())
+        assert (
+            shards
+            == {p.name for p in folder.glob("*.safetensors")}
+            == {"diffusion_pytorch_model-00001-of-00001.safetensors"}
+        )
+        assert not list(folder.glob("model*"))
+    for name in ("transformer", "vae"):
+        config = json.loads((root / "dfloat" / name / "config.json").read_text())
+        assert config["quantization_config"]["quant_method"] == "dfloat" and "_dfloat" in config
+        assert config["_dfloat"]["source"].endswith(f"bf16/{name}")
     for name in ("text_encoder", "text_encoder_2"):
         config = json.loads((root / "dfloat" / name / "config.json").read_text())
         assert config["quantization_config"]["quant_method"] == "dfloat" and "dfloat" in config
+        assert config["quantization_config"]["index"] == "diffusion_pytorch_model.safetensors.index.json"
     for name in ("tokenizer", "tokenizer_2", "scheduler"):
         for f in (root / "bf16" / name).iterdir():
             assert (root / "dfloat" / name / f.name).read_bytes() == f.read_bytes()
@@ -252,6 +263,75 @@ def test_loads_without_import_dfloat(pipelines):
     assert run.stdout.split() == ["dfloat.runtime.diffusers_quantizer", "True"], run.stderr[-2000:]
 
 
+def _serve_as_hub(monkeypatch, repo: Path, cache: Path) -> list[str]:
+    """diffusers' Hub functions answered from the folder ``repo``: what they fetch lands in an HF-cache-like
+    snapshot (files are links to blobs, as huggingface_hub makes them); returns the fetched names."""
+    import shutil
+    from types import SimpleNamespace
+
+    from diffusers import configuration_utils
+    from diffusers.pipelines import pipeline_utils
+    from diffusers.utils import hub_utils
+    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.utils import filter_repo_objects
+
+    files = sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file())
+    snapshot, fetched = cache / "snapshot", []
+
+    def fetch(name):
+        if name not in fetched:
+            blob = cache / "blobs" / str(len(fetched))
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / name, blob)
+            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+            (snapshot / name).symlink_to(os.path.relpath(blob, (snapshot / name).parent))
+            fetched.append(name)
+        return str(snapshot / name)
+
+    def hf_hub_download(repo_id, filename, subfolder=None, **kw):
+        name = f"{subfolder}/{filename}" if subfolder else filename
+        if name not in files:
+            raise EntryNotFoundError(f"{name}: not in the repository")
+        return fetch(name)
+
+    def snapshot_download(repo_id, allow_patterns=None, ignore_patterns=None, **kw):
+        for name in filter_repo_objects(
+            files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns
+        ):
+            fetch(name)
+        return str(snapshot)
+
+    info = SimpleNamespace(siblings=[SimpleNamespace(rfilename=f) for f in files], sha="0" * 40)
+    fakes = dict(
+        model_info=lambda *a, **k: info, hf_hub_download=hf_hub_download, snapshot_download=snapshot_download
+    )
+    for module in (pipeline_utils, hub_utils, configuration_utils):
+        for name, fake in fakes.items():
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, fake)
+    return fetched
+
+
+def test_pipeline_and_model_from_the_hub(pipelines, tmp_path, monkeypatch):
+    """From the Hub diffusers' pipeline downloader fetches only config.json and the files named as diffusers or
+    transformers name weights from a model folder, and a model's download only its index and the shards it
+    lists: both must find everything the compressed components need."""
+    root = pipelines["flux"]
+    want = _run(_load(root / "bf16"), "flux", "pt")
+    fetched = _serve_as_hub(monkeypatch, root / "dfloat", tmp_path / "pipe")
+    pipe = _load("someone/flux-dfloat")
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        assert getattr(pipe, name)._dfloat_units, name
+        assert f"{name}/diffusion_pytorch_model-00001-of-00001.safetensors" in fetched
+    assert torch.equal(_run(pipe, "flux", "pt"), want)
+
+    fetched = _serve_as_hub(monkeypatch, root / "dfloat", tmp_path / "model")
+    model = diffusers.FluxTransformer2DModel.from_pretrained(
+        "someone/flux-dfloat", subfolder="transformer", dtype=torch.bfloat16
+    )
+    assert model._dfloat_units and "transformer/dfloat.safetensors.index.json" not in fetched
+
+
 def test_float32_component_is_copied_and_float32_model_refused(tmp_path):
     pipe = build_tiny_pipeline("flux")
     pipe.vae.to(torch.float32)
@@ -308,15 +388,18 @@ def test_readme_diffusion_figures_come_from_the_benchmark_json():
     root = Path(__file__).parents[2]
     doc = json.loads((root / "benchmarks" / "results" / "diffusion_cpu.json").read_text())
     readme = (root / "README.md").read_text()
-    for r in doc["rows"]:
+    for r in doc["rows"]:  # every figure of the row, from the weight count on
         if r["part"] == "stored_size":
             cell = (
-                f"| {r['pct_of_bf16']:.2f}% | {r['bits_per_weight']:.3f} | {r['bound_bits_per_weight']:.3f} |"
+                f"| {r['weights'] / 1e6:.1f}M | {r['pct_of_bf16']:.2f}% | {r['bits_per_weight']:.3f} | "
+                f"{r['bound_bits_per_weight']:.3f} |"
             )
         else:
             assert r["equal_outputs"]
             cell = (
-                f"| {r['bf16_ms_per_step']} ({r['best_bf16_ms']}) | {r['dfloat_ms_per_step']} ({r['best_dfloat_ms']})"
-                f" | {r['decode_ms_per_step']} ({r['best_decode_ms']}) |"
+                f"| {r['model']} | {r['weights'] / 1e6:.1f}M | {r['decodes_per_step']} | "
+                f"{r['bf16_ms_per_step']} ({r['best_bf16_ms']}) | {r['dfloat_ms_per_step']} ({r['best_dfloat_ms']})"
+                f" | {r['decode_ms_per_step']} ({r['best_decode_ms']}) | "
+                f"{r['bf16_weight_MiB']} -> {r['dfloat_weight_MiB']} |"
             )
         assert cell in readme, cell

@@ -202,3 +202,34 @@ def test_wan_diffusers_naming_keeps_float32_modules_as_diffusers_does(tmp_path):
     )
     with torch.no_grad():
         assert torch.equal(model(**inputs).sample, ref(**inputs).sample)
+
+
+def test_config_from_the_hub_fails_fast_and_says_why(monkeypatch):
+    """A Hub that cannot be reached is one attempt (huggingface_hub already retried it), not one per place the
+    config could be, and the error says why; a missing config at one place tries the next."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    from dfloat.runtime.official_diffusion import model_config
+
+    calls = []
+
+    def unreachable(repo, filename, **kw):
+        calls.append(filename)
+        raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    with pytest.raises(ModelSourceError, match="could not fetch its config.json from the Hub"):
+        model_config("black-forest-labs/FLUX.1-dev")
+    assert calls == ["transformer/config.json"]
+
+    calls.clear()
+
+    def missing(repo, filename, **kw):
+        calls.append(filename)
+        raise EntryNotFoundError(f"{filename}: 404")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", missing)
+    with pytest.raises(ModelSourceError, match="no diffusers model config found on the Hub"):
+        model_config("someone/model")
+    assert calls == ["transformer/config.json", "unet/config.json", "config.json"]
