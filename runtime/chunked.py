@@ -24,6 +24,7 @@ is a fixed view of the buffer (stable addresses, as CUDA graphs need).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -94,6 +95,44 @@ def random_matrix(rows: int, cols: int, device: torch.device, seed: int = 0) -> 
     tile = (torch.randn(min(rows, _TILE_ROWS), cols, generator=g) * 0.05).to(torch.bfloat16)
     reps = -(-rows // tile.shape[0])
     return tile.repeat(reps, 1)[:rows].to(device)
+
+
+def checked_linear(
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    verdicts: dict,
+    name: str,
+    whole: Callable[[], torch.Tensor],
+    chunked: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` for a matrix ``W`` held in row chunks: ``chunked(x, bias)`` where that gives the
+    bits of ``F.linear(x, whole(), bias)``, else the whole matrix. Unchecked on the tested list; elsewhere the
+    first call with each input size compares the two (on ``x`` and on random rows of its shape) and ``verdicts``
+    remembers the answer. While a CUDA graph is captured (no host reads) an unchecked size takes the whole matrix.
+    """
+    if tested_exact(x.device) or x.numel() == 0:
+        return chunked(x, bias)
+    key = (x.numel() // max(1, x.shape[-1]), x.is_contiguous(), bias is not None, torch.get_num_threads())
+    ok = verdicts.get(key)
+    if ok is None:
+        if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return F.linear(x, whole(), bias)  # no host reads while capturing: check after capture
+        w = whole()
+        want = F.linear(x, w, bias)
+        probe = random_matrix(key[0], x.shape[-1], x.device, seed=key[0]).to(x.dtype).view(x.shape)
+        ok = same_bits(chunked(x, bias), want) and same_bits(chunked(probe, bias), F.linear(probe, w, bias))
+        verdicts[key] = ok
+        if not ok:
+            log.warning(
+                "unit %r: the row-chunked matmul is not bit-identical to the whole matrix on %s for %d input "
+                "rows (%d threads): decoding it whole for calls of that size",
+                name,
+                x.device,
+                key[0],
+                key[3],
+            )
+        return want
+    return chunked(x, bias) if ok else F.linear(x, whole(), bias)
 
 
 @dataclass
@@ -183,36 +222,7 @@ class ChunkedUnit:
         (and whenever autograd will keep the weight for a backward pass) with ``W`` decoded whole."""
         if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
             return F.linear(x, self.whole(), bias)
-        if tested_exact(self.device) or x.numel() == 0:
-            return self._chunked(x, bias)
-        key = (x.numel() // max(1, x.shape[-1]), x.is_contiguous(), bias is not None, torch.get_num_threads())
-        ok = self.exact.get(key)
-        if ok is None:
-            if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                return F.linear(x, self.whole(), bias)  # no host reads while capturing: check after capture
-            return self._check(x, bias, key)
-        return self._chunked(x, bias) if ok else F.linear(x, self.whole(), bias)
-
-    def _check(self, x: torch.Tensor, bias: torch.Tensor | None, key: tuple) -> torch.Tensor:
-        """First call with this input shape: compare the chunks with the whole matrix on ``x`` and on random rows
-        of the same shape; remember the verdict and return the whole matrix's result."""
-        w = self.whole()
-        want = F.linear(x, w, bias)
-        probe = random_matrix(key[0], x.shape[-1], self.device, seed=key[0]).to(x.dtype).view(x.shape)
-        ok = same_bits(self._chunked(x, bias), want) and same_bits(
-            self._chunked(probe, bias), F.linear(probe, w, bias)
-        )
-        self.exact[key] = ok
-        if not ok:
-            log.warning(
-                "unit %r: the row-chunked matmul is not bit-identical to the whole matrix on %s for %d input "
-                "rows (%d threads): decoding it whole for calls of that size",
-                self.name,
-                self.device,
-                key[0],
-                key[3],
-            )
-        return want
+        return checked_linear(x, bias, self.exact, self.name, self.whole, self._chunked)
 
     def _chunked(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         out = None

@@ -11,8 +11,9 @@ Huffman code) and only the coded arrays stay on the device: each rank holds its 
 Running: ``torch.ops.dfloat.decode`` (`dfloat.runtime.decode_op`) decodes the shard into a fresh BF16 tensor
 right before ``F.linear`` / ``F.embedding`` use it, the same calls vLLM makes on BF16 weights, so the outputs are
 the BF16 model's. Embedding and LM head shards bigger than the largest linear layer are coded in row chunks:
-the LM head multiplies chunk by chunk (only where chunked products are bit-identical to the whole one,
-`dfloat.runtime.chunked`), the embedding gathers from every chunk and keeps each id's row from the chunk that
+the LM head multiplies chunk by chunk where that is bit-identical to the whole matrix (checked at load with one
+input row, and for each other number of rows at its first call: ``torch.ops.dfloat.row_chunked_linear``), else
+decodes it whole; the embedding gathers from every chunk and keeps each id's row from the chunk that
 holds it (a gather, exact by construction, and free of host reads, so CUDA graphs can record it).
 """
 
@@ -30,7 +31,7 @@ from vllm.model_executor.utils import set_weight_attrs
 import dfloat.runtime.decode_op  # noqa: F401 - registers torch.ops.dfloat.decode
 from dfloat.codec import compress_tensor
 from dfloat.errors import UnsupportedDtypeError
-from dfloat.runtime.decode_op import register_unit
+from dfloat.runtime.decode_op import chunk_names, register_unit
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class LayerWeights:
     device: torch.device
     parts: list[Part] = field(default_factory=list)
     tied_to: torch.nn.Module | None = None  # an LM head that is the input embedding's weight
+    key: str = ""  # the name its units are registered under: part i is "key#i" (decode_op.chunk_names)
 
     @property
     def numel(self) -> int:
@@ -117,9 +119,10 @@ class _DfloatMethod(QuantizeMethodBase):
             else:
                 state.weight_loader(shard, full, shard_id)
         label = state.prefix or members[0][0].removesuffix(".weight")
-        for i, (r0, r1) in enumerate(self.row_chunks(state)):
+        state.key = f"{self.config.model}|{label}"
+        chunks = self.row_chunks(state)
+        for i, ((r0, r1), key) in enumerate(zip(chunks, chunk_names(state.key, len(chunks)))):
             ct = compress_tensor(shard.data[r0:r1], name=f"{label}[{r0}:{r1}]").to(state.device)
-            key = f"{self.config.model}|{label}#{i}"
             register_unit(key, ct, (r1 - r0, state.cols))
             for array, t in ct.stored_tensors().items():  # visible to memory accounting, not saved
                 layer.register_buffer(f"dfloat_{i}_{array}", t, persistent=False)
@@ -139,8 +142,8 @@ def linear(owner: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -
     parts = owner._dfloat.parts
     if len(parts) == 1:
         return F.linear(x, decoded(owner, parts[0]), bias)
-    return torch.cat(
-        [F.linear(x, decoded(owner, p), None if bias is None else bias[p.r0 : p.r1]) for p in parts], dim=-1
+    return torch.ops.dfloat.row_chunked_linear(
+        x, [getattr(owner, p.buffer) for p in parts], owner._dfloat.key, bias
     )
 
 
