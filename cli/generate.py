@@ -6,7 +6,7 @@ import time
 
 import click
 
-from dfloat.cli.options import DEVICE, NO_VERIFY
+from dfloat.cli.options import DEVICE, NO_VERIFY, FiniteFloatRange
 
 
 def load_for_generation(model_path, device, verify: bool = True, matmul="decode"):
@@ -102,13 +102,13 @@ def _check_context(lm, prompt_tokens: int, max_new_tokens: int) -> None:
 )
 @click.option(
     "--temperature",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=None,
     help="0 for greedy [default: the model's setting].",
 )
 @click.option(
     "--top-p",
-    type=click.FloatRange(0, 1, min_open=True),
+    type=FiniteFloatRange(0, 1, min_open=True),
     default=None,
     help="Sample only from the most likely tokens whose probabilities add up to this [default: the model's "
     "setting; 1 = all].",

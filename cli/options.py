@@ -48,6 +48,18 @@ class BackendType(click.Choice):
         return value
 
 
+class FiniteFloatRange(click.FloatRange):
+    """A float range that also refuses nan and inf (click's range lets nan through: no comparison fails)."""
+
+    def convert(self, value, param, ctx):
+        import math
+
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return value
+
+
 DEVICE = DeviceType()
 BACKEND = BackendType()
 NO_VERIFY = click.option(

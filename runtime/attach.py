@@ -138,9 +138,11 @@ def attach(
     model._dfloat_buffers = buffers
     model._dfloat_units = {u.name: u.ct for u in coded}
     model._dfloat_plan = plan
-    from dfloat.runtime import placement
+    from dfloat.runtime import placement, weight_guard
 
     placement.install(model, coded)  # model.to(device) moves the compressed units (runtime/placement.py)
+    # no copies of coded weights, no PEFT set-up that reads them outside a forward (runtime/weight_guard.py)
+    weight_guard.install(model, [p for u in coded for slot in u.slots for p in slot.places])
     return buffers
 
 

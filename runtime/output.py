@@ -29,14 +29,15 @@ import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from dfloat.errors import ModelSourceError, OutputExistsError
-from dfloat.storage import default_mode
+from dfloat.errors import ModelSourceError, OutputExistsError, OutputWriteError
+from dfloat.storage import default_mode, write_failure
 
 log = logging.getLogger(__name__)
 
 STALE_AFTER_S = 24 * 3600  # a partial folder untouched this long belongs to no live run
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2  # linux/fs.h
 _AT_FDCWD = -100
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def _host_tag() -> str:
@@ -173,8 +174,8 @@ def _swap_in(tmp: Path, out: Path) -> None:
         _rename_no_replace(tmp, out)
     except _Occupied:
         raise OutputExistsError(
-            f"{out}: something was created there while the old folder was moved aside; the old folder is kept "
-            f"as {aside}, the new one as {tmp}"
+            f"{out}: something was created there while the old folder was moved aside; both are kept (the old "
+            f"folder as {aside}), this run's output is discarded"
         ) from None
     _remove(aside)
 
@@ -201,6 +202,12 @@ def building(out: Path, overwrite: bool) -> Iterator[Path]:
     try:
         yield tmp
         move_into_place(tmp, out, overwrite)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # a full disk in a write that does not name its file (Path.write_text): name the output
+        if e.errno in _DISK_FULL and e.filename is None and not isinstance(e, OutputWriteError):
+            raise write_failure(out, e) from e
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

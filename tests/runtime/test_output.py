@@ -187,3 +187,47 @@ def test_keyboard_interrupt_from_verify_progress_leaves_nothing(src, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         dfloat.compress_model(src, tmp_path / "out", verify_progress=stop)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("file", ["dfloat.safetensors.index.json", "config.json", "README.md"])
+def test_disk_full_outside_a_shard_names_the_output(src, tmp_path, monkeypatch, file):
+    """The index, config and model card are written with Path.write_text, whose OSError on a full disk names no
+    file ("[Errno 28] No space left on device"): the error names the output, and nothing is left behind."""
+    import errno
+    from pathlib import Path
+
+    real = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name == file:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    out = tmp_path / "out"
+    with pytest.raises(dfloat.OutputWriteError, match=f"^{out}: cannot be written: No space left on device$"):
+        dfloat.compress_model(src, out)
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_overwrite_race_keeps_both_and_says_where(src, tmp_path, monkeypatch):
+    """Without renameat2, --overwrite moves the old folder aside first; a folder created at OUT right then is
+    kept, the old one too, and the message names where the old one is (this run's work folder is deleted)."""
+    monkeypatch.setattr(output, "_renameat2", lambda src, dst, flags: False)
+    out = tmp_path / "out"
+    dfloat.compress_model(src, out)
+    real = os.rename
+
+    def rename_then_race(a, b):
+        real(a, b)
+        if a == out:  # the old folder just went aside: another program creates OUT
+            out.mkdir()
+            (out / "mine.txt").write_text("precious")
+
+    monkeypatch.setattr(output.os, "rename", rename_then_race)
+    with pytest.raises(OutputExistsError, match="both are kept") as e:
+        dfloat.compress_model(src, out, overwrite=True)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith(".out.old-")]
+    assert len(aside) == 1 and str(aside[0]) in str(e.value) and (aside[0] / "config.json").is_file()
+    assert (out / "mine.txt").read_text() == "precious"
+    assert [p for p in leftovers(tmp_path) if ".partial-" in p] == []

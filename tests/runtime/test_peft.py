@@ -4,6 +4,7 @@ adapters round-trip through PEFT's own save/load, and the merged export equals P
 from __future__ import annotations
 
 import hashlib
+import re
 
 import pytest
 import torch
@@ -140,3 +141,91 @@ def test_private_decodes_only_while_autograd_needs_them(folders):
         got = model(ids).logits
     assert lo <= during[-1] < hi
     assert torch.equal(got, want)
+
+
+def _ready(model, ids):
+    """A forward and backward pass: the guard runs before the forward."""
+    model(input_ids=ids, labels=ids).loss.backward()
+
+
+def test_copying_compressed_modules_is_refused(folders):
+    """PEFT's modules_to_save trains a deep copy of the module: the copy's weights would be a snapshot of the
+    decode buffer (another unit's bits) and its hooks would decode into the original's. Refused, as is any
+    deepcopy of a compressed model; modules_to_save on plain modules (the norms) still works."""
+    import copy
+
+    model = AutoModelForCausalLM.from_pretrained(folders / "dfloat")
+    for target in (["down_proj"], ["lm_head"], ["embed_tokens"]):
+        cfg = peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=target)
+        with pytest.raises(dfloat.DFloatError, match="modules_to_save"):
+            peft.get_peft_model(AutoModelForCausalLM.from_pretrained(folders / "dfloat"), cfg)
+    with pytest.raises(
+        dfloat.DFloatError, match=r"model\.embed_tokens: holds compressed weights, which cannot be copied"
+    ):
+        copy.deepcopy(model)
+    norms = peft.get_peft_model(
+        model, peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["norm"])
+    )
+    ref = AutoModelForCausalLM.from_pretrained(folders / "bf16", dtype=torch.bfloat16)
+    ref = peft.get_peft_model(ref, peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["norm"]))
+    ids = _batch()
+    with torch.no_grad():
+        assert torch.equal(norms(ids).logits, ref(ids).logits)
+
+
+@pytest.mark.parametrize(
+    "options,says",
+    [
+        ({"use_dora": True}, "DoRA"),
+        ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
+        ({"init_lora_weights": "olora"}, "init_lora_weights='olora'"),
+        ({"trainable_token_indices": [1, 2]}, "TrainableTokensLayer"),
+    ],
+)
+def test_adapters_that_read_the_base_weights_outside_a_forward_are_refused(folders, options, says):
+    """These read the base weights when the adapter is made (and PiSSA / OLoRA change them): a compressed
+    weight then holds another unit's bits. Before issue 19's review the loss and gradients were silently
+    wrong (PiSSA: NaN, or an SVD error when the buffer was never written); now the first forward refuses."""
+    model = AutoModelForCausalLM.from_pretrained(folders / "dfloat")
+    with torch.no_grad():  # the buffer then holds the last unit decoded (finite: PiSSA's SVD of it works)
+        model(_batch())
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=TARGETS, **options))
+    with pytest.raises(dfloat.DFloatError, match=re.escape(says)):
+        _ready(model, _batch())
+
+
+@pytest.mark.parametrize("init", ["gaussian", "orthogonal"])
+def test_initialisations_that_ignore_the_base_weights_train_as_on_bf16(folders, init):
+    got = []
+    for folder, kw in ((folders / "dfloat", {}), (folders / "bf16", {"dtype": torch.bfloat16})):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(folder, **kw)
+        model = peft.get_peft_model(
+            model, peft.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=init)
+        )
+        loss = model(input_ids=_batch(), labels=_batch()).loss
+        loss.backward()
+        got.append((loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    assert torch.equal(got[0][0], got[1][0])
+    assert got[0][1].keys() == got[1][1].keys() and all(
+        torch.equal(g, got[1][1][n]) for n, g in got[0][1].items()
+    )
+
+
+def test_merged_adapters_are_refused_until_unmerged(folders):
+    """merge_adapter writes into the decode buffer, which the next decode overwrites: the adapters' effect
+    would be silently lost. Refused at the next forward; unmerged, the adapters run as before."""
+    model = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(folders / "dfloat"), peft.LoraConfig(r=4, target_modules=TARGETS)
+    )
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.05)
+        ids = _batch()
+        want = model(ids).logits
+        model.merge_adapter()
+        with pytest.raises(dfloat.DFloatError, match="merge_adapter"):
+            model(ids)
+        model.unmerge_adapter()
+        assert torch.equal(model(ids).logits, want)
