@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import click
 
@@ -149,22 +150,9 @@ def command(
     t_load = time.perf_counter() - t_load
     if chat and not getattr(tok, "chat_template", None):
         raise click.UsageError("this model's tokenizer has no chat template; drop --chat")
+    run = _Run(lm, tok, chat, max_new_tokens, temperature, top_p, seed, stats, t_load, device, compressed)
     if len(prompts) > 1:
-        _batch(
-            lm,
-            tok,
-            prompts,
-            chat,
-            max_new_tokens,
-            temperature,
-            top_p,
-            seed,
-            stats,
-            t_load,
-            device,
-            compressed,
-            no_graphs,
-        )
+        _batch(run, prompts, no_graphs)
         return
     prompt = prompts[0]
     ids = torch.tensor([_prompt_ids(tok, prompt, chat)], device=device)
@@ -190,22 +178,14 @@ def command(
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     if device.startswith("cuda") and not no_graphs:
-        _fast(lm, tok, ids, max_new_tokens, temperature, top_p, seed, stats, t_load, device, compressed)
+        _fast(run, ids)
         return
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = lm.generate(ids, streamer=_Streamer(tok, skip_prompt=True), **gen)
     elapsed = time.perf_counter() - t0  # the streamer ends the text with a newline
     if stats:
-        _print_stats(
-            lm,
-            out.shape[1] - ids.shape[1],
-            elapsed,
-            (first[0] - t0) if first else elapsed,
-            t_load,
-            device,
-            compressed,
-        )
+        _print_stats(run, out.shape[1] - ids.shape[1], elapsed, (first[0] - t0) if first else elapsed)
 
 
 def _sampling(lm, temperature, top_p) -> dict:
@@ -220,29 +200,33 @@ def _sampling(lm, temperature, top_p) -> dict:
     )
 
 
-def _batch(
-    lm,
-    tok,
-    prompts,
-    chat,
-    max_new_tokens,
-    temperature,
-    top_p,
-    seed,
-    stats,
-    t_load,
-    device,
-    compressed,
-    no_graphs,
-):
+@dataclass
+class _Run:
+    """What the batch and CUDA-graph paths and the --stats lines need of one `dfloat generate` call."""
+
+    lm: object
+    tok: object
+    chat: bool
+    max_new_tokens: int
+    temperature: float | None
+    top_p: float | None
+    seed: int | None
+    stats: bool
+    t_load: float
+    device: str
+    compressed: bool
+
+
+def _batch(run: _Run, prompts: list[str], no_graphs: bool) -> None:
     """Several prompts as one left-padded batch through `dfloat.generate`'s loop (CUDA graphs on a GPU unless
     --no-graphs); each completion is printed under a "--- i/n" line once all are done."""
     import torch
 
     from dfloat.runtime.generate import generate_ids
 
-    rows = [_prompt_ids(tok, p, chat) for p in prompts]
-    _check_context(lm, max(map(len, rows)), max_new_tokens)
+    lm, tok, device = run.lm, run.tok, run.device
+    rows = [_prompt_ids(tok, p, run.chat) for p in prompts]
+    _check_context(lm, max(map(len, rows)), run.max_new_tokens)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     width = max(map(len, rows))
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
@@ -254,65 +238,49 @@ def _batch(
         lm,
         ids,
         mask,
-        max_new_tokens=max_new_tokens,
-        seed=seed,
+        max_new_tokens=run.max_new_tokens,
+        seed=run.seed,
         graphs=False if no_graphs else None,
-        **_sampling(lm, temperature, top_p),
+        **_sampling(lm, run.temperature, run.top_p),
     )
     elapsed = time.perf_counter() - t0
     for i, (prompt, tokens) in enumerate(zip(prompts, result.tokens)):
         click.echo(f"--- {i + 1}/{len(prompts)}")
-        click.echo(("" if chat else prompt) + tok.decode(tokens, skip_special_tokens=True))
-    if stats:
+        click.echo(("" if run.chat else prompt) + tok.decode(tokens, skip_special_tokens=True))
+    if run.stats:
         click.echo(f"--- path         {result.path}, batch of {len(prompts)}", err=True)
-        _print_stats(
-            lm,
-            result.new_tokens,
-            elapsed,
-            result.capture_s + result.prefill_s,
-            t_load,
-            device,
-            compressed,
-            rows=len(prompts),
-        )
+        _print_stats(run, result.new_tokens, elapsed, result.capture_s + result.prefill_s, rows=len(prompts))
 
 
-def _fast(lm, tok, ids, max_new_tokens, temperature, top_p, seed, stats, t_load, device, compressed):
+def _fast(run: _Run, ids) -> None:
     """The fast path (static cache, decode step replayed from a CUDA graph), with the model's sampling settings."""
     from dfloat.runtime.generate import _text_streamer, generate_ids
 
-    options = _sampling(lm, temperature, top_p)
+    options = _sampling(run.lm, run.temperature, run.top_p)
     t0 = time.perf_counter()
     result = generate_ids(
-        lm,
+        run.lm,
         ids,
-        max_new_tokens=max_new_tokens,
-        seed=seed,
-        on_tokens=_text_streamer(tok, 1, lambda row, text: click.echo(text, nl=False)),
+        max_new_tokens=run.max_new_tokens,
+        seed=run.seed,
+        on_tokens=_text_streamer(run.tok, 1, lambda row, text: click.echo(text, nl=False)),
         **options,
     )
     elapsed = time.perf_counter() - t0
     click.echo("")
-    if stats:
+    if run.stats:
         click.echo(f"--- path         {result.path} (graph capture {result.capture_s:.2f} s)", err=True)
-        _print_stats(
-            lm,
-            len(result.tokens[0]),
-            elapsed,
-            result.capture_s + result.prefill_s,
-            t_load,
-            device,
-            compressed,
-        )
+        _print_stats(run, len(result.tokens[0]), elapsed, result.capture_s + result.prefill_s)
 
 
-def _print_stats(lm, n_new, elapsed, ttft, t_load, device, compressed, rows: int = 1):
+def _print_stats(run: _Run, n_new: int, elapsed: float, ttft: float, rows: int = 1) -> None:
     import resource
 
     import torch
 
     from dfloat.runtime.loader import weight_memory
 
+    lm, device, compressed, t_load = run.lm, run.device, run.compressed, run.t_load
     mem = weight_memory(lm) if compressed else None
     weights = (
         mem["compressed"] + mem["plain"]

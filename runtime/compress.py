@@ -303,6 +303,11 @@ def compress_model(
     finally:
         for t in stack:
             t.cleanup()
+    return finish_report(report, origin, out_dir, t0)
+
+
+def finish_report(report: CompressionReport, origin: dict, out_dir: Path, t0: float) -> CompressionReport:
+    """Time the report and log the one line a finished compression gets (models and pipelines alike)."""
     report.seconds = time.perf_counter() - t0
     log.info(
         "compressed %s -> %s: %.2f%% of BF16 in %.1fs",

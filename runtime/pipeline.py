@@ -27,7 +27,7 @@ from dfloat.errors import ModelSourceError
 from dfloat.runtime import memory, output
 from dfloat.runtime import source as src
 from dfloat.runtime.checkpoint import CONFIG_KEY, DIFFUSERS_CONFIG_KEY, DIFFUSERS_INDEX, INDEX_NAME
-from dfloat.runtime.compress import CompressionReport
+from dfloat.runtime.compress import CompressionReport, finish_report
 from dfloat.runtime.grouping import UNIT_KINDS, plan_units
 from dfloat.storage import parse_json
 
@@ -281,15 +281,7 @@ def compress_diffusers(
         output.move_into_place(final, out_dir, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    report.seconds = time.perf_counter() - t0
-    log.info(
-        "compressed %s -> %s: %.2f%% of BF16 in %.1fs",
-        origin["source"],
-        out_dir,
-        100 * report.ratio,
-        report.seconds,
-    )
-    return report
+    return finish_report(report, origin, out_dir, t0)
 
 
 def _compress_component(

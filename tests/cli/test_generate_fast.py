@@ -3,7 +3,7 @@ model's own settings (the demo's repetition penalty); run here on the CPU, where
 
 from click.testing import CliRunner
 
-from dfloat.cli.generate import _fast, load_for_generation
+from dfloat.cli.generate import _fast, _Run, load_for_generation
 from dfloat.cli.main import main
 from dfloat.demo import demo_model_path
 
@@ -17,7 +17,8 @@ def test_fast_path_prints_the_eager_greedy_text(capsys):
     assert eager.exit_code == 0, eager.output
     lm, tok, compressed = load_for_generation(demo_model_path(), "cpu")
     ids = tok(PROMPT, return_tensors="pt").input_ids
-    _fast(lm, tok, ids, 12, 0.0, None, None, True, 0.0, "cpu", compressed)
+    run = _Run(lm, tok, False, 12, 0.0, None, None, True, 0.0, "cpu", compressed)
+    _fast(run, ids)
     out = capsys.readouterr()
     assert PROMPT + out.out == eager.output
     assert "static" in out.err and "tok/s" in out.err
