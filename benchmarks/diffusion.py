@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import print_table, write_result  # noqa: E402
 
 import dfloat  # noqa: E402
+from dfloat.testing_diffusers import flux_inputs  # noqa: E402
 
 
 def minilm_row(tmp: Path) -> dict:
@@ -132,15 +133,7 @@ def _flux(tmp: Path):
         pooled_projection_dim=256,
         axes_dims_rope=[16, 56, 56],
     ).to(torch.bfloat16)
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(
-        hidden_states=torch.randn(1, 256, 64, generator=g).bfloat16(),
-        encoder_hidden_states=torch.randn(1, 64, 512, generator=g).bfloat16(),
-        pooled_projections=torch.randn(1, 256, generator=g).bfloat16(),
-        timestep=torch.tensor([0.5]),
-        img_ids=torch.zeros(256, 3),
-        txt_ids=torch.zeros(64, 3),
-    )
+    inputs = flux_inputs(model.config, image_tokens=256, text_tokens=64)
     return "FLUX-shaped transformer", diffusers.FluxTransformer2DModel, model, inputs
 
 

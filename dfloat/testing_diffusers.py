@@ -229,3 +229,17 @@ def save_tiny_pipeline(kind: str, folder: str | Path, seed: int = 0, **transform
     folder = Path(folder)
     build_tiny_pipeline(kind, seed, **transformer).save_pretrained(folder)
     return folder
+
+
+def flux_inputs(config, image_tokens: int, text_tokens: int, seed: int = 0) -> dict:
+    """Random inputs for one forward of a `FluxTransformer2DModel` with ``config`` (its ``.config``): BF16
+    latents and text states, as a pipeline step passes them."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        hidden_states=torch.randn(1, image_tokens, config.in_channels, generator=g).bfloat16(),
+        encoder_hidden_states=torch.randn(1, text_tokens, config.joint_attention_dim, generator=g).bfloat16(),
+        pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=g).bfloat16(),
+        timestep=torch.tensor([0.5]),
+        img_ids=torch.zeros(image_tokens, 3),
+        txt_ids=torch.zeros(text_tokens, 3),
+    )

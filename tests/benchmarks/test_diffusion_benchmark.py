@@ -13,18 +13,10 @@ SCRIPT = Path(__file__).parents[2] / "benchmarks" / "diffusion.py"
 
 
 def _tiny_flux(tmp):
-    from dfloat.testing_diffusers import build_tiny_pipeline
+    from dfloat.testing_diffusers import build_tiny_pipeline, flux_inputs
 
     model = build_tiny_pipeline("flux").transformer
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(
-        hidden_states=torch.randn(1, 16, 16, generator=g).bfloat16(),
-        encoder_hidden_states=torch.randn(1, 8, 32, generator=g).bfloat16(),
-        pooled_projections=torch.randn(1, 32, generator=g).bfloat16(),
-        timestep=torch.tensor([0.5]),
-        img_ids=torch.zeros(16, 3),
-        txt_ids=torch.zeros(8, 3),
-    )
+    inputs = flux_inputs(model.config, image_tokens=16, text_tokens=8)
     return "tiny FLUX", type(model), model, inputs
 
 

@@ -18,16 +18,15 @@ import dfloat
 from dfloat.errors import DFloatError, ModelSourceError, OutputExistsError, UnsupportedDtypeError
 
 diffusers = pytest.importorskip("diffusers")
-from dfloat.testing_diffusers import KINDS, PIPELINE_CALLS, build_tiny_pipeline, save_tiny_pipeline  # noqa: E402
+from dfloat.testing_diffusers import (  # noqa: E402
+    KINDS,
+    PIPELINE_CALLS,
+    build_tiny_pipeline,
+    flux_inputs,
+    save_tiny_pipeline,
+)
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models run faster on one thread (see tests/models/conftest.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models
 
 
 @pytest.fixture(scope="module")
@@ -138,15 +137,7 @@ def test_model_from_pretrained_holds_no_bf16_copy(pipelines):
         assert params[name].untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr(), name
     bf16 = sum(p.numel() * 2 for p in ref.parameters())
     assert weight_memory(model)["total"] < bf16
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(
-        hidden_states=torch.randn(1, 16, 16, generator=g).bfloat16(),
-        encoder_hidden_states=torch.randn(1, 8, 32, generator=g).bfloat16(),
-        pooled_projections=torch.randn(1, 32, generator=g).bfloat16(),
-        timestep=torch.tensor([0.5]),
-        img_ids=torch.zeros(16, 3),
-        txt_ids=torch.zeros(8, 3),
-    )
+    inputs = flux_inputs(ref.config, image_tokens=16, text_tokens=8)
     with torch.no_grad():
         assert torch.equal(model(**inputs).sample, ref(**inputs).sample)
 

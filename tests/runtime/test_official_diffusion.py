@@ -7,6 +7,7 @@ checkpoints."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,17 +22,12 @@ from dfloat.runtime.official_diffusion import (  # noqa: E402
     write_comfyui_flux,
     write_official_diffusers,
 )
-from dfloat.testing_diffusers import PIPELINE_CALLS, save_tiny_pipeline  # noqa: E402
+from dfloat.testing_diffusers import PIPELINE_CALLS, flux_inputs, save_tiny_pipeline  # noqa: E402
 
 FLUX = diffusers.FluxTransformer2DModel
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +49,8 @@ def flux(tmp_path_factory):
 
 
 def _inputs():
-    g = torch.Generator().manual_seed(0)
-    return dict(
-        hidden_states=torch.randn(1, 16, 16, generator=g).bfloat16(),
-        encoder_hidden_states=torch.randn(1, 8, 32, generator=g).bfloat16(),
-        pooled_projections=torch.randn(1, 32, generator=g).bfloat16(),
-        timestep=torch.tensor([0.5]),
-        img_ids=torch.zeros(16, 3),
-        txt_ids=torch.zeros(8, 3),
+    return flux_inputs(
+        SimpleNamespace(in_channels=16, joint_attention_dim=32, pooled_projection_dim=32), 16, 8
     )
 
 
