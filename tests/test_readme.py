@@ -63,9 +63,7 @@ def test_readme_diffusion_example_runs(tmp_path, monkeypatch):
     pytest.importorskip("diffusers")
     monkeypatch.chdir(tmp_path)
     exec(compile(python_block("Diffusion models (diffusers)"), "README.md (Diffusion models)", "exec"), {})
-    assert (
-        tmp_path / "flux-dfloat" / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
-    ).is_file()
+    assert (tmp_path / "flux-dfloat" / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
 
 
 def _literal_strings(text: str) -> list[str]:

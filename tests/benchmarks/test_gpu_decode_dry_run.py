@@ -23,19 +23,8 @@ def bench():
 
 
 def test_dry_run_writes_exact_rows_and_ratios(bench, tmp_path, capsys):
-    rc = bench.main(
-        [
-            "--dry-run",
-            "--repeats",
-            "1",
-            "--cases",
-            "llama8b-layer",
-            "--copies",
-            "llama8b-layer=2",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    rc = bench.main(["--dry-run", "--repeats", "1", "--cases", "llama8b-layer", "--copies", "llama8b-layer=2",
+                     "--out", str(tmp_path)])
     assert rc == 0
     doc = json.loads((tmp_path / "gpu_decode_dry-run.json").read_text())
     assert doc["dry_run"] and doc["command"] and doc["versions"]["torch"]

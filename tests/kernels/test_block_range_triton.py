@@ -32,12 +32,6 @@ print("ok")
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_decodes_block_ranges_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run(
-        [sys.executable, "-c", CASE],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=Path(__file__).parents[2],
-    )
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout[-3000:] + res.stderr[-3000:]
+    res = subprocess.run([sys.executable, "-c", CASE], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).parents[2])
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), (res.stdout[-3000:] + res.stderr[-3000:])

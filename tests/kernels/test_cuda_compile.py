@@ -64,21 +64,8 @@ def _compile_nvrtc(lib_path: str, arch: str) -> str:
 
 
 def _compile_nvcc(nvcc: str, arch: str, tmp: Path) -> str:
-    res = subprocess.run(
-        [
-            nvcc,
-            f"-arch={arch}",
-            "-cubin",
-            *cuda_decode.NVRTC_OPTIONS,
-            "-Xptxas",
-            "-v",
-            "-o",
-            str(tmp / f"decode_{arch}.cubin"),
-            str(SOURCE),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    res = subprocess.run([nvcc, f"-arch={arch}", "-cubin", *cuda_decode.NVRTC_OPTIONS, "-Xptxas", "-v",
+                          "-o", str(tmp / f"decode_{arch}.cubin"), str(SOURCE)], capture_output=True, text=True)
     assert res.returncode == 0, f"nvcc failed:\n{res.stderr[-4000:]}"
     return res.stdout + res.stderr
 
@@ -111,8 +98,6 @@ def test_kernels_compile_without_spills(compile_log, arch, tmp_path):
         assert re.search(r"\b0 bytes spill stores", report), f"{name} spills on {arch}:\n{report}"
         assert re.search(r"\b0 bytes stack frame", report), f"{name} uses a stack on {arch}:\n{report}"
         smem = re.search(r"(\d+) bytes smem", report)
-        assert smem is None or int(smem.group(1)) == 0, (
-            f"{name} has static shared memory on {arch}:\n{report}"
-        )
+        assert smem is None or int(smem.group(1)) == 0, f"{name} has static shared memory on {arch}:\n{report}"
         regs = int(re.search(r"Used (\d+) registers", report).group(1))
         assert regs <= 64, f"{name}: {regs} registers on {arch}"  # 256x4, 512x2 and 1024x1 threads per SM

@@ -24,12 +24,8 @@ from kernel_cases import flip_bytes, staircase, with_positions  # noqa: E402
 pytestmark = pytest.mark.gpu
 
 BACKENDS = [
-    pytest.param(
-        "cuda", marks=pytest.mark.skipif(importlib.util.find_spec("cupy") is None, reason="no CuPy")
-    ),
-    pytest.param(
-        "triton", marks=pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="no Triton")
-    ),
+    pytest.param("cuda", marks=pytest.mark.skipif(importlib.util.find_spec("cupy") is None, reason="no CuPy")),
+    pytest.param("triton", marks=pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="no Triton")),
 ]
 GUARD = 64
 FILL = 0x5A5A
@@ -45,12 +41,11 @@ def gpu_decode(ct, backend, offset: int = GUARD, check: bool = True) -> torch.Te
     """Decode on the GPU into the middle of a guarded buffer; check nothing outside the output changed."""
     ct = ct.to("cuda")
     buf = torch.full((ct.numel + offset + GUARD,), FILL, dtype=torch.int16, device="cuda")
-    out = buf[offset : offset + ct.numel].view(torch.bfloat16)
+    out = buf[offset:offset + ct.numel].view(torch.bfloat16)
     _module(backend).decode(ct, out, check=check)
     torch.cuda.synchronize()
-    assert bool((buf[:offset] == FILL).all()) and bool((buf[offset + ct.numel :] == FILL).all()), (
+    assert bool((buf[:offset] == FILL).all()) and bool((buf[offset + ct.numel:] == FILL).all()), \
         "wrote outside out"
-    )
     return out.cpu()
 
 
@@ -61,20 +56,13 @@ def exact(backend, t, ct=None, **opts):
     return ct
 
 
-LAYOUTS = [
-    {},
-    dict(bytes_per_window=8, windows_per_block=512),
-    dict(bytes_per_window=4, windows_per_block=4),
-    dict(bytes_per_window=32, windows_per_block=40),
-    dict(bytes_per_window=5, windows_per_block=64),
-    dict(bytes_per_window=4, windows_per_block=2050),
-]
+LAYOUTS = [{}, dict(bytes_per_window=8, windows_per_block=512), dict(bytes_per_window=4, windows_per_block=4),
+           dict(bytes_per_window=32, windows_per_block=40), dict(bytes_per_window=5, windows_per_block=64),
+           dict(bytes_per_window=4, windows_per_block=2050)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(
-    "opts", LAYOUTS, ids=["w32-t256", "w8-t512", "w4-t4", "w32-t40", "w5-t64", "w4-t2050"]
-)
+@pytest.mark.parametrize("opts", LAYOUTS, ids=["w32-t256", "w8-t512", "w4-t4", "w32-t40", "w5-t64", "w4-t2050"])
 def test_all_65536_patterns(backend, opts):
     t = all_bf16_patterns()
     ct = exact(backend, t, **opts)
@@ -84,11 +72,7 @@ def test_all_65536_patterns(backend, opts):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_codes_of_32_bits_and_length_limits(backend):
-    for opts in (
-        {},
-        dict(bytes_per_window=4, windows_per_block=32),
-        dict(bytes_per_window=8, windows_per_block=512),
-    ):
+    for opts in ({}, dict(bytes_per_window=4, windows_per_block=32), dict(bytes_per_window=8, windows_per_block=512)):
         t, ct = staircase(**opts)
         exact(backend, t, ct=ct)
     t = with_exponent_counts(fibonacci_exponents(26))
@@ -103,12 +87,7 @@ def test_awkward_sizes(backend):
         exact(backend, weights_like(n, seed=n), bytes_per_window=4, windows_per_block=4)
         exact(backend, weights_like(n, seed=n))
     for n in (31, 32, 33, 127, 128, 129, 255, 257):  # 1-bit codes: a window is 32 weights, a block 128
-        exact(
-            backend,
-            with_exponent_counts({120: n // 2, 121: n - n // 2}),
-            bytes_per_window=4,
-            windows_per_block=4,
-        )
+        exact(backend, with_exponent_counts({120: n // 2, 121: n - n // 2}), bytes_per_window=4, windows_per_block=4)
     exact(backend, with_exponent_counts({127: 300_000, 126: 3}, seed=1))  # 1-bit codes: staging in rounds
 
 
@@ -158,11 +137,8 @@ def test_corrupt_streams(backend):
     pos[4] = 10**12
     with pytest.raises(CorruptStreamError, match="out of order or out of range"):
         gpu_decode(with_positions(ct, pos), backend)
-    gpu_decode(
-        replace(ct, encoded_exponent=torch.full_like(ct.encoded_exponent, 0xFF), _cache={}),
-        backend,
-        check=False,
-    )
+    gpu_decode(replace(ct, encoded_exponent=torch.full_like(ct.encoded_exponent, 0xFF), _cache={}), backend,
+               check=False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

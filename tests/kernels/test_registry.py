@@ -20,9 +20,8 @@ def test_unknown_and_unavailable_backends_say_what_to_do():
 def test_automatic_choice_falls_back_when_a_backend_cannot_run(monkeypatch):
     t = weights_like(10_000)
     ct = dfloat.compress_tensor(t)
-    monkeypatch.setattr(
-        registry, "available_backends", lambda device: [registry.Backend.TRITON, registry.Backend.CPU]
-    )
+    monkeypatch.setattr(registry, "available_backends", lambda device: [registry.Backend.TRITON,
+                                                                        registry.Backend.CPU])
     monkeypatch.setattr(registry, "_FAILED", set())
     monkeypatch.setattr(registry, "_CHOSEN", {})  # forget earlier choices
 
@@ -41,9 +40,8 @@ def test_a_choice_is_remembered_and_redone_when_it_stops_working(monkeypatch):
     ct = dfloat.compress_tensor(t)
     monkeypatch.setattr(registry, "_FAILED", set())
     monkeypatch.setattr(registry, "_CHOSEN", {})
-    monkeypatch.setattr(
-        registry, "available_backends", lambda device: [registry.Backend.TRITON, registry.Backend.CPU]
-    )
+    monkeypatch.setattr(registry, "available_backends", lambda device: [registry.Backend.TRITON,
+                                                                        registry.Backend.CPU])
     import dfloat.kernels.triton_decode as triton_decode
 
     calls = []
@@ -57,9 +55,7 @@ def test_a_choice_is_remembered_and_redone_when_it_stops_working(monkeypatch):
     monkeypatch.setattr(triton_decode, "decode", works_once)
     assert torch.equal(bits(dfloat.decompress_tensor(ct)), bits(t))
     assert list(registry._CHOSEN.values()) == [(registry.Backend.TRITON, works_once)]
-    assert torch.equal(
-        bits(dfloat.decompress_tensor(ct)), bits(t)
-    )  # the remembered one fails: the CPU decodes
+    assert torch.equal(bits(dfloat.decompress_tensor(ct)), bits(t))  # the remembered one fails: the CPU decodes
     assert len(calls) == 2 and (registry.Backend.TRITON, "cpu") in registry._FAILED
     from dfloat.kernels import cpu
 
@@ -80,4 +76,4 @@ def test_decoding_into_a_flat_buffer_makes_no_views():
     assert got.shape == (30, 100) and got.data_ptr() == flat.data_ptr() and torch.equal(bits(got), bits(t))
     bigger = torch.empty(ct.numel + 7, dtype=torch.bfloat16)
     got = dfloat.decompress_tensor(ct, out=bigger)
-    assert got.shape == (30, 100) and torch.equal(bits(bigger[: ct.numel].view(30, 100)), bits(t))
+    assert got.shape == (30, 100) and torch.equal(bits(bigger[:ct.numel].view(30, 100)), bits(t))

@@ -24,28 +24,9 @@ SCRIPT = ROOT / "scripts" / "triton_aot_check.py"
 def test_kernel_compiles_for_every_target(tmp_path):
     out = tmp_path / "aot.json"
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--targets",
-            "cuda:80,cuda:90,hip:gfx942",
-            "--variants",
-            "256:3",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-        env=env,
-    )
+    res = subprocess.run([sys.executable, str(SCRIPT), "--targets", "cuda:80,cuda:90,hip:gfx942", "--variants", "256:3",
+                          "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["target"], r["ok"]) for r in rows] == [
-        ("cuda:80", True),
-        ("cuda:90", True),
-        ("hip:gfx942", True),
-    ]
+    assert [(r["target"], r["ok"]) for r in rows] == [("cuda:80", True), ("cuda:90", True), ("hip:gfx942", True)]
     assert all(r["asm_lines"] > 100 for r in rows)  # real code came out, not an empty module

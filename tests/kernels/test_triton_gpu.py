@@ -44,25 +44,21 @@ def test_every_subtable_depth_and_rounds(layout):
     from dfloat.kernels import triton_decode
 
     for name, t, opts in units():
-        ct = (
-            opts
-            if not isinstance(opts, dict)
-            else dfloat.compress_tensor(t, allow_raw=False, **opts, **layout)
-        )
+        ct = opts if not isinstance(opts, dict) else dfloat.compress_tensor(t, allow_raw=False, **opts, **layout)
         assert torch.equal(bits(decode(ct)), bits(t)), name
         assert triton_decode._device_tables(ct, torch.device("cpu"))[3] == int(name[-2])
 
 
 def with_gap(ct, window: int, value: int):
     b = np.unpackbits(ct.gaps.numpy())
-    b[5 * window : 5 * window + 5] = [(value >> (4 - i)) & 1 for i in range(5)]
-    return replace(ct, gaps=torch.from_numpy(np.packbits(b)[: ct.gaps.numel()]), _cache={})
+    b[5 * window:5 * window + 5] = [(value >> (4 - i)) & 1 for i in range(5)]
+    return replace(ct, gaps=torch.from_numpy(np.packbits(b)[:ct.gaps.numel()]), _cache={})
 
 
 @pytest.mark.parametrize("windows_per_block, window", [(256, 7), (256, 256), (2048, 1024), (2048, 3001)])
 def test_a_damaged_later_gap_is_reported(windows_per_block, window):
     t = weights_like(400_000, seed=8)
     ct = dfloat.compress_tensor(t, allow_raw=False, bytes_per_window=4, windows_per_block=windows_per_block)
-    old = int("".join(map(str, np.unpackbits(ct.gaps.numpy())[5 * window : 5 * window + 5])), 2)
+    old = int("".join(map(str, np.unpackbits(ct.gaps.numpy())[5 * window:5 * window + 5])), 2)
     with pytest.raises(CorruptStreamError, match="window start offsets disagree with the codes"):
         decode(with_gap(ct, window, (old + 5) % 32))

@@ -22,9 +22,8 @@ CASES = Path(__file__).parent / "triton_interpret_cases.py"
 def test_triton_decoder_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-o", "addopts=", str(CASES)]
-    res = subprocess.run(
-        cmd, env=env, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parents[2]
-    )
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900,
+                         cwd=Path(__file__).parents[2])
     tail = (res.stdout[-6000:] + res.stderr[-3000:]).strip()
     assert res.returncode == 0, f"the interpreter cases failed:\n{tail}"
     assert " passed" in res.stdout and " skipped" not in res.stdout.splitlines()[-1], tail

@@ -31,24 +31,12 @@ def test_subtable_depth_is_the_longest_codes_extra_lookups():
 
     cases = [
         (dfloat.compress_tensor(with_exponent_counts({120: 50, 121: 50}), allow_raw=False), 0),  # 1-bit codes
-        (
-            dfloat.compress_tensor(
-                with_exponent_counts(fibonacci_exponents(20)), allow_raw=False, max_code_length=9
-            ),
-            1,
-        ),
-        (
-            dfloat.compress_tensor(
-                with_exponent_counts(fibonacci_exponents(20)), allow_raw=False, max_code_length=16
-            ),
-            1,
-        ),
-        (
-            dfloat.compress_tensor(
-                with_exponent_counts(fibonacci_exponents(20)), allow_raw=False, max_code_length=17
-            ),
-            2,
-        ),
+        (dfloat.compress_tensor(with_exponent_counts(fibonacci_exponents(20)), allow_raw=False,
+                                max_code_length=9), 1),
+        (dfloat.compress_tensor(with_exponent_counts(fibonacci_exponents(20)), allow_raw=False,
+                                max_code_length=16), 1),
+        (dfloat.compress_tensor(with_exponent_counts(fibonacci_exponents(20)), allow_raw=False,
+                                max_code_length=17), 2),
         (staircase(n_per_symbol=2)[1], 3),  # 32-bit codes
     ]
     for ct, depth in cases:
@@ -58,14 +46,5 @@ def test_subtable_depth_is_the_longest_codes_extra_lookups():
 def test_lanes_cover_the_block_up_to_1024():
     from dfloat.kernels.triton_decode import _lanes
 
-    assert [_lanes(w) for w in (1, 16, 17, 256, 512, 1000, 1024, 1025, 4096)] == [
-        16,
-        16,
-        32,
-        256,
-        512,
-        1024,
-        1024,
-        1024,
-        1024,
-    ]
+    assert [_lanes(w) for w in (1, 16, 17, 256, 512, 1000, 1024, 1025, 4096)] == \
+        [16, 16, 32, 256, 512, 1024, 1024, 1024, 1024]

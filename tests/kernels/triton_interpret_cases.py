@@ -27,10 +27,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from kernel_cases import flip_bytes, staircase, with_positions  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip(
-        "needs TRITON_INTERPRET=1 set before triton is imported (see test_triton_interpret.py)",
-        allow_module_level=True,
-    )
+    pytest.skip("needs TRITON_INTERPRET=1 set before triton is imported (see test_triton_interpret.py)",
+                allow_module_level=True)
 pytest.importorskip("triton")
 GUARD = 24
 FILL = 0x5A5A
@@ -41,20 +39,17 @@ def triton_decode(ct, offset: int = GUARD, check: bool = False) -> torch.Tensor:
     from dfloat.kernels import triton_decode as td
 
     buf = torch.full((ct.numel + offset + GUARD,), FILL, dtype=torch.int16)
-    out = buf[offset : offset + ct.numel].view(torch.bfloat16)
+    out = buf[offset:offset + ct.numel].view(torch.bfloat16)
     if check:
         td.decode(ct, out, check=True)
     else:
         from dfloat.format import mark_trusted
 
-        mark_trusted(
-            ct
-        )  # the decoder itself, as after verify=False (the checksums would refuse damage first)
-        got = dfloat.decompress_tensor(
-            ct, device="cpu", backend="triton", out=buf[offset:].view(torch.bfloat16)
-        )
+        mark_trusted(ct)  # the decoder itself, as after verify=False (the checksums would refuse damage first)
+        got = dfloat.decompress_tensor(ct, device="cpu", backend="triton",
+                                       out=buf[offset:].view(torch.bfloat16))
         assert got.data_ptr() == out.data_ptr()
-    assert (buf[:offset] == FILL).all() and (buf[offset + ct.numel :] == FILL).all(), "wrote outside out"
+    assert (buf[:offset] == FILL).all() and (buf[offset + ct.numel:] == FILL).all(), "wrote outside out"
     return out.clone()
 
 
@@ -164,12 +159,12 @@ def with_gap(ct, window: int, value: int):
     from dataclasses import replace
 
     bits = np.unpackbits(ct.gaps.numpy())
-    bits[5 * window : 5 * window + 5] = [(value >> (4 - i)) & 1 for i in range(5)]
-    return replace(ct, gaps=torch.from_numpy(np.packbits(bits)[: ct.gaps.numel()]), _cache={})
+    bits[5 * window:5 * window + 5] = [(value >> (4 - i)) & 1 for i in range(5)]
+    return replace(ct, gaps=torch.from_numpy(np.packbits(bits)[:ct.gaps.numel()]), _cache={})
 
 
 def gap_of(ct, window: int) -> int:
-    bits = np.unpackbits(ct.gaps.numpy())[5 * window : 5 * window + 5]
+    bits = np.unpackbits(ct.gaps.numpy())[5 * window:5 * window + 5]
     return int("".join(map(str, bits)), 2)
 
 
