@@ -53,3 +53,22 @@ def test_e2e_cut_short_keeps_the_rows_it_finished(tmp_path, monkeypatch):
     doc = json.loads((tmp_path / "e2e_cut.json").read_text())
     assert [(r["weights"], r["path"]) for r in doc["rows"]] == [("bf16", "eager"), ("bf16", "static")]
     assert doc["rows"][1]["x_bf16_eager_b1"] > 0 and doc["rows"][1]["x_bf16_fast_b1"] == 1.0
+
+
+def test_trained_weights_are_loaded_once_per_run():
+    # every model of a run draws its exponents from the same trained weights: they are loaded (or decoded) once
+    import inspect
+
+    import torch
+
+    sampler = runpy.run_path(str(SCRIPT))["exponent_sampler"]  # not __main__: the definitions only
+    calls = []
+
+    def trained_weights():
+        calls.append(1)
+        return torch.ones(16, dtype=torch.bfloat16), "stand-in"
+
+    inspect.unwrap(sampler).__globals__["trained_weights"] = trained_weights
+    (table, label), again = sampler(), sampler()
+    assert calls == [1] and again[1] == label == "stand-in"
+    assert table.shape == (65536,) and (table == 127).all()  # 1.0's biased exponent
