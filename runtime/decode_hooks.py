@@ -89,10 +89,7 @@ class DecodeBuffer:
             placed = [z for p in unit.parts for z in zip(p.starts, p.slots)]
         else:
             placed = [(slot.offset, slot) for slot in unit.slots]
-        for start, slot in placed:
-            view = self.tensor[start : start + math.prod(slot.shape)].view(slot.shape)
-            for module, attr in slot.places:
-                module._parameters[attr] = torch.nn.Parameter(view, requires_grad=False)
+        _point_weights(self.tensor, placed)
 
     def ensure_part(self, unit: AttachedUnit, part: UnitPart) -> None:
         if self.current == part.key:
@@ -206,7 +203,12 @@ def _decode_for_autograd(unit: AttachedUnit, buf: DecodeBuffer, part: UnitPart |
         flat = torch.empty(part.need, dtype=torch.bfloat16, device=buf.device)
         _decode_part(unit, part, flat, buf.backend)
         starts, slots = part.starts, part.slots
-    for start, slot in zip(starts, slots):
+    _point_weights(flat, zip(starts, slots))
+
+
+def _point_weights(flat: torch.Tensor, placed) -> None:
+    """Make each slot's weights views of ``flat``: ``placed`` is (start element, slot) pairs."""
+    for start, slot in placed:
         view = flat[start : start + math.prod(slot.shape)].view(slot.shape)
         for module, attr in slot.places:
             module._parameters[attr] = torch.nn.Parameter(view, requires_grad=False)
