@@ -196,14 +196,20 @@ def _decode_for_autograd(unit: AttachedUnit, buf: DecodeBuffer, part: UnitPart |
     """Decode into a tensor of its own, which autograd may keep for the backward pass while later units reuse the
     shared buffer (split units: only the part), and point the weights at it."""
     if part is None:
-        ct = unit.ct if unit.ct.device == buf.device else unit.ct.to(buf.device, non_blocking=True)
-        flat = decompress_tensor(ct, device=buf.device, backend=buf.backend).reshape(-1)
+        flat = decode_copy(unit.ct, buf.device, buf.backend)
         starts, slots = [s.offset for s in unit.slots], unit.slots
     else:
         flat = torch.empty(part.need, dtype=torch.bfloat16, device=buf.device)
         _decode_part(unit, part, flat, buf.backend)
         starts, slots = part.starts, part.slots
     _point_weights(flat, zip(starts, slots))
+
+
+def decode_copy(ct: CompressedTensor, device: torch.device, backend: str | None) -> torch.Tensor:
+    """``ct`` decoded flat into a tensor of its own, which autograd may keep (no later decode overwrites it)."""
+    if ct.device != device:  # cpu_offload: an asynchronous copy of the compressed arrays
+        ct = ct.to(device, non_blocking=True)
+    return decompress_tensor(ct, device=device, backend=backend).reshape(-1)
 
 
 def _point_weights(flat: torch.Tensor, placed) -> None:
