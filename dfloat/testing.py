@@ -62,6 +62,25 @@ TINY_LLAMA = dict(
 )
 
 
+TINY_BERT = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=32,
+)
+
+
+def save_tiny_bert(folder, seed=0):
+    """A random BERT encoder (loaded with ``AutoModel``, unlike `save_random_model`'s causal LMs) saved in BF16."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    BertModel(BertConfig(**TINY_BERT)).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
 def save_random_model(
     folder,
     config=None,

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from dfloat.blocks import block_range, blocks_covering, decompress_blocks, host_positions
-from dfloat.codec import decompress_tensor
 from dfloat.errors import ShapeMismatchError
 from dfloat.format import CompressedTensor
+from dfloat.runtime.decode_hooks import decode_copy
 from dfloat.runtime.memory import ALIGN_ELEMENTS, Chunking
 
 log = logging.getLogger(__name__)
@@ -207,8 +207,7 @@ class ChunkedUnit:
 
     def whole(self) -> torch.Tensor:
         """The whole matrix, decoded into a tensor of its own (autograd may keep it; nothing overwrites it)."""
-        ct = self.ct if self.ct.device == self.device else self.ct.to(self.device, non_blocking=True)
-        flat = decompress_tensor(ct, device=self.device, backend=self.buffer.backend).reshape(-1)
+        flat = decode_copy(self.ct, self.device, self.buffer.backend)
         return flat[: self.plan.total_rows * self.plan.cols].view(self.plan.total_rows, self.plan.cols)
 
     def view(self, i: int, buf: torch.Tensor) -> torch.Tensor:

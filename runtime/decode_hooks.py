@@ -89,10 +89,7 @@ class DecodeBuffer:
             placed = [z for p in unit.parts for z in zip(p.starts, p.slots)]
         else:
             placed = [(slot.offset, slot) for slot in unit.slots]
-        for start, slot in placed:
-            view = self.tensor[start : start + math.prod(slot.shape)].view(slot.shape)
-            for module, attr in slot.places:
-                module._parameters[attr] = torch.nn.Parameter(view, requires_grad=False)
+        _point_weights(self.tensor, placed)
 
     def ensure_part(self, unit: AttachedUnit, part: UnitPart) -> None:
         if self.current == part.key:
@@ -199,14 +196,25 @@ def _decode_for_autograd(unit: AttachedUnit, buf: DecodeBuffer, part: UnitPart |
     """Decode into a tensor of its own, which autograd may keep for the backward pass while later units reuse the
     shared buffer (split units: only the part), and point the weights at it."""
     if part is None:
-        ct = unit.ct if unit.ct.device == buf.device else unit.ct.to(buf.device, non_blocking=True)
-        flat = decompress_tensor(ct, device=buf.device, backend=buf.backend).reshape(-1)
+        flat = decode_copy(unit.ct, buf.device, buf.backend)
         starts, slots = [s.offset for s in unit.slots], unit.slots
     else:
         flat = torch.empty(part.need, dtype=torch.bfloat16, device=buf.device)
         _decode_part(unit, part, flat, buf.backend)
         starts, slots = part.starts, part.slots
-    for start, slot in zip(starts, slots):
+    _point_weights(flat, zip(starts, slots))
+
+
+def decode_copy(ct: CompressedTensor, device: torch.device, backend: str | None) -> torch.Tensor:
+    """``ct`` decoded flat into a tensor of its own, which autograd may keep (no later decode overwrites it)."""
+    if ct.device != device:  # cpu_offload: an asynchronous copy of the compressed arrays
+        ct = ct.to(device, non_blocking=True)
+    return decompress_tensor(ct, device=device, backend=backend).reshape(-1)
+
+
+def _point_weights(flat: torch.Tensor, placed) -> None:
+    """Make each slot's weights views of ``flat``: ``placed`` is (start element, slot) pairs."""
+    for start, slot in placed:
         view = flat[start : start + math.prod(slot.shape)].view(slot.shape)
         for module, attr in slot.places:
             module._parameters[attr] = torch.nn.Parameter(view, requires_grad=False)

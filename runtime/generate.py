@@ -252,10 +252,6 @@ def _sessions(model) -> dict:
     return model._dfloat_generation
 
 
-def _weights_dtype(model) -> torch.dtype | None:
-    return getattr(model, "dtype", None)
-
-
 def release_graphs(model) -> None:
     """Drop the static caches and CUDA graphs kept on ``model`` by earlier calls (they are reused otherwise)."""
     if hasattr(model, "_dfloat_generation"):
@@ -408,7 +404,7 @@ def generate_ids(
     session = None
     capture_s = 0.0
     if kind is not None:
-        key = (kind, rows, max_len, str(device), _weights_dtype(model))  # model.float() needs new caches
+        key = (kind, rows, max_len, str(device), getattr(model, "dtype", None))  # model.float(): new caches
         session = _sessions(model).get(key)
         if session is None:
             try:

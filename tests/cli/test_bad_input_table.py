@@ -12,13 +12,12 @@ from click.testing import CliRunner
 
 import dfloat
 from dfloat.cli.main import main
-from dfloat.testing import save_random_model
+from dfloat.testing import save_random_model, save_tiny_bert
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """A compressed tiny Llama and damaged copies of it, an encoder-only model, a folder that is no model."""
-    from transformers import BertConfig, BertModel
 
     root = tmp_path_factory.mktemp("bad-cli")
     src = save_random_model(root / "src")
@@ -82,18 +81,7 @@ def folders(tmp_path_factory):
     shutil.copytree(src, root / "nested_config")
     (root / "nested_config" / "config.json").write_text(nested)
     f["nested_config"] = root / "nested_config"
-    torch.manual_seed(0)
-    encoder = BertModel(
-        BertConfig(
-            vocab_size=64,
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=32,
-        )
-    ).to(torch.bfloat16)
-    encoder.save_pretrained(root / "bert-src")
+    save_tiny_bert(root / "bert-src")
     dfloat.compress_model(root / "bert-src", root / "bert")
     f["bert"] = root / "bert"
     return f

@@ -11,7 +11,7 @@ import torch
 import dfloat
 from dfloat.runtime.checkpoint import describe_unit_layout
 from dfloat.runtime.official import write_official
-from dfloat.testing import save_random_model
+from dfloat.testing import save_random_model, save_tiny_bert
 
 TINY = dict(
     vocab_size=256,
@@ -129,21 +129,8 @@ def test_model_card_names_no_local_path_and_the_auto_class_that_loads_it(tiny_ll
     (run here as written, from the folder's parent) loads the checkpoint with the right Auto class."""
     import re
 
-    from transformers import BertConfig, BertModel
-
     folder, _ = tiny_llama
-    torch.manual_seed(0)
-    bert = BertModel(
-        BertConfig(
-            vocab_size=64,
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=32,
-        )
-    )
-    bert.to(torch.bfloat16).save_pretrained(tmp_path / "bert-bf16")
+    save_tiny_bert(tmp_path / "bert-bf16")
     monkeypatch.chdir(tmp_path)
     for source, out, auto, model_class in (
         (folder, "llama-dfloat", "AutoModelForCausalLM", "LlamaForCausalLM"),
