@@ -407,9 +407,8 @@ def _weights_view(folder: Path, basename: str, view: Path) -> Path:
         (view / links[f]).symlink_to(f.resolve())
     weight_map = {name: links[f] for name, f in layout.tensor_file.items()}
     (view / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    for (
-        f
-    ) in folder.iterdir():  # config.json and other side files (generation config, ...): compress copies them
+    # config.json and other side files (generation config, ...): compress copies them
+    for f in folder.iterdir():
         if f.is_file() and not f.name.endswith((".safetensors", ".safetensors.index.json", ".bin", ".pt")):
             (view / f.name).symlink_to(f.resolve())
     return view
