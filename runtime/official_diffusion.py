@@ -36,7 +36,11 @@ from dfloat.runtime.pipeline import read_json
 
 log = logging.getLogger(__name__)
 
-OFFICIAL_CONFIG = {"version": "0.5.0", "threads_per_block": [512], "bytes_per_thread": 8}
+OFFICIAL_CONFIG = {
+    "version": "0.5.0",
+    "threads_per_block": [df11.OFFICIAL_THREADS_PER_BLOCK],
+    "bytes_per_thread": df11.OFFICIAL_BYTES_PER_THREAD,
+}
 
 # The unit patterns of the official FLUX.1 release (diffusers naming) and of ComfyUI-DFloat11 (BFL naming).
 FLUX_PATTERN = {
@@ -300,8 +304,8 @@ def read_comfyui_flux(path: Path, config_from=None):
         ct = df11.from_official_unit(
             arrays,
             bfl,
-            OFFICIAL_CONFIG["bytes_per_thread"],
-            OFFICIAL_CONFIG["threads_per_block"][0],
+            df11.OFFICIAL_BYTES_PER_THREAD,
+            df11.OFFICIAL_THREADS_PER_BLOCK,
             where=f"{path}: unit {unit}",
         )
         out, offset = [], 0
