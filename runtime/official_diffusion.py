@@ -252,23 +252,12 @@ def empty_model(config: dict):
 
 # ---- reading -----------------------------------------------------------------------------------------------
 def read_diffusers_official(folder: Path, config_from=None):
-    """(diffusers config, units, plain tensors) of an official diffusers-naming folder."""
-    from safetensors import safe_open
+    """(diffusers config, units, plain tensors, empty model) of an official diffusers-naming folder."""
+    from dfloat.runtime.official import read_official
 
-    from dfloat.runtime.official import official_units
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ModelSourceError(f"{folder}: no *.safetensors files")
-    tensors: dict[str, torch.Tensor] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
     config = model_config(config_from, folder)
     model = empty_model(config)
-    units, plain = official_units(
-        tensors, read_json(folder / "config.json")["dfloat11_config"], model, str(folder)
-    )
+    units, plain = read_official(folder, read_json(folder / "config.json"), model)
     return config, units, plain, model
 
 
