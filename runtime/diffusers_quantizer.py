@@ -140,12 +140,10 @@ class DFloatDiffusersQuantizer(DiffusersQuantizer):
         return 1 << 62  # diffusers loads only the small plain tensors: no allocator warm-up in BF16 sizes
 
     def maybe_update_loaded_keys(self, loaded_keys, checkpoint_files):
-        from dfloat.runtime.checkpoint import describe_unit_layout
+        from dfloat.runtime.checkpoint import describe_unit_layout, folder_of_shards
 
         if not checkpoint_files:
             raise ModelSourceError("dfloat: diffusers found no checkpoint files for this model")
-        from dfloat.runtime.checkpoint import folder_of_shards
-
         self.folder = folder_of_shards(checkpoint_files)
         layout = describe_unit_layout(self.folder)
         self.members = {m for names in layout.values() for m in names}
