@@ -231,10 +231,11 @@ def compress_diffusers(
                 raise ModelSourceError(
                     f"{folder}: {MODEL_INDEX} names component {name!r}, which has no folder"
                 )
-            library = (
-                "diffusers" if spec[0] == "diffusers" else "transformers" if spec[0] == "transformers" else ""
-            )
-            plans[name] = plan_component(name, sub, library, unit) if library else "copied: not a model"
+            library = spec[0]
+            if library in ("diffusers", "transformers"):
+                plans[name] = plan_component(name, sub, library, unit)
+            else:
+                plans[name] = "copied: not a model"
         for sub in sorted(p for p in folder.iterdir() if p.is_dir() and p.name not in plans):
             plans[sub.name] = "copied: not a component"
     else:
