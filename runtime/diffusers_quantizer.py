@@ -31,11 +31,11 @@ from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
 from dfloat.errors import DFloatError, ModelSourceError
+from dfloat.format import STORED_ARRAYS
 
 log = logging.getLogger(__name__)
 
 QUANT_METHOD = "dfloat"
-_ARRAYS = ("encoded_exponent", "sign_mantissa", "gaps", "output_positions", "code_lengths", "luts", "raw")
 
 
 class Method(str, enum.Enum):
@@ -140,16 +140,14 @@ class DFloatDiffusersQuantizer(DiffusersQuantizer):
         return 1 << 62  # diffusers loads only the small plain tensors: no allocator warm-up in BF16 sizes
 
     def maybe_update_loaded_keys(self, loaded_keys, checkpoint_files):
-        from dfloat.runtime.checkpoint import describe_unit_layout
+        from dfloat.runtime.checkpoint import describe_unit_layout, folder_of_shards
 
         if not checkpoint_files:
             raise ModelSourceError("dfloat: diffusers found no checkpoint files for this model")
-        from dfloat.runtime.checkpoint import folder_of_shards
-
         self.folder = folder_of_shards(checkpoint_files)
         layout = describe_unit_layout(self.folder)
         self.members = {m for names in layout.values() for m in names}
-        self.arrays = {f"{u}.{a}" for u in layout for a in _ARRAYS}
+        self.arrays = {f"{u}.{a}" for u in layout for a in STORED_ARRAYS}
         return [k for k in loaded_keys if k not in self.arrays and k not in layout]  # the index names units
 
     def update_missing_keys(self, model, missing_keys, prefix):

@@ -39,8 +39,14 @@ def load_diffusion(
         **kw: passed to ``from_pretrained`` (diffusers) for dfloat folders.
     """
     from dfloat.runtime import official_diffusion
-    from dfloat.runtime.checkpoint import CONFIG_KEY, DIFFUSERS_CONFIG_KEY
-    from dfloat.runtime.pipeline import MODEL_INDEX, diffusers_class, diffusion_layout, read_json
+    from dfloat.runtime.checkpoint import DIFFUSERS_CONFIG_KEY
+    from dfloat.runtime.pipeline import (
+        MODEL_INDEX,
+        diffusers_class,
+        diffusion_layout,
+        is_compressed_component,
+        read_json,
+    )
 
     layout = diffusion_layout(folder)
     if layout in ("official", "comfyui"):
@@ -69,10 +75,7 @@ def load_diffusion(
                     f"{folder}: a diffusers pipeline needs diffusers: pip install diffusers"
                 ) from None
 
-            if not any(
-                CONFIG_KEY in read_json(p) or DIFFUSERS_CONFIG_KEY in read_json(p)
-                for p in folder.glob("*/config.json")
-            ):
+            if not any(is_compressed_component(p.parent) for p in folder.glob("*/config.json")):
                 raise ModelSourceError(
                     f"{folder}: no component is compressed; load it with diffusers directly"
                 )

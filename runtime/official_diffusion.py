@@ -32,10 +32,15 @@ import torch
 from dfloat import df11
 from dfloat.errors import ModelSourceError
 from dfloat.format import Member
+from dfloat.runtime.pipeline import read_json
 
 log = logging.getLogger(__name__)
 
-OFFICIAL_CONFIG = {"version": "0.5.0", "threads_per_block": [512], "bytes_per_thread": 8}
+OFFICIAL_CONFIG = {
+    "version": "0.5.0",
+    "threads_per_block": [df11.OFFICIAL_THREADS_PER_BLOCK],
+    "bytes_per_thread": df11.OFFICIAL_BYTES_PER_THREAD,
+}
 
 # The unit patterns of the official FLUX.1 release (diffusers naming) and of ComfyUI-DFloat11 (BFL naming).
 FLUX_PATTERN = {
@@ -123,7 +128,7 @@ def is_official_diffusion(folder: Path) -> bool:
     config_path = folder / "config.json"
     if not config_path.is_file():
         return False
-    config = _json(config_path)
+    config = read_json(config_path)
     if "dfloat11_config" not in config:
         return False
     if "_class_name" in config or list(folder.glob("diffusion_pytorch_model*.safetensors")):
@@ -145,12 +150,6 @@ def is_comfyui_file(path: Path) -> bool:
         return False
 
 
-def _json(path: Path) -> dict:
-    from dfloat.runtime.pipeline import read_json
-
-    return read_json(path)
-
-
 # ---- the model's diffusers config --------------------------------------------------------------------------
 def model_config(config_from, source: Path | None = None) -> dict:
     """The diffusers config.json of the model: from ``config_from`` (a model folder, a pipeline folder whose
@@ -158,7 +157,7 @@ def model_config(config_from, source: Path | None = None) -> dict:
     from ``source``'s own config.json when it has one, else from the Hub repository its model card names as
     base."""
     if config_from is None and source is not None:
-        own = _json(source / "config.json") if (source / "config.json").is_file() else {}
+        own = read_json(source / "config.json") if (source / "config.json").is_file() else {}
         if "_class_name" in own:
             return {k: v for k, v in own.items() if k != "dfloat11_config"}
         base = _base_model(source)
@@ -170,11 +169,11 @@ def model_config(config_from, source: Path | None = None) -> dict:
         config_from = base
     path = Path(str(config_from)).expanduser()
     if path.is_file():
-        return _diffusers_config(_json(path), path)
+        return _diffusers_config(read_json(path), path)
     if path.is_dir():
         for sub in ("", "transformer", "unet"):
             if (path / sub / "config.json").is_file():
-                config = _json(path / sub / "config.json")
+                config = read_json(path / sub / "config.json")
                 if "_class_name" in config:
                     return _diffusers_config(config, path / sub / "config.json")
         raise ModelSourceError(f"{path}: holds no diffusers model config (config.json, transformer/, unet/)")
@@ -215,7 +214,7 @@ def _hub_config(spec: str) -> dict:
                 f"{spec}: {type(e).__name__} from the Hub ({_first_line(e)}); pass the original model's folder "
                 "instead"
             ) from None
-        config = _json(Path(path))
+        config = read_json(Path(path))
         if "_class_name" in config:
             return config
     raise ModelSourceError(
@@ -253,23 +252,12 @@ def empty_model(config: dict):
 
 # ---- reading -----------------------------------------------------------------------------------------------
 def read_diffusers_official(folder: Path, config_from=None):
-    """(diffusers config, units, plain tensors) of an official diffusers-naming folder."""
-    from safetensors import safe_open
+    """(diffusers config, units, plain tensors, empty model) of an official diffusers-naming folder."""
+    from dfloat.runtime.official import read_official
 
-    from dfloat.runtime.official import official_units
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ModelSourceError(f"{folder}: no *.safetensors files")
-    tensors: dict[str, torch.Tensor] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
     config = model_config(config_from, folder)
     model = empty_model(config)
-    units, plain = official_units(
-        tensors, _json(folder / "config.json")["dfloat11_config"], model, str(folder)
-    )
+    units, plain = read_official(folder, read_json(folder / "config.json"), model)
     return config, units, plain, model
 
 
@@ -305,8 +293,8 @@ def read_comfyui_flux(path: Path, config_from=None):
         ct = df11.from_official_unit(
             arrays,
             bfl,
-            OFFICIAL_CONFIG["bytes_per_thread"],
-            OFFICIAL_CONFIG["threads_per_block"][0],
+            df11.OFFICIAL_BYTES_PER_THREAD,
+            df11.OFFICIAL_THREADS_PER_BLOCK,
             where=f"{path}: unit {unit}",
         )
         out, offset = [], 0

@@ -231,10 +231,11 @@ def compress_diffusers(
                 raise ModelSourceError(
                     f"{folder}: {MODEL_INDEX} names component {name!r}, which has no folder"
                 )
-            library = (
-                "diffusers" if spec[0] == "diffusers" else "transformers" if spec[0] == "transformers" else ""
-            )
-            plans[name] = plan_component(name, sub, library, unit) if library else "copied: not a model"
+            library = spec[0]
+            if library in ("diffusers", "transformers"):
+                plans[name] = plan_component(name, sub, library, unit)
+            else:
+                plans[name] = "copied: not a model"
         for sub in sorted(p for p in folder.iterdir() if p.is_dir() and p.name not in plans):
             plans[sub.name] = "copied: not a component"
     else:
@@ -407,9 +408,8 @@ def _weights_view(folder: Path, basename: str, view: Path) -> Path:
         (view / links[f]).symlink_to(f.resolve())
     weight_map = {name: links[f] for name, f in layout.tensor_file.items()}
     (view / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    for (
-        f
-    ) in folder.iterdir():  # config.json and other side files (generation config, ...): compress copies them
+    # config.json and other side files (generation config, ...): compress copies them
+    for f in folder.iterdir():
         if f.is_file() and not f.name.endswith((".safetensors", ".safetensors.index.json", ".bin", ".pt")):
             (view / f.name).symlink_to(f.resolve())
     return view

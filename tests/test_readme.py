@@ -58,12 +58,12 @@ def test_readme_transformers_and_lora_examples_run(tmp_path, monkeypatch):
 
 
 def test_readme_diffusion_example_runs(tmp_path, monkeypatch):
-    import pytest
-
     pytest.importorskip("diffusers")
     monkeypatch.chdir(tmp_path)
     exec(compile(python_block("Diffusion models (diffusers)"), "README.md (Diffusion models)", "exec"), {})
-    assert (tmp_path / "flux-dfloat" / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    assert (
+        tmp_path / "flux-dfloat" / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
+    ).is_file()
 
 
 def _literal_strings(text: str) -> list[str]:

@@ -23,8 +23,8 @@ import torch
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
 from dfloat.errors import FormatVersionError, ModelSourceError, ShapeMismatchError
-from dfloat.format import FORMAT_VERSION
-from dfloat.runtime.vllm.weights import UNIT_ARRAYS, CheckpointWeights
+from dfloat.format import FORMAT_VERSION, STORED_ARRAYS
+from dfloat.runtime.vllm.weights import CheckpointWeights
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class DfloatConfig(QuantizationConfig):
         from vllm.model_executor.models.utils import WeightsMapper
 
         units = sorted(self.weights().units, key=len, reverse=True)
-        pattern = rf"^(?:{'|'.join(map(re.escape, units))})\.(?:{'|'.join(UNIT_ARRAYS)})$"
+        pattern = rf"^(?:{'|'.join(map(re.escape, units))})\.(?:{'|'.join(STORED_ARRAYS)})$"
         return super().get_checkpoint_weight_mapper() | WeightsMapper(
             orig_to_new_regex={re.compile(pattern): None}
         )

@@ -18,13 +18,11 @@ import torch
 
 from dfloat.codec import decompress_tensor
 from dfloat.errors import CorruptStreamError, ModelSourceError
-from dfloat.format import CompressedTensor
+from dfloat.format import STORED_ARRAYS, CompressedTensor
 from dfloat.runtime.checkpoint import CompressedCheckpoint
 from dfloat.storage import check_version, load_compressed_tensors
 
 log = logging.getLogger(__name__)
-
-UNIT_ARRAYS = ("encoded_exponent", "sign_mantissa", "gaps", "output_positions", "code_lengths", "luts", "raw")
 
 
 @dataclass(frozen=True)
@@ -85,7 +83,7 @@ class CheckpointWeights:
 
     def unit_array_names(self) -> set[str]:
         """Every ``{unit}.{array}`` tensor name the folder may hold."""
-        return {f"{u}.{a}" for u in self.units for a in UNIT_ARRAYS}
+        return {f"{u}.{a}" for u in self.units for a in STORED_ARRAYS}
 
 
 def _unit_metadata(path: Path) -> dict:
