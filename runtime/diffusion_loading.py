@@ -45,8 +45,8 @@ def load_diffusion(
         diffusers_class,
         diffusion_layout,
         is_compressed_component,
-        read_json,
     )
+    from dfloat.runtime.source import read_json_object
 
     layout = diffusion_layout(folder)
     if layout in ("official", "comfyui"):
@@ -79,13 +79,13 @@ def load_diffusion(
                 raise ModelSourceError(
                     f"{folder}: no component is compressed; load it with diffusers directly"
                 )
-            name = read_json(folder / MODEL_INDEX).get("_class_name")
+            name = read_json_object(folder / MODEL_INDEX).get("_class_name")
             log.info("loading the %s pipeline %s through diffusers", name, folder)
             pipe = diffusers.DiffusionPipeline.from_pretrained(
                 folder, dtype=torch.bfloat16, device_map=device_map, **kw
             )
             return pipe.to(device) if device is not None and device_map is None else pipe
-        config = read_json(folder / "config.json")
+        config = read_json_object(folder / "config.json")
         if DIFFUSERS_CONFIG_KEY not in config:
             raise ModelSourceError(f"{folder}: not a compressed model; load it with diffusers directly")
         cls = diffusers_class(config, folder)

@@ -32,7 +32,7 @@ import torch
 from dfloat import df11
 from dfloat.errors import ModelSourceError
 from dfloat.format import Member
-from dfloat.runtime.pipeline import read_json
+from dfloat.runtime.source import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def is_official_diffusion(folder: Path) -> bool:
     config_path = folder / "config.json"
     if not config_path.is_file():
         return False
-    config = read_json(config_path)
+    config = read_json_object(config_path)
     if "dfloat11_config" not in config:
         return False
     if "_class_name" in config or list(folder.glob("diffusion_pytorch_model*.safetensors")):
@@ -157,7 +157,7 @@ def model_config(config_from, source: Path | None = None) -> dict:
     from ``source``'s own config.json when it has one, else from the Hub repository its model card names as
     base."""
     if config_from is None and source is not None:
-        own = read_json(source / "config.json") if (source / "config.json").is_file() else {}
+        own = read_json_object(source / "config.json") if (source / "config.json").is_file() else {}
         if "_class_name" in own:
             return {k: v for k, v in own.items() if k != "dfloat11_config"}
         base = _base_model(source)
@@ -169,11 +169,11 @@ def model_config(config_from, source: Path | None = None) -> dict:
         config_from = base
     path = Path(str(config_from)).expanduser()
     if path.is_file():
-        return _diffusers_config(read_json(path), path)
+        return _diffusers_config(read_json_object(path), path)
     if path.is_dir():
         for sub in ("", "transformer", "unet"):
             if (path / sub / "config.json").is_file():
-                config = read_json(path / sub / "config.json")
+                config = read_json_object(path / sub / "config.json")
                 if "_class_name" in config:
                     return _diffusers_config(config, path / sub / "config.json")
         raise ModelSourceError(f"{path}: holds no diffusers model config (config.json, transformer/, unet/)")
@@ -214,7 +214,7 @@ def _hub_config(spec: str) -> dict:
                 f"{spec}: {type(e).__name__} from the Hub ({_first_line(e)}); pass the original model's folder "
                 "instead"
             ) from None
-        config = read_json(Path(path))
+        config = read_json_object(Path(path))
         if "_class_name" in config:
             return config
     raise ModelSourceError(
@@ -257,7 +257,7 @@ def read_diffusers_official(folder: Path, config_from=None):
 
     config = model_config(config_from, folder)
     model = empty_model(config)
-    units, plain = read_official(folder, read_json(folder / "config.json"), model)
+    units, plain = read_official(folder, read_json_object(folder / "config.json"), model)
     return config, units, plain, model
 
 

@@ -29,7 +29,6 @@ from dfloat.runtime import source as src
 from dfloat.runtime.checkpoint import CONFIG_KEY, DIFFUSERS_CONFIG_KEY, DIFFUSERS_INDEX, INDEX_NAME
 from dfloat.runtime.compress import CompressionReport, finish_report
 from dfloat.runtime.grouping import UNIT_KINDS, plan_units
-from dfloat.storage import parse_json
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +43,6 @@ class PipelineReport(CompressionReport):
     """A CompressionReport over the compressed components, and what became of each component."""
 
     components: dict[str, str] = field(default_factory=dict)  # name -> "compressed ..." / "copied: why"
-
-
-def read_json(path: Path) -> dict:
-    try:
-        data = parse_json(path.read_bytes(), str(path), ModelSourceError)
-    except OSError as e:
-        raise ModelSourceError(f"{path}: unreadable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ModelSourceError(f"{path}: not a JSON object")
-    return data
 
 
 def is_diffusers_config(config: dict) -> bool:
@@ -74,7 +63,7 @@ def diffusion_layout(path: Path) -> str | None:
         return "pipeline"
     config = path / "config.json"
     named = (path / f"{DIFFUSERS_WEIGHTS}.safetensors").is_file() or (path / DIFFUSERS_INDEX).is_file()
-    if named and config.is_file() and is_diffusers_config(read_json(config)):
+    if named and config.is_file() and is_diffusers_config(src.read_json_object(config)):
         return "model"
     if official_diffusion.is_official_diffusion(path):
         return "official"
@@ -153,7 +142,7 @@ def plan_component(name: str, folder: Path, library: str, unit: str, strict: boo
     pipeline component): weights that are not BF16 are compress_model's error, not a reason to copy."""
     if not (folder / "config.json").is_file():
         return "copied: no config.json"
-    config = read_json(folder / "config.json")
+    config = src.read_json_object(folder / "config.json")
     # before reading its weights: a compressed component's index names units, which are no tensors
     if CONFIG_KEY in config or DIFFUSERS_CONFIG_KEY in config:
         return "copied: already compressed"
@@ -221,7 +210,7 @@ def compress_diffusers(
             "pipeline without it"
         )
     if layout == "pipeline":
-        index = read_json(folder / MODEL_INDEX)
+        index = src.read_json_object(folder / MODEL_INDEX)
         plans: dict[str, Component | str] = {}
         for name, spec in index.items():
             if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[0] is None:
@@ -275,7 +264,9 @@ def compress_diffusers(
             for f in folder.iterdir():
                 if f.is_file() and f.name != "README.md":
                     shutil.copy2(f, tmp / f.name)
-            (tmp / "README.md").write_text(_pipeline_card(report, origin, read_json(folder / MODEL_INDEX)))
+            (tmp / "README.md").write_text(
+                _pipeline_card(report, origin, src.read_json_object(folder / MODEL_INDEX))
+            )
             final = tmp
         else:
             final = tmp / "model"
@@ -299,7 +290,7 @@ def _compress_component(
         report = compress_model(
             view, out, verify=verify, grouping=plan.grouping, progress=progress, unit=unit, **options
         )
-    config = read_json(out / "config.json")
+    config = src.read_json_object(out / "config.json")
     source = origin["source"] + (f"/{plan.name}" if plan.name else "")
     config[CONFIG_KEY].update(source=source, revision=origin.get("revision"))
     _name_shards_as_diffusers(out)
@@ -325,7 +316,7 @@ def _name_shards_as_diffusers(out: Path) -> None:
     index; names that transformers reads by itself (``model.safetensors...``) would make a text encoder load
     with random weights where dfloat is not installed, so transformers components get diffusers' names too (the
     quantizers read them: runtime/checkpoint.py, runtime/hf_quantizer.py)."""
-    index = read_json(out / INDEX_NAME)
+    index = src.read_json_object(out / INDEX_NAME)
     shards = sorted(set(index["weight_map"].values()))
     renamed = {
         old: f"{DIFFUSERS_WEIGHTS}-{i:05d}-of-{len(shards):05d}.safetensors"
@@ -393,7 +384,7 @@ def is_compressed_component(folder: Path) -> bool:
     config = folder / "config.json"
     if not config.is_file():
         return False
-    data = read_json(config)
+    data = src.read_json_object(config)
     return CONFIG_KEY in data or DIFFUSERS_CONFIG_KEY in data
 
 
@@ -419,7 +410,7 @@ def components(folder: Path) -> dict[str, Path]:
     """{name: folder} of a pipeline's components ("" and the folder itself for a lone model)."""
     if diffusion_layout(folder) != "pipeline":
         return {"": folder}
-    index = read_json(folder / MODEL_INDEX)
+    index = src.read_json_object(folder / MODEL_INDEX)
     return {n: folder / n for n, spec in index.items() if not n.startswith("_") and (folder / n).is_dir()}
 
 
@@ -450,7 +441,11 @@ def verify_diffusers(
             if orig is None:
                 verify_checkpoint(comp, backend=backend, progress=progress)
                 continue
-            basename = DIFFUSERS_WEIGHTS if is_diffusers_config(read_json(orig / "config.json")) else "model"
+            basename = (
+                DIFFUSERS_WEIGHTS
+                if is_diffusers_config(src.read_json_object(orig / "config.json"))
+                else "model"
+            )
             with tempfile.TemporaryDirectory(prefix="dfloat-view-") as view:
                 view = _weights_view(orig, basename, Path(view))
                 verify_checkpoint(comp, against=view, backend=backend, progress=progress)
@@ -486,7 +481,7 @@ def decompress_diffusers(folder: Path, out_dir: Path, overwrite: bool = False) -
                     if f.name != DIFFUSERS_INDEX:
                         (view / f.name).symlink_to(f.resolve())
                 decompress_model(view, target)
-            config = read_json(target / "config.json")
+            config = src.read_json_object(target / "config.json")
             if config.pop(DIFFUSERS_CONFIG_KEY, None) is not None:
                 _rename_weights(target, TRANSFORMERS_WEIGHTS, DIFFUSERS_WEIGHTS)
             (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -506,7 +501,7 @@ def _rename_weights(folder: Path, old: str, new: str) -> None:
     """``{old}.safetensors`` (or ``{old}-0000i-of-0000n`` shards and their index) renamed to ``{new}...``."""
     index = folder / f"{old}.safetensors.index.json"
     if index.is_file():
-        data = read_json(index)
+        data = src.read_json_object(index)
         data["weight_map"] = {k: v.replace(old, new, 1) for k, v in data["weight_map"].items()}
         for f in sorted(folder.glob(f"{old}-*.safetensors")):
             os.replace(f, folder / f.name.replace(old, new, 1))

@@ -70,14 +70,22 @@ def resolve_folder(
     return Path(folder), {"source": str(source), "revision": revision or commit}
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (configs, indexes, model_index.json): one-line errors otherwise."""
+    try:
+        data = parse_json(path.read_bytes(), str(path), ModelSourceError)
+    except OSError as e:
+        raise ModelSourceError(f"{path}: unreadable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelSourceError(f"{path}: not a JSON object")
+    return data
+
+
 def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise ModelSourceError(f"{folder}: not a model folder (no config.json)")
-    config = parse_json(path.read_bytes(), str(path), ModelSourceError)
-    if not isinstance(config, dict):
-        raise ModelSourceError(f"{path}: not a JSON object")
-    return config
+    return read_json_object(path)
 
 
 @dataclass(frozen=True)
