@@ -32,6 +32,7 @@ from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
 from dfloat.errors import DFloatError, ModelSourceError
 from dfloat.format import STORED_ARRAYS
+from dfloat.runtime.placement import map_device
 
 log = logging.getLogger(__name__)
 
@@ -91,16 +92,6 @@ def load_options(**options):
         _OPTIONS.reset(token)
 
 
-def _one_device(d) -> torch.device:
-    from dfloat.codec import canonical_device
-
-    if isinstance(d, str) and d in ("auto", "balanced", "balanced_low_0", "sequential"):
-        d = "cuda" if torch.cuda.is_available() else "cpu"
-    if d == "disk":
-        raise ModelSourceError("dfloat checkpoints cannot be offloaded to disk (device_map value 'disk')")
-    return canonical_device(d)
-
-
 class DFloatDiffusersQuantizer(DiffusersQuantizer):
     """Loads dfloat diffusers models in ``from_pretrained``: coded units by dfloat, plain ones by diffusers."""
 
@@ -133,7 +124,7 @@ class DFloatDiffusersQuantizer(DiffusersQuantizer):
         """A strategy name ("auto", "balanced") means the one device to decode on: compressed, a model fits
         where its BF16 copy was planned not to."""
         if isinstance(device_map, str):
-            return {"": _one_device(device_map)}
+            return {"": map_device(device_map)}
         return device_map
 
     def get_cuda_warm_up_factor(self):
@@ -166,10 +157,10 @@ class DFloatDiffusersQuantizer(DiffusersQuantizer):
             raise ModelSourceError("dfloat: diffusers gave no checkpoint files before building the model")
         mapping = None
         if isinstance(device_map, dict) and len({str(d) for d in device_map.values()}) > 1:
-            mapping = {k: _one_device(v) for k, v in device_map.items()}
+            mapping = {k: map_device(v) for k, v in device_map.items()}
             device = mapping.get("", next(iter(mapping.values())))
         elif isinstance(device_map, dict) and device_map:
-            device = _one_device(next(iter(device_map.values())))
+            device = map_device(next(iter(device_map.values())))
         else:
             device = torch.device("cpu")
         cfg = self.quantization_config

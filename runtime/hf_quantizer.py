@@ -71,14 +71,7 @@ class DFloatConfig(QuantizationConfigMixin):
 
 def _devices(device_map) -> tuple[torch.device, dict | None]:
     """The execution device and, for a per-module map, {prefix: device}, from what the user gave `from_pretrained`."""
-    from dfloat.codec import canonical_device
-
-    def one(d) -> torch.device:
-        if isinstance(d, str) and d in ("auto", "balanced", "balanced_low_0", "sequential"):
-            d = "cuda" if torch.cuda.is_available() else "cpu"
-        if d == "disk":
-            raise ModelSourceError("dfloat checkpoints cannot be offloaded to disk (device_map value 'disk')")
-        return canonical_device(d)
+    from dfloat.runtime.placement import map_device as one
 
     if device_map is None:
         return torch.device("cpu"), None

@@ -18,7 +18,7 @@ import types
 
 import torch
 
-from dfloat.errors import DFloatError
+from dfloat.errors import DFloatError, ModelSourceError
 
 log = logging.getLogger(__name__)
 
@@ -165,3 +165,16 @@ def _relocate(model, device: torch.device, hidden) -> None:
         if unit.name not in piecewise:
             buffers[device].bind(unit)
     buffers[device].current = None
+
+
+def map_device(d) -> torch.device:
+    """One device of a ``from_pretrained`` device_map (transformers' or diffusers'): accelerate's strategies
+    ("auto", "balanced", ...) mean the GPU if there is one; "disk" offload is refused (coded units are not
+    memory-mapped tensors accelerate can page in)."""
+    from dfloat.codec import canonical_device
+
+    if isinstance(d, str) and d in ("auto", "balanced", "balanced_low_0", "sequential"):
+        d = "cuda" if torch.cuda.is_available() else "cpu"
+    if d == "disk":
+        raise ModelSourceError("dfloat checkpoints cannot be offloaded to disk (device_map value 'disk')")
+    return canonical_device(d)
