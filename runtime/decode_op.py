@@ -55,19 +55,22 @@ def unregister_unit(name: str) -> None:
     _forget_verdicts(name)
 
 
-def registered(name: str) -> CompressedTensor:
+def _entry(name: str) -> tuple[CompressedTensor, tuple[int, ...]]:
     try:
-        return _UNITS[name][0]
+        return _UNITS[name]
     except KeyError:
         raise DFloatError(
             f"unit {name!r} is not registered in this process (dfloat.runtime.decode_op.register_unit)"
         ) from None
 
 
+def registered(name: str) -> CompressedTensor:
+    return _entry(name)[0]
+
+
 def unit_shape(name: str) -> tuple[int, ...]:
     """The output shape the unit registered as ``name`` decodes to."""
-    registered(name)
-    return _UNITS[name][1]
+    return _entry(name)[1]
 
 
 def chunk_names(name: str, n: int) -> list[str]:
@@ -83,15 +86,16 @@ def _forget_verdicts(name: str) -> None:
 @torch.library.custom_op("dfloat::decode", mutates_args=())
 def decode(codes: torch.Tensor, name: str) -> torch.Tensor:
     """Decode the unit registered as ``name`` into a new BF16 tensor (``codes``: its `anchor`)."""
-    ct = registered(name)
-    out = torch.empty(unit_shape(name), dtype=ct.dtype, device=codes.device)
+    ct, shape = _entry(name)
+    out = torch.empty(shape, dtype=ct.dtype, device=codes.device)
     decompress_tensor(ct, out=out)
     return out
 
 
 @decode.register_fake
 def _decode_fake(codes: torch.Tensor, name: str) -> torch.Tensor:
-    return codes.new_empty(unit_shape(name), dtype=registered(name).dtype)
+    ct, shape = _entry(name)
+    return codes.new_empty(shape, dtype=ct.dtype)
 
 
 @torch.library.custom_op("dfloat::row_chunked_linear", mutates_args=())

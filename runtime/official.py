@@ -83,7 +83,7 @@ def write_official(model_folder: Path, out_dir: Path, pattern_dict: dict[str, li
             tensors.update({k: f.get_tensor(k) for k in f.keys()})
     out_dir.mkdir(parents=True, exist_ok=False)
     modules = sorted({n.rsplit(".", 1)[0] for n in tensors})
-    prefixes = sorted({m2 for m in modules for m2 in _prefixes(m)})
+    prefixes = sorted({m2 for m in modules for m2 in module_prefixes(m)})
     for module_name in prefixes:
         attrs = next((a for p, a in pattern_dict.items() if re.fullmatch(p, module_name)), None)
         if attrs is None:
@@ -110,6 +110,7 @@ def write_official(model_folder: Path, out_dir: Path, pattern_dict: dict[str, li
         shutil.copy2(f, out_dir / f.name)
 
 
-def _prefixes(module_name: str) -> list[str]:
+def module_prefixes(module_name: str) -> list[str]:
+    """ "a.b.c" -> ["a", "a.b", "a.b.c"]: the module and every module above it."""
     parts = module_name.split(".")
     return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]

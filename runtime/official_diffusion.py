@@ -32,6 +32,7 @@ import torch
 from dfloat import df11
 from dfloat.errors import ModelSourceError
 from dfloat.format import Member
+from dfloat.runtime.official import module_prefixes
 from dfloat.runtime.source import read_json_object
 
 log = logging.getLogger(__name__)
@@ -486,7 +487,7 @@ def write_official_diffusers(
     tensors = _read_bf16(model_folder)
     out_dir.mkdir(parents=True, exist_ok=False)
     blocks = sorted(
-        {m for n in tensors for m in _prefixes(n) if any(re.fullmatch(p, m) for p in pattern_dict)}
+        {m for n in tensors for m in module_prefixes(n)[:-1] if any(re.fullmatch(p, m) for p in pattern_dict)}
     )
     everything = {}
     for block in blocks:
@@ -535,8 +536,3 @@ def write_comfyui_flux(model_folder: Path, out_file: Path) -> None:
     if tensors:
         raise ModelSourceError(f"{model_folder}: tensors with no ComfyUI FLUX name: {sorted(tensors)[:4]}")
     save_file(out, str(out_file))
-
-
-def _prefixes(name: str) -> list[str]:
-    parts = name.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts))]
