@@ -22,7 +22,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, print_table, versions  # noqa: E402
+import common  # noqa: E402
+from common import print_table, write_result  # noqa: E402
 
 ENGINE = Path(__file__).with_name("vllm_engine.py")
 SHAPES = {
@@ -47,7 +48,7 @@ def main() -> int:
     ap.add_argument("--tp", type=int, nargs="+", default=[1])
     ap.add_argument("--modes", nargs="+", choices=["compiled", "eager"], default=["compiled", "eager"])
     ap.add_argument("--memory-utilization", type=float, default=0.5)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--out", default=None, help="folder for the JSON (default benchmarks/results)")
     ap.add_argument("--allow-cpu", action="store_true", help="run on the CPU too (to try this script out)")
     args = ap.parse_args()
     if importlib.util.find_spec("vllm") is None:
@@ -123,21 +124,12 @@ def main() -> int:
             "ok",
         ],
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.out:
+        common.RESULTS = Path(args.out)
     tag = torch.cuda.get_device_name().replace(" ", "-") if torch.cuda.is_available() else "cpu"
-    path = out / f"vllm_check_{tag}.json"
-    doc = {
-        "benchmark": "vllm_check",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine(),
-        "versions": {**versions(), "vllm": vllm_version()},
-        "shape": SHAPES[args.shape],
-        "target_ratio": TARGET,
-        "rows": rows,
-    }
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"\nwrote {path}")
+    write_result(
+        f"vllm_check_{tag}", rows, vllm=vllm_version(), shape=SHAPES[args.shape], target_ratio=TARGET
+    )
     return 1 if failed else 0
 
 
