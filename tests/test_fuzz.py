@@ -74,6 +74,16 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")  # a zombie waiting for its reaper has stopped
 
 
+def _assert_all_gone(pids: Path) -> None:
+    """Every process whose pid the stand-in wrote to ``pids`` has ended (waiting up to 5 s for each)."""
+    for pid in map(int, pids.read_text().split()):
+        for _ in range(50):
+            if not _alive(pid):
+                break
+            time.sleep(0.1)
+        assert not _alive(pid), f"process {pid} outlived the fuzzer"
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
 def test_time_limit_kills_the_wrapped_child_and_all_it_started(tmp_path):
     # compute-sanitizer under `timeout` used to keep running after fuzz.py was gone: the wrapped child, its tool
@@ -106,12 +116,7 @@ def test_time_limit_kills_the_wrapped_child_and_all_it_started(tmp_path):
         -2000:
     ]
     assert "time limit" in res.stdout
-    for pid in map(int, pids.read_text().split()):
-        for _ in range(50):
-            if not _alive(pid):
-                break
-            time.sleep(0.1)
-        assert not _alive(pid), f"process {pid} outlived the fuzzer"
+    _assert_all_gone(pids)
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
@@ -143,12 +148,7 @@ def test_terminating_the_fuzzer_kills_its_running_child(tmp_path):
         proc.wait(timeout=60)
     finally:
         proc.kill()
-    for pid in map(int, pids.read_text().split()):
-        for _ in range(50):
-            if not _alive(pid):
-                break
-            time.sleep(0.1)
-        assert not _alive(pid), f"process {pid} outlived the fuzzer"
+    _assert_all_gone(pids)
 
 
 @pytest.mark.skipif(not hasattr(os, "getsid"), reason="POSIX sessions")

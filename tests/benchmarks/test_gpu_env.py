@@ -15,10 +15,10 @@ import pytest
 ROOT = Path(__file__).parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests" / "kernels"))
+import fake_cupy  # noqa: E402
 import gpu_env  # noqa: E402
-from fake_cupy import FakeCupy  # noqa: E402
 
-from dfloat.kernels import cuda_decode, cuda_gemv, cuda_launch  # noqa: E402
+from dfloat.kernels import cuda_decode, cuda_launch  # noqa: E402
 
 H100 = SimpleNamespace(shared_memory_per_multiprocessor=233_472, shared_memory_per_block_optin=232_448)
 
@@ -35,14 +35,7 @@ class FakeDriver:
 
 @pytest.fixture
 def fakes(monkeypatch):
-    cupy, drv = FakeCupy(), FakeDriver()
-    for module, caches in (
-        (cuda_decode, ("_MODULES", "_FUNCTIONS", "_POINTERS")),
-        (cuda_gemv, ("_MODULES", "_FUNCTIONS")),
-    ):
-        monkeypatch.setattr(module, "_cupy", lambda: cupy)
-        for cache in caches:
-            monkeypatch.setattr(module, cache, {})
+    cupy, drv = fake_cupy.install(monkeypatch), FakeDriver()
     monkeypatch.setattr(cuda_launch, "driver", lambda: drv)
     return cupy, drv
 

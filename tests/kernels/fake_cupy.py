@@ -118,3 +118,19 @@ class FakeCupy:
             Device=lambda index=None: contextlib.nullcontext(),
             ExternalStream=lambda ptr, device_index=None: contextlib.nullcontext(),
         )
+
+
+def install(monkeypatch, cupy: FakeCupy | None = None) -> FakeCupy:
+    """Make ``cupy`` (a new FakeCupy by default) the CuPy the CUDA decoder and the fused GEMV import, with their
+    module, function and pointer caches emptied for the test."""
+    from dfloat.kernels import cuda_decode, cuda_gemv
+
+    cupy = cupy or FakeCupy()
+    for module, caches in (
+        (cuda_decode, ("_MODULES", "_FUNCTIONS", "_POINTERS")),
+        (cuda_gemv, ("_MODULES", "_FUNCTIONS")),
+    ):
+        monkeypatch.setattr(module, "_cupy", lambda: cupy)
+        for cache in caches:
+            monkeypatch.setattr(module, cache, {})
+    return cupy

@@ -24,26 +24,18 @@ from dfloat.kernels import cuda_decode, cuda_gemv, gpu_common, registry
 from dfloat.testing import bits, weights_like
 
 sys.path.insert(0, str(Path(__file__).parent))
+import fake_cupy  # noqa: E402
 from fake_cupy import (  # noqa: E402
     ARCH_ERROR_LOG,
     HEADER_ERROR_LOG,
     SOURCE_ERROR_LOG,
     CompileException,
-    FakeCupy,
 )
 
 
 @pytest.fixture
 def fake(monkeypatch):
-    cupy = FakeCupy()
-    for module, caches in (
-        (cuda_decode, ("_MODULES", "_FUNCTIONS", "_POINTERS")),
-        (cuda_gemv, ("_MODULES", "_FUNCTIONS")),
-    ):
-        monkeypatch.setattr(module, "_cupy", lambda: cupy)
-        for cache in caches:
-            monkeypatch.setattr(module, cache, {})
-    return cupy
+    return fake_cupy.install(monkeypatch)
 
 
 def every_gemv_plan():
